@@ -1,0 +1,1 @@
+"""Triton kernels, installed as the subpackage ``dpseg.kernels`` (one file per op)."""
