@@ -1,0 +1,157 @@
+"""The DP-step benchmark: one process, one model and batch, every engine side by side.
+
+Engines: ``none`` (the floor: an ordinary step), ``dpseg``, ``opacus-hooks`` and
+``opacus-functorch`` (Opacus's two per-sample modes). Each runs the same training step
+(forward, cross-entropy, backward, optimizer step) on a fresh copy of the same model and the
+same data; the report gives medians and ratios to ``none``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpseg.perf.harness import environment, peak_memory_call, prepare_memory_measurement, time_call
+
+ENGINES = ("none", "dpseg", "opacus-hooks", "opacus-functorch")
+
+
+@dataclass
+class StepBenchConfig:
+    channels: tuple[int, ...] = (16, 32, 64)
+    size: int = 64
+    batch: int = 2
+    device: str = "cpu"
+    amp: str = "none"  # "none" | "bf16" | "fp16" autocast
+    engines: tuple[str, ...] = ENGINES
+    repeats: int = 5
+    warmup: int = 2
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    backend: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class EngineResult:
+    engine: str
+    median_s: float | None = None
+    p20_s: float | None = None
+    p80_s: float | None = None
+    peak_bytes: int | None = None
+    error: str | None = None
+    time_ratio: float | None = None
+    memory_ratio: float | None = None
+
+
+@dataclass
+class StepBenchReport:
+    config: dict
+    environment: dict
+    results: list[EngineResult] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"config": self.config, "environment": self.environment, "results": [asdict(r) for r in self.results]}
+
+
+def _make_step(engine: str, model, x, y, cfg: StepBenchConfig) -> Callable[[], None]:
+    """Builds the engine's training step around a private copy of the model."""
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    # make_private needs a loader to derive the sample rate; the step reuses the fixed batch.
+    loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=cfg.batch)
+    if engine == "dpseg":
+        import dpseg
+
+        model, optimizer, _ = dpseg.PrivacyEngine(accountant="rdp").make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+            poisson_sampling=False, backend=cfg.backend,
+        )
+    elif engine.startswith("opacus"):
+        import opacus
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, optimizer, _ = opacus.PrivacyEngine(accountant="rdp").make_private(
+                module=model, optimizer=optimizer, data_loader=loader,
+                noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+                poisson_sampling=False, grad_sample_mode=engine.split("-", 1)[1],
+            )
+    elif engine != "none":
+        raise ValueError(f"unknown engine {engine!r}; use one of {ENGINES}")
+
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        ctx = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with ctx:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def run_step_benchmark(cfg: StepBenchConfig, progress: Callable[[str], None] | None = None) -> StepBenchReport:
+    from dpseg.models import UNet
+
+    prepare_memory_measurement()
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = UNet(3, 1, 2, channels=cfg.channels, norm="group").to(device)
+    x = torch.randn(cfg.batch, 1, *([cfg.size] * 3), device=device)
+    y = torch.randint(0, 2, (cfg.batch, *([cfg.size] * 3)), device=device)
+    report = StepBenchReport(config={**asdict(cfg), "parameters": sum(p.numel() for p in model.parameters())}, environment=environment(device))
+    for engine in cfg.engines:
+        if progress:
+            progress(engine)
+        result = EngineResult(engine)
+        try:
+            step = _make_step(engine, model, x, y, cfg)
+            t = time_call(step, repeats=cfg.repeats, warmup=cfg.warmup, device=device)
+            result.median_s, result.p20_s, result.p80_s = t.median_s, t.p20_s, t.p80_s
+            result.peak_bytes = peak_memory_call(step, device=device)
+        except torch.OutOfMemoryError:
+            result.error = "out of memory"
+        except Exception as exc:  # a baseline that cannot run is reported, not fatal
+            result.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            step = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        report.results.append(result)
+    base = next((r for r in report.results if r.engine == "none" and r.median_s), None)
+    for r in report.results:
+        if base and r.median_s:
+            r.time_ratio = r.median_s / base.median_s
+            if r.peak_bytes and base.peak_bytes:
+                r.memory_ratio = r.peak_bytes / base.peak_bytes
+    return report
+
+
+def format_table(report: StepBenchReport) -> str:
+    cfg = report.config
+    lines = [
+        f"DP step, UNet{tuple(cfg['channels'])} ({cfg['parameters']:,} params), batch {cfg['batch']}, "
+        f"{cfg['size']}^3, {cfg['device']} ({report.environment['device']}), amp={cfg['amp']}",
+        f"{'engine':<18}{'median ms':>11}{'p20-p80 ms':>16}{'peak MiB':>10}{'time x':>8}{'mem x':>7}",
+    ]
+    for r in report.results:
+        if r.error:
+            lines.append(f"{r.engine:<18}{r.error}")
+            continue
+        peak = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes is not None else "n/a"
+        tr = f"{r.time_ratio:.2f}" if r.time_ratio else "-"
+        mr = f"{r.memory_ratio:.2f}" if r.memory_ratio else "-"
+        spread = f"{r.p20_s * 1e3:.0f}-{r.p80_s * 1e3:.0f}"
+        lines.append(f"{r.engine:<18}{r.median_s * 1e3:>11.0f}{spread:>16}{peak:>10}{tr:>8}{mr:>7}")
+    return "\n".join(lines)

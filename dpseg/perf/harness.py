@@ -1,0 +1,164 @@
+"""Timing and peak-memory measurement shared by `dpseg bench`, bench/ and tests.
+
+Time: wall clock around a callable, after warm-up, median and 20th/80th percentiles (one
+number hides the noise of a shared machine). On CUDA the device is synchronised around it.
+
+Peak memory of one call, measured the same way for every workload in the process:
+- CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the memory
+  allocated before the call.
+- CPU: torch keeps no CPU allocator statistics, so the Linux high-water mark of resident
+  memory is used (VmHWM, reset through /proc/self/clear_refs), minus the resident memory
+  before the call. glibc is told to serve every allocation over 128 KiB by mmap, so a freed
+  tensor leaves the resident set at once and the next workload starts from a clean baseline.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_s: float
+    p20_s: float
+    p80_s: float
+    repeats: int
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Timing:
+        qs = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
+        return cls(statistics.median(samples), qs[1], qs[7], len(samples))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 2, device="cpu") -> Timing:
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - start)
+    return Timing.of(samples)
+
+
+# --- peak memory ------------------------------------------------------------------------
+_M_MMAP_THRESHOLD = -3
+_libc = None
+
+
+def _glibc():
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        except OSError:
+            _libc = False
+    return _libc
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def cpu_peak_supported() -> bool:
+    return platform.system() == "Linux" and os.access("/proc/self/clear_refs", os.W_OK)
+
+
+def peak_memory_call(fn: Callable[[], object], device="cpu") -> int | None:
+    """Bytes by which one call of ``fn`` raised memory at its peak (None if unmeasurable)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if not cpu_peak_supported():
+        return None
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    base = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - base) * 1024
+
+
+def prepare_memory_measurement() -> None:
+    """Call before the first workload is built, so all of them allocate the same way."""
+    _glibc()
+
+
+# --- where a figure came from -----------------------------------------------------------
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment(device="cpu") -> dict:
+    device = torch.device(device)
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    for module in ("triton", "opacus"):
+        try:
+            env[module] = __import__(module).__version__
+        except ImportError:
+            env[module] = None
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                env["device"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return env
+
+
+def append_result(path: Path, record: dict) -> None:
+    """Appends one JSON record per line, so results accumulate across commits."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def to_dict(obj) -> dict:
+    return asdict(obj)

@@ -1,0 +1,127 @@
+"""Routes every trainable leaf layer through one autograd Function that records per-sample
+gradients in ``param.grad_sample`` (shape (B, *param.shape), summed over repeated calls).
+
+Why a Function rather than Opacus-style module hooks: with hooks, autograd still computes
+each parameter's summed gradient, and the hook then computes per-sample gradients on top,
+so a conv's weight gradient (half of its backward) is paid twice. Here the Function's
+backward returns no parameter gradient at all; ``p.grad`` is written once, by the DP step,
+from the clipped per-sample gradients. Only what the rule needs is saved: for a conv, its
+input, as ordinary autograd would keep.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from dpseg.privacy.rules import Rule, rule_for
+from dpseg.privacy.rules.fallback import FuncFallbackRule
+
+
+class _PerSampleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, layer, state, names, x, *params):
+        out, saved = layer.rule.forward(layer.module, x, state)
+        ctx.layer, ctx.state, ctx.names, ctx.params = layer, state, names, params
+        ctx.save_for_backward(*saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        layer = ctx.layer
+        need_input_grad = ctx.needs_input_grad[3]
+        grad_input, grads = layer.rule.backward(
+            layer.module, ctx.saved_tensors, ctx.state, grad_out.contiguous(), need_input_grad, ctx.names
+        )
+        for param, name, g in zip(ctx.params, ctx.names, grads):
+            _accumulate(param, g, f"{layer.name}.{name}" if layer.name else name)
+        return (None, None, None, grad_input, *([None] * len(ctx.params)))
+
+
+def _accumulate(param: torch.Tensor, g: torch.Tensor, name: str) -> None:
+    g = g.to(param.dtype)
+    existing = getattr(param, "grad_sample", None)
+    if existing is None:
+        param.grad_sample = g
+    elif existing.shape[0] != g.shape[0]:
+        raise RuntimeError(
+            f"{name}: per-sample gradients of batches of {existing.shape[0]} and {g.shape[0]} "
+            "met before optimizer.step(); DP-SGD clips each sample of ONE batch. Call "
+            "optimizer.step() (or zero_grad()) between batches."
+        )
+    else:
+        existing.add_(g)
+
+
+class CapturedLayer:
+    """One trainable leaf module whose forward now goes through _PerSampleFunction."""
+
+    def __init__(self, name: str, module: nn.Module, rule: Rule | None):
+        self.name, self.module = name, module
+        self.rule = rule if rule is not None else FuncFallbackRule(self)
+        self.bypass = False
+
+    def __call__(self, x, *args, **kwargs):
+        module = self.module
+        params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if self.bypass or not params or not torch.is_grad_enabled():
+            return type(module).forward(module, x, *args, **kwargs)
+        if args or not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"layer {self.name!r} ({type(module).__name__}) was called with "
+                f"{1 + len(args)} positional inputs; dpseg's per-sample capture handles "
+                "layers called with one tensor. Wrap the extra inputs into the module."
+            )
+        x, state = self.rule.prepare(module, x, **kwargs)
+        names = tuple(n for n, _ in params)
+        return _PerSampleFunction.apply(self, state, names, x, *(p for _, p in params))
+
+
+def _needs_fallback(module: nn.Module, rule: Rule | None) -> bool:
+    if rule is None:
+        return True
+    names = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    return not names <= set(rule.param_names)
+
+
+def capture_layers(model: nn.Module, allow_fallback: bool = True) -> list[CapturedLayer]:
+    """Installs the capture on every module that owns trainable parameters."""
+    layers, fallback_types = [], set()
+    for name, module in model.named_modules():
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if any(True for _ in module.children()):
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) owns trainable parameters "
+                f"{own} and also has submodules; dpseg computes per-sample gradients per "
+                "leaf layer. Move those parameters into a leaf module (or freeze them)."
+            )
+        rule = rule_for(module)
+        if _needs_fallback(module, rule):
+            if not allow_fallback:
+                raise ValueError(
+                    f"layer {name!r} ({type(module).__name__}) has no per-sample rule in "
+                    "dpseg; pass allow_fallback=True to use the (slower) torch.func path."
+                )
+            fallback_types.add(type(module).__name__)
+            rule = None
+        layer = CapturedLayer(name, module, rule)
+        module.forward = layer  # instance attribute: nn.Module.__call__ (and hooks) still run
+        layers.append(layer)
+    if fallback_types:
+        warnings.warn(
+            f"dpseg has no per-sample rule for {sorted(fallback_types)}; their per-sample "
+            "gradients go through torch.func (correct, but recomputes those layers).",
+            stacklevel=3,
+        )
+    return layers
+
+
+def release_layers(layers: list[CapturedLayer]) -> None:
+    """Undoes capture_layers: the modules get their class's forward back."""
+    for layer in layers:
+        if layer.module.__dict__.get("forward") is layer:
+            del layer.module.forward

@@ -1,0 +1,178 @@
+"""DPOptimizer: wraps any torch optimizer; its step() is the fused DP-SGD step.
+
+After ``loss.backward()`` each trainable parameter holds ``grad_sample`` (B, *shape) from
+the capture. ``step()`` then, in one fused pass over all parameters (dpseg.ops):
+
+    n_b = ||(g_b over every parameter)||        (total per-sample norm, accumulated in fp64)
+    c_b = min(1, C / (n_b + 1e-6))
+    p.grad = scale * (sum_b c_b g_b + N(0, sigma^2 C^2))   scale = 1/expected_batch for "mean"
+
+and calls the wrapped optimizer. With loss_reduction="mean" autograd hands over g_b / B (B
+the actual batch), so the factor B is folded into c_b rather than into a copy of the grads.
+Noise is Philox keyed by (seed, step, element): reproducible with ``noise_seed``, and each
+step's noise is new because the step counter is part of the key.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch.optim import Optimizer
+
+from dpseg import ops
+
+_CLIP_EPS = 1e-6  # as Opacus: c_b = C / (n_b + 1e-6)
+
+
+class DPOptimizer(Optimizer):
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        loss_reduction: str = "mean",
+        backend: str = "auto",
+        noise_seed: int | None = None,
+        secure_mode: bool = False,
+    ):
+        # Not Optimizer.__init__: param_groups/state/defaults stay the wrapped optimizer's own
+        # objects (below), so schedulers and checkpoints see one set of hyper-parameters.
+        self.original_optimizer = optimizer
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.expected_batch_size = int(expected_batch_size)
+        self.loss_reduction = loss_reduction
+        self.backend = backend
+        self.secure_mode = secure_mode
+        self.noise_seed = noise_seed if noise_seed is not None else secrets.randbits(64)
+        self.steps_taken = 0
+        self.step_hook: Callable[[DPOptimizer], None] | None = None
+        self.last_per_sample_norms: torch.Tensor | None = None
+        self.last_clipped_fraction: float | None = None
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+
+    # --- the wrapped optimizer's state, shared rather than copied -------------------------
+    @property
+    def param_groups(self):
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.original_optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.original_optimizer.defaults = value
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.original_optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return f"DPOptimizer(sigma={self.noise_multiplier}, C={self.max_grad_norm}, {self.original_optimizer!r})"
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    # --- the DP step -----------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad_sample = None
+        self.original_optimizer.zero_grad(set_to_none)
+
+    def _per_sample_grads(self) -> list[torch.Tensor]:
+        params = self.params
+        grads = [getattr(p, "grad_sample", None) for p in params]
+        batches = {g.shape[0] for g in grads if g is not None}
+        if len(batches) > 1:
+            raise RuntimeError(f"per-sample gradients disagree on the batch size: {sorted(batches)}")
+        for p, g in zip(params, grads):
+            if g is None and p.grad is not None:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(p.shape)} has a gradient but no per-sample "
+                    "gradient: it is used outside the layers make_private captured, so its "
+                    "gradient cannot be clipped per sample. Use it inside a supported layer."
+                )
+        batch = batches.pop() if batches else 0  # no backward at all = an empty Poisson batch
+        # A parameter this batch did not reach contributes zeros (but still gets noise).
+        return [g if g is not None else p.new_zeros((batch, *p.shape)) for p, g in zip(params, grads)]
+
+    def pre_step(self) -> None:
+        """Clip, accumulate and noise into p.grad; raises before touching anything on a
+        non-finite per-sample norm."""
+        params = self.params
+        grads = self._per_sample_grads()
+        batch = grads[0].shape[0] if grads else 0
+        scale_in = float(batch) if self.loss_reduction == "mean" else 1.0
+        sq_norms = ops.per_sample_sq_norms(grads, backend=self.backend)
+        norms = sq_norms.sqrt() * scale_in
+        bad = (~torch.isfinite(norms)).nonzero().flatten()
+        if bad.numel():
+            raise FloatingPointError(
+                f"per-sample gradient norm is not finite for sample(s) {bad.tolist()} of this "
+                "batch (loss or activations overflowed); no update was applied. Lower the "
+                "learning rate, check the inputs for NaN/inf, or use a smaller loss scale."
+            )
+        factors = (self.max_grad_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
+        self.last_per_sample_norms = norms.to(torch.float32)
+        self.last_clipped_fraction = float((factors < 1).float().mean()) if batch else 0.0
+        scale_out = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+        seed = secrets.randbits(64) if self.secure_mode else self.noise_seed
+        summed = ops.clip_accumulate_noise(
+            grads, factors * scale_in,
+            noise_std=self.noise_multiplier * self.max_grad_norm, scale=scale_out,
+            seed=seed, step=self.steps_taken, draws=4 if self.secure_mode else 1,
+            backend=self.backend,
+        )
+        for p, g in zip(params, summed):
+            p.grad = g
+            p.grad_sample = None
+
+    def step(self, closure: Callable[[], float] | None = None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        self.pre_step()
+        result = self.original_optimizer.step()
+        self.steps_taken += 1
+        if self.step_hook is not None:
+            self.step_hook(self)
+        return result
+
+    # --- checkpoints: the step counter keys the noise, so it travels with the state --------
+    def state_dict(self) -> dict:
+        sd = self.original_optimizer.state_dict()
+        sd["dpseg"] = {"steps_taken": self.steps_taken}
+        if not self.secure_mode:
+            sd["dpseg"]["noise_seed"] = self.noise_seed
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        dp = state_dict.pop("dpseg", {})
+        self.original_optimizer.load_state_dict(state_dict)
+        self.steps_taken = int(dp.get("steps_taken", 0))
+        if "noise_seed" in dp and not self.secure_mode:
+            self.noise_seed = int(dp["noise_seed"])
