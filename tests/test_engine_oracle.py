@@ -219,20 +219,20 @@ def test_dp_update_matches_oracle_without_noise(reduction, C):
     torch.manual_seed(1)
     model = SmallSegNet().double()
     before = copy.deepcopy(model)
-    x = torch.randn(3, 1, 6, 5, 4, dtype=torch.float64)
-    y = torch.randint(0, 2, (3, 6, 5, 4))
+    x = torch.randn(3, 1, 6, 4, 2, dtype=torch.float64)
+    y = torch.randint(0, 2, (3, 6, 4, 2))
     loss_fn = seg_loss_mean if reduction == "mean" else seg_loss_sum
     per_sample = per_sample_grads(before, seg_loss_mean, x, y)  # each sample's own loss
     norms, summed = dp_sum(per_sample, C)
     _, popt = _private_step(model, x, y, loss_fn, reduction, sigma=0.0, C=C)
     # n=8, batch 4 -> q = 1/2, expected batch 4
     scale = 1 / 4 if reduction == "mean" else 1.0
-    torch.testing.assert_close(popt.last_per_sample_norms.double(), norms, rtol=1e-6, atol=0)
-    for (name, p), p0 in zip(model.named_parameters(), before.parameters()):
-        expected_step = scale * summed[name]
-        got_step = p0.detach() - p.detach()  # SGD, lr 1
-        err = (got_step - expected_step).abs().max() / expected_step.abs().max().clamp_min(1e-300)
-        assert err < RTOL, (name, float(err))
+    torch.testing.assert_close(popt.last_per_sample_norms, norms, rtol=1e-9, atol=0)
+    # One vector over all parameters: down.bias feeds an InstanceNorm, so its true gradient
+    # is ~1e-17 and a per-tensor relative error would only compare rounding noise.
+    expected = torch.cat([scale * summed[name].flatten() for name, _ in model.named_parameters()])
+    got = torch.cat([(p0 - p).detach().flatten() for p, p0 in zip(model.parameters(), before.parameters())])
+    assert (got - expected).abs().max() / expected.abs().max() < RTOL
 
 
 def test_clipped_contributions_are_bounded_by_C():
@@ -293,3 +293,26 @@ def test_wrapped_optimizers_apply_the_dp_gradient(optimizer_cls):
     opt.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["group", "instance"])
+@pytest.mark.parametrize("upsample", ["transpose", "interp"])
+def test_whole_3d_unet_per_sample_grads(norm, upsample):
+    from dpseg.models import UNet
+
+    model = UNet(3, 1, 3, channels=(4, 8), norm=norm, upsample=upsample, num_groups=2).double()
+    x = torch.randn(3, 1, 8, 6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (3, 8, 6, 4))
+    assert_grad_samples(model, x, loss_fn=seg_loss_sum, y=y)
+
+
+def test_empty_batch_through_every_rule():
+    model = SmallSegNet().double()
+    x = torch.randn(0, 1, 4, 4, 4, dtype=torch.float64)
+    layers = capture_layers(model)
+    try:
+        model(x).sum().backward()
+    finally:
+        release_layers(layers)
+    for name, p in model.named_parameters():
+        assert p.grad_sample.shape == (0, *p.shape), name

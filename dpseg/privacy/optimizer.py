@@ -136,7 +136,7 @@ class DPOptimizer(Optimizer):
                 "learning rate, check the inputs for NaN/inf, or use a smaller loss scale."
             )
         factors = (self.max_grad_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
-        self.last_per_sample_norms = norms.to(torch.float32)
+        self.last_per_sample_norms = norms
         self.last_clipped_fraction = float((factors < 1).float().mean()) if batch else 0.0
         scale_out = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         seed = secrets.randbits(64) if self.secure_mode else self.noise_seed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import nn
 
@@ -16,12 +18,12 @@ class LinearRule(Rule):
     def backward(self, module, saved, state, grad_out, need_input_grad, names):
         (x,) = saved
         grad_input = grad_out @ module.weight if need_input_grad else None
-        batch = x.shape[0]
-        go = grad_out.reshape(batch, -1, grad_out.shape[-1])  # (B, T, out)
+        batch, positions = x.shape[0], math.prod(x.shape[1:-1])
+        go = grad_out.reshape(batch, positions, grad_out.shape[-1])
         grads = []
         for name in names:
             if name == "weight":
-                grads.append(go.transpose(1, 2) @ x.reshape(batch, -1, x.shape[-1]))
+                grads.append(go.transpose(1, 2) @ x.reshape(batch, positions, x.shape[-1]))
             else:
                 grads.append(go.sum(1))
         return grad_input, grads

@@ -30,8 +30,9 @@ _INSTANCE = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 def _channel_sums(grad_out, x, batch, channels):
     """(sum_s g, sum_s g*x) per (sample, channel), without a g*x temporary."""
-    go = grad_out.reshape(batch * channels, 1, -1)
-    xs = x.reshape(batch * channels, -1, 1)
+    spatial = math.prod(x.shape[2:])
+    go = grad_out.reshape(batch * channels, 1, spatial)
+    xs = x.reshape(batch * channels, spatial, 1)
     g_sum = go.sum(-1).view(batch, channels)
     gx_sum = torch.bmm(go, xs).view(batch, channels)
     return g_sum, gx_sum

@@ -1,0 +1,5 @@
+import sys
+
+from dpseg.cli import main
+
+sys.exit(main())

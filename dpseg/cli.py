@@ -1,0 +1,139 @@
+"""The ``dpseg`` command. Each subcommand lives in its own function; every one takes
+``--config F.toml`` whose keys (dashes or underscores) become that command's defaults, so a
+run can be written down once and repeated. User errors exit with code 2 and one paragraph,
+never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed without a traceback, exit code 2."""
+
+
+def _csv(kind):
+    return lambda text: tuple(kind(t) for t in text.split(",") if t.strip())
+
+
+# --- bench --------------------------------------------------------------------------------
+def _add_bench(sub):
+    p = sub.add_parser(
+        "bench",
+        help="time and peak memory of a DP step beside non-private training and Opacus",
+        description=(
+            "Runs the same 3D U-Net training step under every engine in one process and prints "
+            "median step time and peak memory with ratios to the non-private step. Results are "
+            "written to OUT/dp_step_<device>.json and appended to OUT/history.jsonl."
+        ),
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--size", type=int, default=None, help="patch edge (default 64 on cpu, 128 on cuda)")
+    p.add_argument("--batch", type=_csv(int), default=(2,), help="batch size(s), e.g. 2,4")
+    p.add_argument("--channels", type=_csv(int), default=None, help="U-Net widths (default 16,32,64 cpu; 32,64,128,256 cuda)")
+    p.add_argument("--engines", type=_csv(str), default=("none", "dpseg", "opacus-hooks", "opacus-functorch"))
+    p.add_argument("--amp", type=_csv(str), default=("none",), help="none, bf16, fp16 (comma list)")
+    p.add_argument("--backend", default="auto", help="dpseg fused-op backend")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    import torch
+
+    from dpseg.perf import StepBenchConfig, format_table, run_step_benchmark
+    from dpseg.perf.harness import append_result
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    gpu = args.device == "cuda"
+    size = args.size or (128 if gpu else 64)
+    channels = args.channels or ((32, 64, 128, 256) if gpu else (16, 32, 64))
+    if size % 2 ** (len(channels) - 1):
+        raise UsageError(f"--size {size} must be divisible by {2 ** (len(channels) - 1)} for {len(channels)} U-Net levels")
+    reports = []
+    for batch in args.batch:
+        for amp in args.amp:
+            cfg = StepBenchConfig(
+                channels=tuple(channels), size=size, batch=batch, device=args.device, amp=amp,
+                engines=tuple(args.engines), repeats=args.repeats, warmup=args.warmup, backend=args.backend,
+            )
+            report = run_step_benchmark(cfg, progress=lambda e: print(f"  running {e} ...", file=sys.stderr, flush=True))
+            print(format_table(report), flush=True)
+            print()
+            append_result(args.out / "history.jsonl", report.as_dict())
+            reports.append(report.as_dict())
+    latest = args.out / f"dp_step_{args.device}.json"
+    latest.write_text(json.dumps(reports, indent=2))
+    print(f"wrote {latest} and appended to {args.out / 'history.jsonl'}")
+    return 0
+
+
+# --- entry point --------------------------------------------------------------------------
+COMMANDS = [_add_bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpseg",
+        description="Differentially private training of medical segmentation models.",
+    )
+    parser.add_argument("--version", action="version", version=f"dpseg {__import__('dpseg').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    for p in sub.choices.values():
+        p.add_argument("--config", type=Path, help="TOML file whose keys set this command's defaults")
+    return parser
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str]):
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        return args
+    try:
+        values = tomllib.loads(args.config.read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read --config {args.config}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config {args.config} is not valid TOML: {exc}") from None
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    known = {a.dest for a in sub._actions}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"--config {args.config}: unknown key(s) {unknown} for 'dpseg {args.command}'")
+    for action in sub._actions:  # TOML lists for comma-separated options
+        if action.dest in values and isinstance(values[action.dest], list):
+            values[action.dest] = ",".join(map(str, values[action.dest]))
+        if action.dest in values and action.type is not None and isinstance(values[action.dest], str):
+            values[action.dest] = action.type(values[action.dest])
+    sub.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _apply_config(parser, argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"dpseg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dpseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The Opacus-shaped surface: validation, Poisson sampling, accounting, checkpoints, Opacus parity."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import opacus
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dpseg
+from dpseg.privacy import DPDataLoader, PoissonBatchSampler, PrivacyModelError
+
+
+def _setup(n=16, batch=4, model=None):
+    torch.manual_seed(0)
+    model = model or nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    data = TensorDataset(torch.randn(n, 1, 6, 6), torch.randint(0, 2, (n, 6, 6)))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data, batch_size=batch)
+
+
+def _make(engine=None, **kw):
+    model, opt, loader = _setup()
+    args = dict(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    args.update(kw)
+    return (engine or dpseg.PrivacyEngine()).make_private(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm must be > 0"),
+        ({"noise_multiplier": -0.1}, "noise_multiplier must be >= 0"),
+        ({"noise_multiplier": float("nan")}, "noise_multiplier must be >= 0"),
+        ({"loss_reduction": "none"}, "loss_reduction must be one of"),
+        ({"backend": "fortran"}, "unknown backend"),
+        ({"clipping": "per_layer"}, "flat clipping only"),
+    ],
+)
+def test_bad_arguments_are_refused_with_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _make(**kwargs)
+
+
+def test_unknown_accountant_and_secure_seed_are_refused():
+    with pytest.raises(ValueError, match="unknown accountant"):
+        dpseg.PrivacyEngine(accountant="moments")
+    with pytest.warns(UserWarning, match="secure_mode"):
+        engine = dpseg.PrivacyEngine(secure_mode=True)
+    with pytest.raises(ValueError, match="refused in secure_mode"):
+        _make(engine, noise_seed=3)
+
+
+def test_batchnorm_is_refused_and_fix_replaces_it():
+    model = nn.Sequential(nn.Conv3d(1, 6, 3), nn.BatchNorm3d(6), nn.ReLU(), nn.Conv3d(6, 2, 1))
+    _, opt, loader = _setup()
+    with pytest.raises(PrivacyModelError, match=r"dpseg.privacy.fix\(model\)"):
+        dpseg.PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1, max_grad_norm=1)
+    fixed = dpseg.fix(model)
+    assert isinstance(fixed[1], nn.GroupNorm) and fixed[1].num_groups == 6
+    assert isinstance(model[1], nn.BatchNorm3d), "fix copies unless inplace=True"
+    dpseg.privacy.validate(fixed)
+
+
+def test_stray_optimizer_parameters_are_refused():
+    model, _, loader = _setup()
+    extra = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([*model.parameters(), extra], lr=0.1)
+    with pytest.raises(ValueError, match="not in the module"):
+        dpseg.PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1, max_grad_norm=1)
+
+
+def test_non_finite_per_sample_norm_raises_with_index_and_applies_nothing():
+    model, opt, loader = _make(noise_seed=0)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(3, 1, 6, 6)
+    x[1, 0, 2, 2] = float("inf")
+    F.cross_entropy(model(x), torch.zeros(3, 6, 6, dtype=torch.long)).backward()
+    with pytest.raises(FloatingPointError, match=r"sample\(s\) \[1\]"):
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert opt.steps_taken == 0
+
+
+def test_parameters_outside_captured_layers_are_refused():
+    class Owner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+            self.conv = nn.Conv2d(1, 2, 1)
+
+        def forward(self, x):
+            return self.conv(x) * self.scale
+
+    model, opt, loader = _setup(model=Owner())
+    with pytest.raises(ValueError, match="Move those parameters into a leaf module"):
+        dpseg.PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1, max_grad_norm=1)
+
+
+def test_poisson_sampler_rate_and_empty_batches():
+    n, q, steps = 50, 0.1, 400
+    sampler = PoissonBatchSampler(n, q, steps, generator=torch.Generator().manual_seed(0))
+    sizes = torch.tensor([len(b) for b in sampler], dtype=torch.float64)
+    # Binomial(50, 0.1): mean 5, variance 4.5; the mean of 400 batches has sd 0.106
+    assert abs(sizes.mean() - n * q) < 5 * math.sqrt(n * q * (1 - q) / steps)
+    assert abs(sizes.var() - n * q * (1 - q)) < 1.5
+    assert (sizes == 0).any(), "P(empty) = 0.9^50 = 0.5%: expected a few in 400 draws"
+    secure = PoissonBatchSampler(n, q, steps, secure=True)
+    assert abs(torch.tensor([len(b) for b in secure], dtype=torch.float64).mean() - 5) < 0.6
+
+
+def test_dp_loader_collates_empty_batches_with_example_shapes():
+    data = TensorDataset(torch.randn(4, 1, 5, 5), torch.randint(0, 2, (4, 5, 5)))
+    loader = DPDataLoader(data, sample_rate=1e-9, steps=3)
+    for x, y in loader:
+        assert x.shape == (0, 1, 5, 5) and x.dtype == torch.float32
+        assert y.shape == (0, 5, 5) and y.dtype == torch.int64
+
+
+def test_make_private_returns_a_poisson_loader_with_q_one_over_len():
+    model, opt, loader = _make()
+    assert isinstance(loader, DPDataLoader) and loader.sample_rate == pytest.approx(1 / 4)
+    assert len(loader) == 4
+
+
+def test_training_loop_steps_and_epsilon_matches_opacus_accountant():
+    engine = dpseg.PrivacyEngine(accountant="rdp")
+    model, opt, loader = _make(engine, noise_multiplier=1.1, noise_seed=1)
+    for x, y in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert opt.steps_taken == 4
+    reference = opacus.accountants.RDPAccountant()
+    for _ in range(4):
+        reference.step(noise_multiplier=1.1, sample_rate=0.25)
+    assert engine.get_epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
+
+
+def test_make_private_with_epsilon_hits_the_target():
+    engine = dpseg.PrivacyEngine(accountant="rdp")
+    model, opt, loader = _setup()
+    model, opt, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=opt, data_loader=loader, target_epsilon=4.0, target_delta=1e-5,
+        epochs=3, max_grad_norm=1.0,
+    )
+    for _ in range(3 * len(loader)):
+        engine.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=engine.sample_rate)
+    eps = engine.get_epsilon(1e-5)
+    assert 3.9 < eps <= 4.0 + 1e-9
+
+
+def test_prv_accountant_and_zero_steps():
+    engine = dpseg.PrivacyEngine(accountant="prv")
+    assert engine.get_epsilon(1e-5) == 0.0
+    engine.accountant.step(noise_multiplier=1.0, sample_rate=0.01)
+    ref = opacus.accountants.PRVAccountant()
+    ref.step(noise_multiplier=1.0, sample_rate=0.01)
+    assert engine.get_epsilon(1e-5) == pytest.approx(ref.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_checkpoint_keeps_the_ledger_and_the_noise_counter():
+    engine = dpseg.PrivacyEngine(accountant="rdp")
+    model, opt, loader = _make(engine, noise_seed=5)
+    for x, y in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    eps = engine.get_epsilon(1e-5)
+    state = {"engine": engine.state_dict(), "optimizer": opt.state_dict()}
+    engine2 = dpseg.PrivacyEngine(accountant="rdp")
+    _, opt2, _ = _make(engine2)
+    engine2.load_state_dict(state["engine"])
+    opt2.load_state_dict(state["optimizer"])
+    assert engine2.get_epsilon(1e-5) == eps > 0
+    assert opt2.steps_taken == 4 and opt2.noise_seed == 5
+    with pytest.raises(ValueError, match="accountant='rdp'"):
+        dpseg.PrivacyEngine(accountant="prv").load_state_dict(state["engine"])
+
+
+def test_release_returns_the_plain_model():
+    model, opt, loader = _make()
+    plain = model.release()
+    x = torch.randn(2, 1, 6, 6, requires_grad=True)
+    plain(x).sum().backward()
+    assert all(p.grad is not None and getattr(p, "grad_sample", None) is None for p in plain.parameters())
+
+
+def test_per_sample_norms_agree_with_opacus():
+    torch.manual_seed(4)
+    net = nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
+        nn.Conv3d(4, 4, 3, stride=2, padding=1), nn.InstanceNorm3d(4, affine=True), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 27, 3),
+    ).double()
+    x = torch.randn(5, 1, 6, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)
+    norms = {}
+    for name, engine in [("dpseg", dpseg.PrivacyEngine()), ("opacus", opacus.PrivacyEngine())]:
+        model = copy.deepcopy(net)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, opt, _ = engine.make_private(
+                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                data_loader=loader, noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False,
+            )
+        F.cross_entropy(model(x), y).backward()
+        if name == "dpseg":
+            opt.step()
+            norms[name] = opt.last_per_sample_norms
+        else:
+            per = torch.stack([p.grad_sample.reshape(5, -1).norm(dim=1) for p in model.parameters()], 1)
+            norms[name] = per.norm(dim=1)
+    torch.testing.assert_close(norms["dpseg"], norms["opacus"], rtol=1e-9, atol=0)
