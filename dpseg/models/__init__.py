@@ -1,0 +1,5 @@
+"""DP-compatible segmentation models (no BatchNorm)."""
+
+from dpseg.models.unet import UNet
+
+__all__ = ["UNet"]
