@@ -61,7 +61,7 @@ class StepBenchReport:
         return {"config": self.config, "environment": self.environment, "results": [asdict(r) for r in self.results]}
 
 
-def _make_step(engine: str, model, x, y, cfg: StepBenchConfig) -> Callable[[], None]:
+def make_step(engine: str, model, x, y, cfg: StepBenchConfig) -> Callable[[], None]:
     """Builds the engine's training step around a private copy of the model."""
     model = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -101,22 +101,29 @@ def _make_step(engine: str, model, x, y, cfg: StepBenchConfig) -> Callable[[], N
     return step
 
 
-def run_step_benchmark(cfg: StepBenchConfig, progress: Callable[[str], None] | None = None) -> StepBenchReport:
+def build_workload(cfg: StepBenchConfig):
+    """(model, x, y): the benchmark 3D U-Net (GroupNorm, 1 -> 2 classes) and one batch."""
     from dpseg.models import UNet
 
-    prepare_memory_measurement()
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = UNet(3, 1, 2, channels=cfg.channels, norm="group").to(device)
     x = torch.randn(cfg.batch, 1, *([cfg.size] * 3), device=device)
     y = torch.randint(0, 2, (cfg.batch, *([cfg.size] * 3)), device=device)
+    return model, x, y
+
+
+def run_step_benchmark(cfg: StepBenchConfig, progress: Callable[[str], None] | None = None) -> StepBenchReport:
+    prepare_memory_measurement()
+    device = torch.device(cfg.device)
+    model, x, y = build_workload(cfg)
     report = StepBenchReport(config={**asdict(cfg), "parameters": sum(p.numel() for p in model.parameters())}, environment=environment(device))
     for engine in cfg.engines:
         if progress:
             progress(engine)
         result = EngineResult(engine)
         try:
-            step = _make_step(engine, model, x, y, cfg)
+            step = make_step(engine, model, x, y, cfg)
             t = time_call(step, repeats=cfg.repeats, warmup=cfg.warmup, device=device)
             result.median_s, result.p20_s, result.p80_s = t.median_s, t.p20_s, t.p80_s
             result.peak_bytes = peak_memory_call(step, device=device)
