@@ -36,10 +36,15 @@ def extension():
         sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*_binding.cpp")
         nvcc = ["-O3", "--fmad=false", "-std=c++17"]
         return CUDAExtension(
-            "dpseg._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            define_macros=[("DPSEG_WITH_CUDA", None)], **kwargs,
+            "dpseg._C",
+            sources,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            define_macros=[("DPSEG_WITH_CUDA", None)],
+            **kwargs,
         )
     return CppExtension("dpseg._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
 
 
-setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+setup(
+    ext_modules=[extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)}
+)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 
 class UsageError(Exception):
@@ -32,10 +33,19 @@ def _add_bench(sub):
         ),
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--size", type=int, default=None, help="patch edge (default 64 on cpu, 128 on cuda)")
+    p.add_argument(
+        "--size", type=int, default=None, help="patch edge (default 64 on cpu, 128 on cuda)"
+    )
     p.add_argument("--batch", type=_csv(int), default=(2,), help="batch size(s), e.g. 2,4")
-    p.add_argument("--channels", type=_csv(int), default=None, help="U-Net widths (default 16,32,64 cpu; 32,64,128,256 cuda)")
-    p.add_argument("--engines", type=_csv(str), default=("none", "dpseg", "opacus-hooks", "opacus-functorch"))
+    p.add_argument(
+        "--channels",
+        type=_csv(int),
+        default=None,
+        help="U-Net widths (default 16,32,64 cpu; 32,64,128,256 cuda)",
+    )
+    p.add_argument(
+        "--engines", type=_csv(str), default=("none", "dpseg", "opacus-hooks", "opacus-functorch")
+    )
     p.add_argument("--amp", type=_csv(str), default=("none",), help="none, bf16, fp16 (comma list)")
     p.add_argument("--backend", default="auto", help="dpseg fused-op backend")
     p.add_argument("--repeats", type=int, default=5)
@@ -51,20 +61,34 @@ def _run_bench(args) -> int:
     from dpseg.perf.harness import append_result
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        raise UsageError(
+            "--device cuda was asked for but torch sees no CUDA device; use --device cpu"
+        )
     gpu = args.device == "cuda"
     size = args.size or (128 if gpu else 64)
     channels = args.channels or ((32, 64, 128, 256) if gpu else (16, 32, 64))
     if size % 2 ** (len(channels) - 1):
-        raise UsageError(f"--size {size} must be divisible by {2 ** (len(channels) - 1)} for {len(channels)} U-Net levels")
+        raise UsageError(
+            f"--size {size} must be divisible by {2 ** (len(channels) - 1)} "
+            f"for {len(channels)} U-Net levels"
+        )
     reports = []
     for batch in args.batch:
         for amp in args.amp:
             cfg = StepBenchConfig(
-                channels=tuple(channels), size=size, batch=batch, device=args.device, amp=amp,
-                engines=tuple(args.engines), repeats=args.repeats, warmup=args.warmup, backend=args.backend,
+                channels=tuple(channels),
+                size=size,
+                batch=batch,
+                device=args.device,
+                amp=amp,
+                engines=tuple(args.engines),
+                repeats=args.repeats,
+                warmup=args.warmup,
+                backend=args.backend,
             )
-            report = run_step_benchmark(cfg, progress=lambda e: print(f"  running {e} ...", file=sys.stderr, flush=True))
+            report = run_step_benchmark(
+                cfg, progress=lambda e: print(f"  running {e} ...", file=sys.stderr, flush=True)
+            )
             print(format_table(report), flush=True)
             print()
             append_result(args.out / "history.jsonl", report.as_dict())
@@ -98,8 +122,12 @@ def _run_demo(args) -> int:
     if args.steps < 1 or args.cases < 2 or args.batch < 1:
         raise UsageError("--steps and --batch must be >= 1 and --cases >= 2")
     run_demo(
-        cases=args.cases, batch=args.batch, steps=args.steps, noise_multiplier=args.noise_multiplier,
-        max_grad_norm=args.max_grad_norm, seed=args.seed,
+        cases=args.cases,
+        batch=args.batch,
+        steps=args.steps,
+        noise_multiplier=args.noise_multiplier,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
     )
     return 0
 
@@ -113,12 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dpseg",
         description="Differentially private training of medical segmentation models.",
     )
-    parser.add_argument("--version", action="version", version=f"dpseg {__import__('dpseg').__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"dpseg {__import__('dpseg').__version__}"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
     for p in sub.choices.values():
-        p.add_argument("--config", type=Path, help="TOML file whose keys set this command's defaults")
+        p.add_argument(
+            "--config", type=Path, help="TOML file whose keys set this command's defaults"
+        )
     return parser
 
 
@@ -137,11 +169,17 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]):
     values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise UsageError(f"--config {args.config}: unknown key(s) {unknown} for 'dpseg {args.command}'")
+        raise UsageError(
+            f"--config {args.config}: unknown key(s) {unknown} for 'dpseg {args.command}'"
+        )
     for action in sub._actions:  # TOML lists for comma-separated options
         if action.dest in values and isinstance(values[action.dest], list):
             values[action.dest] = ",".join(map(str, values[action.dest]))
-        if action.dest in values and action.type is not None and isinstance(values[action.dest], str):
+        if (
+            action.dest in values
+            and action.type is not None
+            and isinstance(values[action.dest], str)
+        ):
             values[action.dest] = action.type(values[action.dest])
     sub.set_defaults(**values)
     return parser.parse_args(argv)

@@ -30,8 +30,15 @@ def _phantoms(cases: int, size: int, sites: int, seed: int):
 
 
 def run_demo(
-    cases: int = 24, size: int = 48, patch: int = 32, batch: int = 4, steps: int = 40,
-    noise_multiplier: float = 1.0, max_grad_norm: float = 1.0, delta: float = 1e-5, seed: int = 0,
+    cases: int = 24,
+    size: int = 48,
+    patch: int = 32,
+    batch: int = 4,
+    steps: int = 40,
+    noise_multiplier: float = 1.0,
+    max_grad_norm: float = 1.0,
+    delta: float = 1e-5,
+    seed: int = 0,
 ) -> dict:
     torch.manual_seed(seed)
     print(f"Generating {cases + 4} CT phantoms ({size}^3, 3 scanner sites) ...")
@@ -41,8 +48,12 @@ def run_demo(
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     engine = dpseg.PrivacyEngine(accountant="prv")
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=DataLoader(train, batch_size=batch),
-        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, noise_seed=seed,
+        module=model,
+        optimizer=optimizer,
+        data_loader=DataLoader(train, batch_size=batch),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        noise_seed=seed,
     )
     loss_fn = DiceCELoss()
     print(
@@ -68,8 +79,10 @@ def run_demo(
 
     plain = model.release().eval()
     dices = []
-    for image, label in zip(images[cases:], labels[cases:]):
-        logits = sliding_window_inference(torch.from_numpy(image)[None], plain, (patch,) * 3, overlap=0.25)
+    for image, label in zip(images[cases:], labels[cases:], strict=True):
+        logits = sliding_window_inference(
+            torch.from_numpy(image)[None], plain, (patch,) * 3, overlap=0.25
+        )
         dices.append(float(dice_per_class(logits.argmax(0).numpy(), label, 2)[0]))
 
     print("Timing one training step (same model and batch, median of 5) ...")
@@ -77,17 +90,30 @@ def run_demo(
     x = torch.randn(batch, 1, patch, patch, patch)
     y = torch.randint(0, 2, (batch, patch, patch, patch))
     base = UNet(3, 1, 2, channels=(8, 16, 32), norm="group")
-    times = {e: time_call(make_step(e, base, x, y, cfg), repeats=5).median_s for e in ("none", "dpseg")}
+    times = {
+        e: time_call(make_step(e, base, x, y, cfg), repeats=5).median_s for e in ("none", "dpseg")
+    }
     summary = {
-        "steps": steps, "first_loss": losses[0], "last_loss": float(np.mean(losses[-5:])),
-        "epsilon": epsilon, "delta": delta, "held_out_dice": float(np.mean(dices)),
-        "train_seconds": train_s, "step_ms": {k: v * 1e3 for k, v in times.items()},
+        "steps": steps,
+        "first_loss": losses[0],
+        "last_loss": float(np.mean(losses[-5:])),
+        "epsilon": epsilon,
+        "delta": delta,
+        "held_out_dice": float(np.mean(dices)),
+        "train_seconds": train_s,
+        "step_ms": {k: v * 1e3 for k, v in times.items()},
         "dp_step_ratio": times["dpseg"] / times["none"],
     }
     print()
-    print(f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} over {steps} DP steps ({train_s:.0f} s)")
+    print(
+        f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} "
+        f"over {steps} DP steps ({train_s:.0f} s)"
+    )
     print(f"privacy spent: epsilon = {epsilon:.2f} at delta = {delta:g} (PRV accountant)")
-    print(f"held-out liver Dice after {steps} steps: {summary['held_out_dice']:.3f} (a short demo run)")
+    print(
+        f"held-out liver Dice after {steps} steps: {summary['held_out_dice']:.3f} "
+        "(a short demo run)"
+    )
     print(
         f"step time: non-private {times['none'] * 1e3:.0f} ms, dpseg {times['dpseg'] * 1e3:.0f} ms "
         f"-> DP costs {summary['dp_step_ratio']:.2f}x"

@@ -1,4 +1,5 @@
-"""The Opacus-shaped surface: validation, Poisson sampling, accounting, checkpoints, Opacus parity."""
+"""The Opacus-shaped surface: validation, Poisson sampling, accounting, checkpoints, and
+parity with Opacus."""
 
 from __future__ import annotations
 
@@ -19,14 +20,18 @@ from dpseg.privacy import DPDataLoader, PoissonBatchSampler, PrivacyModelError
 
 def _setup(n=16, batch=4, model=None):
     torch.manual_seed(0)
-    model = model or nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    model = model or nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 2, 1)
+    )
     data = TensorDataset(torch.randn(n, 1, 6, 6), torch.randint(0, 2, (n, 6, 6)))
     return model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data, batch_size=batch)
 
 
 def _make(engine=None, **kw):
     model, opt, loader = _setup()
-    args = dict(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    args = dict(
+        module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0
+    )
     args.update(kw)
     return (engine or dpseg.PrivacyEngine()).make_private(**args)
 
@@ -61,7 +66,9 @@ def test_batchnorm_is_refused_and_fix_replaces_it():
     model = nn.Sequential(nn.Conv3d(1, 6, 3), nn.BatchNorm3d(6), nn.ReLU(), nn.Conv3d(6, 2, 1))
     _, opt, loader = _setup()
     with pytest.raises(PrivacyModelError, match=r"dpseg.privacy.fix\(model\)"):
-        dpseg.PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1, max_grad_norm=1)
+        dpseg.PrivacyEngine().make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=1, max_grad_norm=1
+        )
     fixed = dpseg.fix(model)
     assert isinstance(fixed[1], nn.GroupNorm) and fixed[1].num_groups == 6
     assert isinstance(model[1], nn.BatchNorm3d), "fix copies unless inplace=True"
@@ -73,7 +80,9 @@ def test_stray_optimizer_parameters_are_refused():
     extra = nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([*model.parameters(), extra], lr=0.1)
     with pytest.raises(ValueError, match="not in the module"):
-        dpseg.PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1, max_grad_norm=1)
+        dpseg.PrivacyEngine().make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=1, max_grad_norm=1
+        )
 
 
 def test_non_finite_per_sample_norm_raises_with_index_and_applies_nothing():
@@ -101,7 +110,9 @@ def test_parameters_outside_captured_layers_are_refused():
 
     model, opt, loader = _setup(model=Owner())
     with pytest.raises(ValueError, match="Move those parameters into a leaf module"):
-        dpseg.PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=1, max_grad_norm=1)
+        dpseg.PrivacyEngine().make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=1, max_grad_norm=1
+        )
 
 
 def test_poisson_sampler_rate_and_empty_batches():
@@ -148,11 +159,18 @@ def test_make_private_with_epsilon_hits_the_target():
     engine = dpseg.PrivacyEngine(accountant="rdp")
     model, opt, loader = _setup()
     model, opt, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=opt, data_loader=loader, target_epsilon=4.0, target_delta=1e-5,
-        epochs=3, max_grad_norm=1.0,
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        target_epsilon=4.0,
+        target_delta=1e-5,
+        epochs=3,
+        max_grad_norm=1.0,
     )
     for _ in range(3 * len(loader)):
-        engine.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=engine.sample_rate)
+        engine.accountant.step(
+            noise_multiplier=opt.noise_multiplier, sample_rate=engine.sample_rate
+        )
     eps = engine.get_epsilon(1e-5)
     assert 3.9 < eps <= 4.0 + 1e-9
 
@@ -190,15 +208,22 @@ def test_release_returns_the_plain_model():
     plain = model.release()
     x = torch.randn(2, 1, 6, 6, requires_grad=True)
     plain(x).sum().backward()
-    assert all(p.grad is not None and getattr(p, "grad_sample", None) is None for p in plain.parameters())
+    assert all(
+        p.grad is not None and getattr(p, "grad_sample", None) is None for p in plain.parameters()
+    )
 
 
 def test_per_sample_norms_agree_with_opacus():
     torch.manual_seed(4)
     net = nn.Sequential(
-        nn.Conv3d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
-        nn.Conv3d(4, 4, 3, stride=2, padding=1), nn.InstanceNorm3d(4, affine=True), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 27, 3),
+        nn.Conv3d(1, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Conv3d(4, 4, 3, stride=2, padding=1),
+        nn.InstanceNorm3d(4, affine=True),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 27, 3),
     ).double()
     x = torch.randn(5, 1, 6, 6, 6, dtype=torch.float64)
     y = torch.randint(0, 3, (5,))
@@ -209,14 +234,20 @@ def test_per_sample_norms_agree_with_opacus():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, opt, _ = engine.make_private(
-                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                data_loader=loader, noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False,
+                module=model,
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                data_loader=loader,
+                noise_multiplier=0.0,
+                max_grad_norm=1.0,
+                poisson_sampling=False,
             )
         F.cross_entropy(model(x), y).backward()
         if name == "dpseg":
             opt.step()
             norms[name] = opt.last_per_sample_norms
         else:
-            per = torch.stack([p.grad_sample.reshape(5, -1).norm(dim=1) for p in model.parameters()], 1)
+            per = torch.stack(
+                [p.grad_sample.reshape(5, -1).norm(dim=1) for p in model.parameters()], 1
+            )
             norms[name] = per.norm(dim=1)
     torch.testing.assert_close(norms["dpseg"], norms["opacus"], rtol=1e-9, atol=0)

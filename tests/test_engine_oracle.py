@@ -70,8 +70,11 @@ def test_conv_and_transposed_conv_per_sample_grads(cfg):
     dims, g = cfg["dims"], cfg["groups"]
     cin, cout = g * cfg["cin_per_group"], g * cfg["cout_per_group"]
     common = dict(
-        stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"],
-        groups=g, bias=cfg["bias"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        dilation=cfg["dilation"],
+        groups=g,
+        bias=cfg["bias"],
     )
     if cfg["transposed"]:
         cls = [nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d][dims - 1]
@@ -82,7 +85,10 @@ def test_conv_and_transposed_conv_per_sample_grads(cfg):
         cls = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dims - 1]
         layer = cls(cin, cout, cfg["kernel"], **common)
     size = cfg["size"]
-    if not cfg["transposed"] and cfg["dilation"] * (cfg["kernel"] - 1) + 1 > size + 2 * cfg["padding"]:
+    if (
+        not cfg["transposed"]
+        and cfg["dilation"] * (cfg["kernel"] - 1) + 1 > size + 2 * cfg["padding"]
+    ):
         size += cfg["dilation"] * cfg["kernel"]
     assert_grad_samples(layer.double(), _input(cfg["batch"], cin, [size] * dims))
 
@@ -198,14 +204,23 @@ def seg_loss_sum(pred, y):
     return F.cross_entropy(pred, y, reduction="none").mean(dim=(1, 2, 3)).sum()
 
 
-def _private_step(model, x, y, loss_fn, reduction, sigma, C, optimizer_cls=torch.optim.SGD, seed=7, n=8, batch=4):
-    data = TensorDataset(torch.randn(n, *x.shape[1:], dtype=x.dtype), torch.zeros(n, *y.shape[1:], dtype=y.dtype))
+def _private_step(
+    model, x, y, loss_fn, reduction, sigma, C, optimizer_cls=torch.optim.SGD, seed=7, n=8, batch=4
+):
+    data = TensorDataset(
+        torch.randn(n, *x.shape[1:], dtype=x.dtype), torch.zeros(n, *y.shape[1:], dtype=y.dtype)
+    )
     loader = DataLoader(data, batch_size=batch)
     engine = dpseg.PrivacyEngine(accountant="rdp")
     opt = optimizer_cls(model.parameters(), lr=1.0)
     pmodel, popt, _ = engine.make_private(
-        module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma,
-        max_grad_norm=C, loss_reduction=reduction, noise_seed=seed,
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=C,
+        loss_reduction=reduction,
+        noise_seed=seed,
     )
     popt.zero_grad()
     loss_fn(pmodel(x), y).backward()
@@ -231,7 +246,12 @@ def test_dp_update_matches_oracle_without_noise(reduction, C):
     # One vector over all parameters: down.bias feeds an InstanceNorm, so its true gradient
     # is ~1e-17 and a per-tensor relative error would only compare rounding noise.
     expected = torch.cat([scale * summed[name].flatten() for name, _ in model.named_parameters()])
-    got = torch.cat([(p0 - p).detach().flatten() for p, p0 in zip(model.parameters(), before.parameters())])
+    got = torch.cat(
+        [
+            (p0 - p).detach().flatten()
+            for p, p0 in zip(model.parameters(), before.parameters(), strict=True)
+        ]
+    )
     assert (got - expected).abs().max() / expected.abs().max() < RTOL
 
 
@@ -242,7 +262,12 @@ def test_clipped_contributions_are_bounded_by_C():
     before = copy.deepcopy(model)
     C = 0.05
     _private_step(model, x, y, seg_loss_sum, "sum", sigma=0.0, C=C)
-    step = torch.cat([(p0 - p).detach().flatten() for p, p0 in zip(model.parameters(), before.parameters())])
+    step = torch.cat(
+        [
+            (p0 - p).detach().flatten()
+            for p, p0 in zip(model.parameters(), before.parameters(), strict=True)
+        ]
+    )
     assert step.norm() <= C * (1 + 1e-9)
     assert step.norm() > 0.99 * C  # it was clipped, not zeroed
 
@@ -257,8 +282,15 @@ def test_noise_is_the_philox_noise_scaled_by_sigma_C_over_batch():
     sigma, C = 0.7, 0.3
     _private_step(a, x, y, seg_loss_mean, "mean", sigma=sigma, C=C, seed=11)
     _private_step(b, x, y, seg_loss_mean, "mean", sigma=0.0, C=C, seed=11)
-    noise = torch.cat([(pb - pa).detach().flatten() for pa, pb in zip(a.parameters(), b.parameters())])
-    z = dpseg.ops.gaussian_noise(noise.numel(), seed=11, step=0, dtype=torch.float64, backend="torch")
+    noise = torch.cat(
+        [
+            (pb - pa).detach().flatten()
+            for pa, pb in zip(a.parameters(), b.parameters(), strict=True)
+        ]
+    )
+    z = dpseg.ops.gaussian_noise(
+        noise.numel(), seed=11, step=0, dtype=torch.float64, backend="torch"
+    )
     torch.testing.assert_close(noise, sigma * C / 4 * z, rtol=1e-9, atol=1e-15)
     del start
 
@@ -270,7 +302,12 @@ def test_empty_batch_is_a_noise_only_step():
     y = torch.empty(0, 4, 4, 4, dtype=torch.long)
     engine, popt = _private_step(model, x, y, lambda p, t: p.sum() * 0, "mean", sigma=1.0, C=1.0)
     assert popt.last_per_sample_norms.shape == (0,)
-    delta = torch.cat([(p0 - p).detach().flatten() for p, p0 in zip(model.parameters(), before.parameters())])
+    delta = torch.cat(
+        [
+            (p0 - p).detach().flatten()
+            for p, p0 in zip(model.parameters(), before.parameters(), strict=True)
+        ]
+    )
     assert delta.abs().min() > 0  # every parameter moved: noise
     assert engine.get_epsilon(1e-5) > 0
 
@@ -282,16 +319,20 @@ def test_wrapped_optimizers_apply_the_dp_gradient(optimizer_cls):
     y = torch.randint(0, 2, (3, 4, 4, 4))
     model = SmallSegNet().double()
     twin = copy.deepcopy(model)
-    _, popt = _private_step(model, x, y, seg_loss_mean, "mean", sigma=0.5, C=0.1, optimizer_cls=optimizer_cls)
+    _, popt = _private_step(
+        model, x, y, seg_loss_mean, "mean", sigma=0.5, C=0.1, optimizer_cls=optimizer_cls
+    )
     # Same update by hand: the twin gets the DP gradient (oracle clip + same Philox noise).
     norms, summed = dp_sum(per_sample_grads(twin, seg_loss_mean, x, y), 0.1)
     numel = [p.numel() for p in twin.parameters()]
-    z = dpseg.ops.gaussian_noise(sum(numel), seed=7, step=0, dtype=torch.float64, backend="torch").split(numel)
+    z = dpseg.ops.gaussian_noise(
+        sum(numel), seed=7, step=0, dtype=torch.float64, backend="torch"
+    ).split(numel)
     opt = optimizer_cls(twin.parameters(), lr=1.0)
-    for (name, p), zi in zip(twin.named_parameters(), z):
+    for (name, p), zi in zip(twin.named_parameters(), z, strict=True):
         p.grad = (summed[name] + 0.5 * 0.1 * zi.view_as(p)) / 4
     opt.step()
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 

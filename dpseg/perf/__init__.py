@@ -1,6 +1,21 @@
 """One benchmark harness for `dpseg bench`, bench/ and tests."""
 
-from dpseg.perf.dp_step import StepBenchConfig, build_workload, format_table, make_step, run_step_benchmark
+from dpseg.perf.dp_step import (
+    StepBenchConfig,
+    build_workload,
+    format_table,
+    make_step,
+    run_step_benchmark,
+)
 from dpseg.perf.harness import environment, peak_memory_call, time_call
 
-__all__ = ["StepBenchConfig", "build_workload", "make_step", "environment", "format_table", "peak_memory_call", "run_step_benchmark", "time_call"]
+__all__ = [
+    "StepBenchConfig",
+    "build_workload",
+    "make_step",
+    "environment",
+    "format_table",
+    "peak_memory_call",
+    "run_step_benchmark",
+    "time_call",
+]

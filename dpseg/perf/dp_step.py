@@ -58,7 +58,11 @@ class StepBenchReport:
     results: list[EngineResult] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"config": self.config, "environment": self.environment, "results": [asdict(r) for r in self.results]}
+        return {
+            "config": self.config,
+            "environment": self.environment,
+            "results": [asdict(r) for r in self.results],
+        }
 
 
 def make_step(engine: str, model, x, y, cfg: StepBenchConfig) -> Callable[[], None]:
@@ -71,9 +75,13 @@ def make_step(engine: str, model, x, y, cfg: StepBenchConfig) -> Callable[[], No
         import dpseg
 
         model, optimizer, _ = dpseg.PrivacyEngine(accountant="rdp").make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-            poisson_sampling=False, backend=cfg.backend,
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=cfg.noise_multiplier,
+            max_grad_norm=cfg.max_grad_norm,
+            poisson_sampling=False,
+            backend=cfg.backend,
         )
     elif engine.startswith("opacus"):
         import opacus
@@ -81,9 +89,13 @@ def make_step(engine: str, model, x, y, cfg: StepBenchConfig) -> Callable[[], No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, optimizer, _ = opacus.PrivacyEngine(accountant="rdp").make_private(
-                module=model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-                poisson_sampling=False, grad_sample_mode=engine.split("-", 1)[1],
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=cfg.noise_multiplier,
+                max_grad_norm=cfg.max_grad_norm,
+                poisson_sampling=False,
+                grad_sample_mode=engine.split("-", 1)[1],
             )
     elif engine != "none":
         raise ValueError(f"unknown engine {engine!r}; use one of {ENGINES}")
@@ -92,7 +104,11 @@ def make_step(engine: str, model, x, y, cfg: StepBenchConfig) -> Callable[[], No
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        ctx = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        ctx = (
+            torch.autocast(x.device.type, dtype=amp_dtype)
+            if amp_dtype
+            else contextlib.nullcontext()
+        )
         with ctx:
             loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -113,11 +129,16 @@ def build_workload(cfg: StepBenchConfig):
     return model, x, y
 
 
-def run_step_benchmark(cfg: StepBenchConfig, progress: Callable[[str], None] | None = None) -> StepBenchReport:
+def run_step_benchmark(
+    cfg: StepBenchConfig, progress: Callable[[str], None] | None = None
+) -> StepBenchReport:
     prepare_memory_measurement()
     device = torch.device(cfg.device)
     model, x, y = build_workload(cfg)
-    report = StepBenchReport(config={**asdict(cfg), "parameters": sum(p.numel() for p in model.parameters())}, environment=environment(device))
+    report = StepBenchReport(
+        config={**asdict(cfg), "parameters": sum(p.numel() for p in model.parameters())},
+        environment=environment(device),
+    )
     for engine in cfg.engines:
         if progress:
             progress(engine)
@@ -148,9 +169,11 @@ def run_step_benchmark(cfg: StepBenchConfig, progress: Callable[[str], None] | N
 def format_table(report: StepBenchReport) -> str:
     cfg = report.config
     lines = [
-        f"DP step, UNet{tuple(cfg['channels'])} ({cfg['parameters']:,} params), batch {cfg['batch']}, "
+        f"DP step, UNet{tuple(cfg['channels'])} ({cfg['parameters']:,} params), "
+        f"batch {cfg['batch']}, "
         f"{cfg['size']}^3, {cfg['device']} ({report.environment['device']}), amp={cfg['amp']}",
-        f"{'engine':<18}{'median ms':>11}{'p20-p80 ms':>16}{'peak MiB':>10}{'time x':>8}{'mem x':>7}",
+        f"{'engine':<18}{'median ms':>11}{'p20-p80 ms':>16}"
+        f"{'peak MiB':>10}{'time x':>8}{'mem x':>7}",
     ]
     for r in report.results:
         if r.error:

@@ -37,7 +37,11 @@ class Timing:
 
     @classmethod
     def of(cls, samples: list[float]) -> Timing:
-        qs = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
+        qs = (
+            statistics.quantiles(samples, n=10, method="inclusive")
+            if len(samples) > 1
+            else samples * 9
+        )
         return cls(statistics.median(samples), qs[1], qs[7], len(samples))
 
 
@@ -120,7 +124,11 @@ def _git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -129,7 +137,9 @@ def _git_commit() -> str | None:
 def environment(device="cpu") -> dict:
     device = torch.device(device)
     env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
         "device_type": device.type,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -146,7 +156,9 @@ def environment(device="cpu") -> dict:
     if device.type == "cpu":
         try:
             with open("/proc/cpuinfo") as f:
-                env["device"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+                env["device"] = next(
+                    line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+                )
         except (OSError, StopIteration):
             pass
     return env

@@ -6,6 +6,12 @@ from dpseg.privacy.optimizer import DPOptimizer
 from dpseg.privacy.validate import PrivacyModelError, fix, validate
 
 __all__ = [
-    "DPDataLoader", "DPOptimizer", "PoissonBatchSampler", "PrivacyEngine",
-    "PrivacyModelError", "PrivateModule", "fix", "validate",
+    "DPDataLoader",
+    "DPOptimizer",
+    "PoissonBatchSampler",
+    "PrivacyEngine",
+    "PrivacyModelError",
+    "PrivateModule",
+    "fix",
+    "validate",
 ]

@@ -33,9 +33,14 @@ class _PerSampleFunction(torch.autograd.Function):
         layer = ctx.layer
         need_input_grad = ctx.needs_input_grad[3]
         grad_input, grads = layer.rule.backward(
-            layer.module, ctx.saved_tensors, ctx.state, grad_out.contiguous(), need_input_grad, ctx.names
+            layer.module,
+            ctx.saved_tensors,
+            ctx.state,
+            grad_out.contiguous(),
+            need_input_grad,
+            ctx.names,
         )
-        for param, name, g in zip(ctx.params, ctx.names, grads):
+        for param, name, g in zip(ctx.params, ctx.names, grads, strict=True):
             _accumulate(param, g, f"{layer.name}.{name}" if layer.name else name)
         return (None, None, None, grad_input, *([None] * len(ctx.params)))
 

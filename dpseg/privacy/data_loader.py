@@ -105,8 +105,13 @@ class DPDataLoader(DataLoader):
             return loader
         steps = len(loader)
         return cls(
-            loader.dataset, sample_rate=1 / steps, steps=steps, collate_fn=loader.collate_fn,
-            generator=generator if generator is not None else loader.generator, secure=secure,
-            num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+            loader.dataset,
+            sample_rate=1 / steps,
+            steps=steps,
+            collate_fn=loader.collate_fn,
+            generator=generator if generator is not None else loader.generator,
+            secure=secure,
+            num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
             worker_init_fn=loader.worker_init_fn,
         )

@@ -59,11 +59,15 @@ class PrivacyEngine:
 
     def _check(self, noise_multiplier, max_grad_norm, loss_reduction, backend, noise_seed):
         if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 (the clipping bound C), got {max_grad_norm}")
+            raise ValueError(
+                f"max_grad_norm must be > 0 (the clipping bound C), got {max_grad_norm}"
+            )
         if not noise_multiplier >= 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+            raise ValueError(
+                f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"
+            )
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
         if backend != "auto" and backend not in ops.available_backends():
@@ -115,14 +119,19 @@ class PrivacyEngine:
         if dataset_size == 0:
             raise ValueError("the data loader's dataset is empty")
         if len(data_loader) == 0:
-            raise ValueError("the data loader yields no batches (batch larger than the dataset with drop_last=True?)")
+            raise ValueError(
+                "the data loader yields no batches (a batch larger than the dataset "
+                "with drop_last=True?)"
+            )
         self.sample_rate = 1 / len(data_loader)
         expected_batch_size = max(1, int(dataset_size * self.sample_rate))
         if poisson_sampling:
             generator = None
             if noise_seed is not None:
                 generator = torch.Generator().manual_seed(noise_seed)
-            data_loader = DPDataLoader.from_data_loader(data_loader, generator=generator, secure=self.secure_mode)
+            data_loader = DPDataLoader.from_data_loader(
+                data_loader, generator=generator, secure=self.secure_mode
+            )
         private = PrivateModule(module, allow_fallback=allow_fallback)
         dp_optimizer = DPOptimizer(
             optimizer,
@@ -161,13 +170,20 @@ class PrivacyEngine:
         if not epochs >= 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         sigma = get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=target_delta,
-            sample_rate=1 / len(data_loader), epochs=epochs,
-            accountant=self.accountant.mechanism(), epsilon_tolerance=epsilon_tolerance,
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=1 / len(data_loader),
+            epochs=epochs,
+            accountant=self.accountant.mechanism(),
+            epsilon_tolerance=epsilon_tolerance,
         )
         return self.make_private(
-            module=module, optimizer=optimizer, data_loader=data_loader,
-            noise_multiplier=sigma, max_grad_norm=max_grad_norm, **kwargs,
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=sigma,
+            max_grad_norm=max_grad_norm,
+            **kwargs,
         )
 
     def get_epsilon(self, delta: float) -> float:
@@ -185,6 +201,7 @@ class PrivacyEngine:
         if state.get("accountant") != self.accountant_name:
             raise ValueError(
                 f"checkpoint was accounted with {state.get('accountant')!r}, this engine uses "
-                f"{self.accountant_name!r}; create PrivacyEngine(accountant={state.get('accountant')!r})"
+                f"{self.accountant_name!r}; create "
+                f"PrivacyEngine(accountant={state.get('accountant')!r})"
             )
         self.accountant.history = [tuple(h) for h in state["history"]]

@@ -90,7 +90,10 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.add_param_group(param_group)
 
     def __repr__(self) -> str:
-        return f"DPOptimizer(sigma={self.noise_multiplier}, C={self.max_grad_norm}, {self.original_optimizer!r})"
+        return (
+            f"DPOptimizer(sigma={self.noise_multiplier}, C={self.max_grad_norm}, "
+            f"{self.original_optimizer!r})"
+        )
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -107,8 +110,10 @@ class DPOptimizer(Optimizer):
         grads = [getattr(p, "grad_sample", None) for p in params]
         batches = {g.shape[0] for g in grads if g is not None}
         if len(batches) > 1:
-            raise RuntimeError(f"per-sample gradients disagree on the batch size: {sorted(batches)}")
-        for p, g in zip(params, grads):
+            raise RuntimeError(
+                f"per-sample gradients disagree on the batch size: {sorted(batches)}"
+            )
+        for p, g in zip(params, grads, strict=True):
             if g is None and p.grad is not None:
                 raise RuntimeError(
                     f"a parameter of shape {tuple(p.shape)} has a gradient but no per-sample "
@@ -117,7 +122,10 @@ class DPOptimizer(Optimizer):
                 )
         batch = batches.pop() if batches else 0  # no backward at all = an empty Poisson batch
         # A parameter this batch did not reach contributes zeros (but still gets noise).
-        return [g if g is not None else p.new_zeros((batch, *p.shape)) for p, g in zip(params, grads)]
+        return [
+            g if g is not None else p.new_zeros((batch, *p.shape))
+            for p, g in zip(params, grads, strict=True)
+        ]
 
     def pre_step(self) -> None:
         """Clip, accumulate and noise into p.grad; raises before touching anything on a
@@ -141,12 +149,16 @@ class DPOptimizer(Optimizer):
         scale_out = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         seed = secrets.randbits(64) if self.secure_mode else self.noise_seed
         summed = ops.clip_accumulate_noise(
-            grads, factors * scale_in,
-            noise_std=self.noise_multiplier * self.max_grad_norm, scale=scale_out,
-            seed=seed, step=self.steps_taken, draws=4 if self.secure_mode else 1,
+            grads,
+            factors * scale_in,
+            noise_std=self.noise_multiplier * self.max_grad_norm,
+            scale=scale_out,
+            seed=seed,
+            step=self.steps_taken,
+            draws=4 if self.secure_mode else 1,
             backend=self.backend,
         )
-        for p, g in zip(params, summed):
+        for p, g in zip(params, summed, strict=True):
             p.grad = g
             p.grad_sample = None
 

@@ -19,9 +19,8 @@ rule). Each rule has three parts, all called by :mod:`dpseg.privacy.capture`:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import abc
+from collections.abc import Sequence
 
 import torch
 from torch import nn

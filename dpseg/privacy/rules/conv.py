@@ -36,8 +36,13 @@ class ConvRule(Rule):
         nd = len(module.kernel_size)
         if isinstance(module, _CONV_T):
             output_padding = module._output_padding(
-                x, output_size, list(module.stride), list(module.padding),
-                list(module.kernel_size), nd, list(module.dilation),
+                x,
+                output_size,
+                list(module.stride),
+                list(module.padding),
+                list(module.kernel_size),
+                nd,
+                list(module.dilation),
             )
             padding, transposed = list(module.padding), True
         else:
@@ -46,8 +51,12 @@ class ConvRule(Rule):
             x, padding = _explicit_padding(module, x)
             output_padding, transposed = [0] * nd, False
         geometry = (
-            list(module.stride), padding, list(module.dilation), transposed,
-            list(output_padding), module.groups,
+            list(module.stride),
+            padding,
+            list(module.dilation),
+            transposed,
+            list(output_padding),
+            module.groups,
         )
         return x, geometry
 
@@ -66,7 +75,9 @@ class ConvRule(Rule):
         grads = []
         for name in names:
             if name == "weight":
-                grads.append(per_sample_conv_weight_grad(grad_out, x, w, *geometry, strategy=self.strategy))
+                grads.append(
+                    per_sample_conv_weight_grad(grad_out, x, w, *geometry, strategy=self.strategy)
+                )
             else:  # bias: the output gradient summed over positions
                 grads.append(grad_out.sum(dim=tuple(range(2, grad_out.dim()))))
         return grad_input, grads

@@ -34,7 +34,16 @@ _TIMING_THRESHOLD = 1 << 17
 
 def _weight_grad(go, x, w, stride, padding, dilation, transposed, output_padding, groups):
     return _aten_conv_backward(
-        go, x, w, None, stride, padding, dilation, transposed, output_padding, groups,
+        go,
+        x,
+        w,
+        None,
+        stride,
+        padding,
+        dilation,
+        transposed,
+        output_padding,
+        groups,
         [False, True, False],
     )[1]
 
@@ -76,7 +85,14 @@ def choose_strategy(go: torch.Tensor, x: torch.Tensor, w: torch.Tensor, *geometr
         return forced
     if x.shape[0] <= 1:
         return "loop"
-    key = (tuple(x.shape), tuple(go.shape), tuple(w.shape), x.dtype, x.device.type, *map(str, geometry))
+    key = (
+        tuple(x.shape),
+        tuple(go.shape),
+        tuple(w.shape),
+        x.dtype,
+        x.device.type,
+        *map(str, geometry),
+    )
     choice = _choice_cache.get(key)
     if choice is None:
         if go.numel() < _TIMING_THRESHOLD:
@@ -108,7 +124,14 @@ def per_sample_conv_weight_grad(
     if x.shape[0] == 0:
         return weight.new_zeros((0, *weight.shape))
     x, grad_out = x.contiguous(), grad_out.contiguous()
-    geometry = (list(stride), list(padding), list(dilation), transposed, list(output_padding), groups)
+    geometry = (
+        list(stride),
+        list(padding),
+        list(dilation),
+        transposed,
+        list(output_padding),
+        groups,
+    )
     if strategy == "auto":
         strategy = choose_strategy(grad_out, x, weight, *geometry)
     elif strategy not in _IMPLS:

@@ -65,7 +65,15 @@ class GroupNormRule(Rule):
         grad_input = None
         if need_input_grad:
             grad_input = torch.ops.aten.native_group_norm_backward(
-                grad_out, x, mean, rstd, module.weight, batch, channels, spatial, groups,
+                grad_out,
+                x,
+                mean,
+                rstd,
+                module.weight,
+                batch,
+                channels,
+                spatial,
+                groups,
                 [True, False, False],
             )[0]
         g_sum, gx_sum = _channel_sums(grad_out, x, batch, channels)
@@ -111,7 +119,9 @@ class _AffineRule(Rule):
         grad_input = None
         if need_input_grad:
             weight = module.weight
-            grad_input = grad_out if weight is None else grad_out * self._view(module, weight, x_hat)
+            grad_input = (
+                grad_out if weight is None else grad_out * self._view(module, weight, x_hat)
+            )
         grads = []
         for name in names:
             source = grad_out * x_hat if name == "weight" else grad_out
@@ -136,8 +146,14 @@ class TrackedInstanceNormRule(_AffineRule):
     def normalize(self, module, x):
         use_input_stats = module.training or not module.track_running_stats
         return F.instance_norm(
-            x, module.running_mean, module.running_var, None, None,
-            use_input_stats, module.momentum if module.momentum is not None else 0.1, module.eps,
+            x,
+            module.running_mean,
+            module.running_var,
+            None,
+            None,
+            use_input_stats,
+            module.momentum if module.momentum is not None else 0.1,
+            module.eps,
         )
 
     def _view(self, module, p, x):
