@@ -15,6 +15,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from dpseg.privacy.rules import Rule, rule_for
 from dpseg.privacy.rules.fallback import FuncFallbackRule
@@ -32,14 +33,15 @@ class _PerSampleFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         layer = ctx.layer
         need_input_grad = ctx.needs_input_grad[3]
-        grad_input, grads = layer.rule.backward(
-            layer.module,
-            ctx.saved_tensors,
-            ctx.state,
-            grad_out.contiguous(),
-            need_input_grad,
-            ctx.names,
-        )
+        with record_function(f"dpseg::backward[{type(layer.module).__name__}]"):
+            grad_input, grads = layer.rule.backward(
+                layer.module,
+                ctx.saved_tensors,
+                ctx.state,
+                grad_out.contiguous(),
+                need_input_grad,
+                ctx.names,
+            )
         for param, name, g in zip(ctx.params, ctx.names, grads, strict=True):
             _accumulate(param, g, f"{layer.name}.{name}" if layer.name else name)
         return (None, None, None, grad_input, *([None] * len(ctx.params)))

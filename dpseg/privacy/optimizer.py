@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
+from torch.autograd.profiler import record_function
 from torch.optim import Optimizer
 
 from dpseg import ops
@@ -134,7 +135,8 @@ class DPOptimizer(Optimizer):
         grads = self._per_sample_grads()
         batch = grads[0].shape[0] if grads else 0
         scale_in = float(batch) if self.loss_reduction == "mean" else 1.0
-        sq_norms = ops.per_sample_sq_norms(grads, backend=self.backend)
+        with record_function("dpseg::per_sample_norms"):
+            sq_norms = ops.per_sample_sq_norms(grads, backend=self.backend)
         norms = sq_norms.sqrt() * scale_in
         bad = (~torch.isfinite(norms)).nonzero().flatten()
         if bad.numel():
@@ -148,16 +150,17 @@ class DPOptimizer(Optimizer):
         self.last_clipped_fraction = float((factors < 1).float().mean()) if batch else 0.0
         scale_out = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         seed = secrets.randbits(64) if self.secure_mode else self.noise_seed
-        summed = ops.clip_accumulate_noise(
-            grads,
-            factors * scale_in,
-            noise_std=self.noise_multiplier * self.max_grad_norm,
-            scale=scale_out,
-            seed=seed,
-            step=self.steps_taken,
-            draws=4 if self.secure_mode else 1,
-            backend=self.backend,
-        )
+        with record_function("dpseg::clip_accumulate_noise"):
+            summed = ops.clip_accumulate_noise(
+                grads,
+                factors * scale_in,
+                noise_std=self.noise_multiplier * self.max_grad_norm,
+                scale=scale_out,
+                seed=seed,
+                step=self.steps_taken,
+                draws=4 if self.secure_mode else 1,
+                backend=self.backend,
+            )
         for p, g in zip(params, summed, strict=True):
             p.grad = g
             p.grad_sample = None
@@ -167,7 +170,8 @@ class DPOptimizer(Optimizer):
             with torch.enable_grad():
                 closure()
         self.pre_step()
-        result = self.original_optimizer.step()
+        with record_function("dpseg::optimizer_update"):
+            result = self.original_optimizer.step()
         self.steps_taken += 1
         if self.step_hook is not None:
             self.step_hook(self)

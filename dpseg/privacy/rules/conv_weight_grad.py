@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.profiler import record_function
 
 STRATEGIES = ("loop", "grouped")
 _aten_conv_backward = torch.ops.aten.convolution_backward
@@ -136,4 +137,5 @@ def per_sample_conv_weight_grad(
         strategy = choose_strategy(grad_out, x, weight, *geometry)
     elif strategy not in _IMPLS:
         raise ValueError(f"unknown conv strategy {strategy!r}; use 'auto' or one of {STRATEGIES}")
-    return _IMPLS[strategy](grad_out, x, weight, *geometry)
+    with record_function(f"dpseg::per_sample_weight_grad[{strategy}]"):
+        return _IMPLS[strategy](grad_out, x, weight, *geometry)
