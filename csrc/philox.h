@@ -1,0 +1,151 @@
+// Counter-based Gaussian noise shared by every dpseg backend (CPU here, CUDA and Triton later).
+//
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) turns
+// (key, counter) into four 32-bit words with no state, so the noise of an element is a pure
+// function of (seed, step, element index): any backend, thread count or grouping of tensors
+// draws the same numbers. dpseg/ops/philox.py mirrors this file operation for operation and
+// the tests hold the two equal bit for bit.
+//
+// Why no std::log / std::cos: libm, SLEEF and CUDA's libdevice differ in the last bits, so
+// ln and cos(2*pi*u) are built here from IEEE-exact operations only (+ - * / sqrt, exponent
+// extraction, comparisons, truncation). Compile with -ffp-contract=off (nvcc: --fmad=false)
+// so no fused multiply-add changes a rounding.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define DPSEG_HD __host__ __device__
+#else
+#define DPSEG_HD
+#endif
+
+namespace dpseg {
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;  // key bumps: golden ratio, sqrt(3) - 1
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+
+struct Philox4 {
+  uint32_t x[4];
+};
+
+// Ten rounds, the key bumped between rounds (nine bumps), as in Random123's philox4x32_R.
+DPSEG_HD inline Philox4 philox4x32_10(Philox4 c, uint32_t k0, uint32_t k1) {
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c.x[0];
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c.x[2];
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+    c = Philox4{{hi1 ^ c.x[1] ^ k0, lo1, hi0 ^ c.x[3] ^ k1, lo0}};
+  }
+  return c;
+}
+
+// Series coefficients, as hex literals so that C++, Python and CUDA read the same bits.
+// ln: 1/(2k+1) for the odd atanh series, k = 1..11 (|s| <= 0.1716: truncation < 1e-19).
+constexpr double kLnC[11] = {
+    0x1.5555555555555p-2, 0x1.999999999999ap-3, 0x1.2492492492492p-3, 0x1.c71c71c71c71cp-4,
+    0x1.745d1745d1746p-4, 0x1.3b13b13b13b14p-4, 0x1.1111111111111p-4, 0x1.e1e1e1e1e1e1ep-5,
+    0x1.af286bca1af28p-5, 0x1.8618618618618p-5, 0x1.642c8590b2164p-5};
+// cos: (-1)^n/(2n)!, n = 1..9; sin: (-1)^n/(2n+1)!, n = 1..9. |theta| <= pi/4, so the first
+// omitted terms are below 3e-21 and 1e-19.
+constexpr double kCosC[9] = {-0x1.0000000000000p-1, 0x1.5555555555555p-5, -0x1.6c16c16c16c17p-10,
+                             0x1.a01a01a01a01ap-16,  -0x1.27e4fb7789f5cp-22, 0x1.1eed8eff8d898p-29,
+                             -0x1.93974a8c07c9dp-37, 0x1.ae7f3e733b81fp-45, -0x1.6827863b97d97p-53};
+constexpr double kSinC[9] = {-0x1.5555555555555p-3, 0x1.1111111111111p-7, -0x1.a01a01a01a01ap-13,
+                             0x1.71de3a556c734p-19,  -0x1.ae64567f544e4p-26, 0x1.6124613a86d09p-33,
+                             -0x1.ae7f3e733b81fp-41, 0x1.952c77030ad4ap-49, -0x1.2f49b46814157p-57};
+constexpr double kLn2Hi = 0x1.62e42fee00000p-1;  // 32 significant bits: e * kLn2Hi is exact
+constexpr double kLn2Lo = 0x1.a39ef35793c76p-33;
+constexpr double kSqrtHalf = 0x1.6a09e667f3bcdp-1;
+constexpr double kPiOver2 = 0x1.921fb54442d18p+0;
+
+// Natural log of a positive normal double. x = m * 2^e with m in [sqrt(1/2), sqrt(2)),
+// ln m = 2 atanh(s), s = (m - 1) / (m + 1). Error about 1 ulp.
+DPSEG_HD inline double exact_ops_log(double x) {
+  uint64_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+  int e = static_cast<int>((bits >> 52) & 0x7ff) - 1022;  // frexp: m in [0.5, 1)
+  bits = (bits & 0x000FFFFFFFFFFFFFull) | 0x3FE0000000000000ull;
+  double m;
+  memcpy(&m, &bits, sizeof(m));
+  if (m < kSqrtHalf) {
+    m = m * 2.0;
+    e = e - 1;
+  }
+  const double f = m - 1.0;  // exact (Sterbenz)
+  const double s = f / (f + 2.0);
+  const double z = s * s;
+  double q = kLnC[10];
+  for (int k = 9; k >= 0; --k) q = q * z + kLnC[k];
+  const double ln_m = 2.0 * (s + s * (z * q));
+  const double de = static_cast<double>(e);
+  return de * kLn2Hi + (ln_m + de * kLn2Lo);
+}
+
+// cos(2 pi u) for u in [0, 1) a multiple of 2^-53. The reduction to a quarter turn is exact:
+// v = 4u, k = trunc(v), r = v - k (|r| <= 1/2 after folding), theta = r * pi/2.
+DPSEG_HD inline double exact_ops_cos_2pi(double u) {
+  const double v = u * 4.0;
+  int k = static_cast<int>(v);
+  double r = v - static_cast<double>(k);
+  if (r > 0.5) {
+    r = r - 1.0;
+    k = k + 1;
+  }
+  const double t = r * kPiOver2;
+  const double z = t * t;
+  if ((k & 1) == 0) {
+    double p = kCosC[8];
+    for (int n = 7; n >= 0; --n) p = p * z + kCosC[n];
+    const double c = 1.0 + z * p;
+    return (k & 2) ? -c : c;
+  }
+  double p = kSinC[8];
+  for (int n = 7; n >= 0; --n) p = p * z + kSinC[n];
+  const double s = t + t * (z * p);
+  return (k & 2) ? s : -s;  // cos(pi/2 + t) = -sin t, cos(3pi/2 + t) = sin t
+}
+
+// One standard normal per Philox block (Box-Muller, cosine branch), key = seed, counter =
+// (draw index, step). u1 in (0, 1] so the log is finite; sqrt is correctly rounded (IEEE).
+DPSEG_HD inline double philox_normal(uint64_t seed, uint64_t step, uint64_t draw) {
+  Philox4 c{{static_cast<uint32_t>(draw), static_cast<uint32_t>(draw >> 32),
+             static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)}};
+  c = philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  // 27 + 26 bits as an integer below 2^53: hi * 2^26 + lo is exact in double.
+  const double n1 = static_cast<double>(c.x[0] >> 5) * 67108864.0 + static_cast<double>(c.x[1] >> 6);
+  const double n2 = static_cast<double>(c.x[2] >> 5) * 67108864.0 + static_cast<double>(c.x[3] >> 6);
+  const double u1 = (n1 + 0.5) * 0x1p-53;
+  const double u2 = n2 * 0x1p-53;
+  return sqrt(-2.0 * exact_ops_log(u1)) * exact_ops_cos_2pi(u2);
+}
+
+// The noise z of element e: the mean of `draws` normals times sqrt(draws), i.e. unit variance.
+// draws = 4 is Opacus's secure mode (sum of four normals over 2). root = sqrt(double(draws)).
+DPSEG_HD inline double philox_noise(uint64_t seed, uint64_t step, uint64_t e, int64_t draws,
+                                    double root) {
+  const uint64_t first = e * static_cast<uint64_t>(draws);
+  double s = philox_normal(seed, step, first);
+  for (int64_t k = 1; k < draws; ++k) s = s + philox_normal(seed, step, first + k);
+  return s / root;
+}
+
+#if !defined(__CUDACC__)
+namespace cpu {
+// out[j] = philox_noise(seed, step, e0 + j, draws, sqrt(draws)) for 0 <= j < n, the same bits,
+// computed a block at a time in SIMD-friendly loops. Defined in csrc/cpu/noise_cpu.cpp.
+void philox_noise_block(uint64_t seed, uint64_t step, uint64_t e0, int64_t n, int64_t draws,
+                        double* out);
+}  // namespace cpu
+#endif
+
+}  // namespace dpseg

@@ -1,0 +1,72 @@
+"""The C++ backend: loads dpseg._C (csrc/), registers fakes for its ops, and wraps them.
+
+The fakes give each op's output metadata without running it, so the ops trace under
+torch.compile / FakeTensor and pass torch.library.opcheck.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from dpseg import _C  # noqa: F401  (loading the library registers torch.ops.dpseg.*)
+
+    LOAD_ERROR: Exception | None = None
+except ImportError as err:  # not built: dispatch falls back to the torch backend
+    LOAD_ERROR = err
+
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext "
+    "--inplace`) in the dpseg checkout, with a C++17 compiler and the installed torch"
+)
+
+
+def available() -> bool:
+    return LOAD_ERROR is None
+
+
+def as_int64(seed: int) -> int:
+    """A uint64 seed in the two's complement int64 the op schema carries."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+if LOAD_ERROR is None:
+
+    @torch.library.register_fake("dpseg::per_sample_sq_norms")
+    def _per_sample_sq_norms_fake(grads):
+        return grads[0].new_empty((grads[0].shape[0],), dtype=torch.float64)
+
+    @torch.library.register_fake("dpseg::clip_accumulate_noise")
+    def _clip_accumulate_noise_fake(
+        grads, clip_factors, noise_std, scale, seed, step, draws, offsets
+    ):
+        return [g.new_empty(g.shape[1:]) for g in grads]
+
+    @torch.library.register_fake("dpseg::gaussian_noise_")
+    def _gaussian_noise_fake(out, seed, step, offset, draws):
+        return None
+
+    @torch.library.register_fake("dpseg::philox4x32_10")
+    def _philox_fake(counter, key):
+        return counter.new_empty(counter.shape)
+
+
+def per_sample_sq_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.dpseg.per_sample_sq_norms(grads)
+
+
+def clip_accumulate_noise(grads, clip_factors, noise_std, scale, seed, step, draws, offsets):
+    return torch.ops.dpseg.clip_accumulate_noise(
+        grads, clip_factors, noise_std, scale, as_int64(seed), step, draws, offsets
+    )
+
+
+def gaussian_noise(numel, seed, step, offset, draws, dtype, device) -> torch.Tensor:
+    out = torch.empty(numel, dtype=dtype, device=device)
+    torch.ops.dpseg.gaussian_noise_(out, as_int64(seed), step, offset, draws)
+    return out
+
+
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Raw Philox blocks: int64 (N, 4) counters and (N, 2) keys of 32-bit words -> (N, 4)."""
+    return torch.ops.dpseg.philox4x32_10(counter, key)
