@@ -1,0 +1,41 @@
+"""Gradient inversion of a site's shared update, and what clipping and DP noise leave of it.
+
+    from dpseg.attack import reconstruct, shared_update, parse_defence, random_update, ssim
+
+- ``shared_update``: what a site sends for a batch (gradient or weights after local steps),
+  undefended or through dpseg's engine (``clip``, ``dp:SIGMA``).
+- ``reconstruct``: gradient matching (cosine over all layers, TV prior, signed Adam, box,
+  restarts; mask known or optimised jointly), for gradients and local updates.
+- ``random_update``: the baseline update (same per-layer norms, random directions).
+- ``ssim`` / ``psnr`` / ``mse``: how close a reconstruction is to the original.
+"""
+
+from .defences import Defence, parse_defence, parse_defences, random_update, shared_update
+from .inversion import (
+    InversionConfig,
+    InversionResult,
+    ThreatModel,
+    gradient_distance,
+    reconstruct,
+    simulate_update,
+    total_variation,
+)
+from .metrics import mse, psnr, ssim
+
+__all__ = [
+    "Defence",
+    "InversionConfig",
+    "InversionResult",
+    "ThreatModel",
+    "gradient_distance",
+    "mse",
+    "parse_defence",
+    "parse_defences",
+    "psnr",
+    "random_update",
+    "reconstruct",
+    "shared_update",
+    "simulate_update",
+    "ssim",
+    "total_variation",
+]

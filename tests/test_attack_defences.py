@@ -1,0 +1,175 @@
+"""Defended updates as a dpseg site shares them, and the `dpseg attack` command."""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from dpseg.attack import defences as dfn
+from dpseg.attack.cli import add_attack_parser
+from dpseg.cli import UsageError
+from dpseg.models import UNet
+from dpseg.train.losses import DiceCELoss
+
+
+def _norm(update):
+    return math.sqrt(sum(float(t.double().norm()) ** 2 for t in update))
+
+
+def _setup(b=3, size=16):
+    g = torch.Generator().manual_seed(b)
+    x = torch.rand(b, 1, size, size, generator=g)
+    y = (torch.rand(b, size, size, generator=g) > 0.5).long()
+    return UNet(2, 1, 2, channels=(4, 8), seed=2), DiceCELoss(), x, y
+
+
+@pytest.mark.parametrize(
+    "spec, expect",
+    [
+        ("none", (0.0, None)),
+        ("clip", (0.0, 1.0)),
+        ("clip:0.5", (0.0, 0.5)),
+        ("dp:1.0", (1.0, 1.0)),
+        ("dp:0.1:2", (0.1, 2.0)),
+        ("dp:1e-1", (0.1, 1.0)),
+    ],
+)
+def test_parse_defence(spec, expect):
+    d = dfn.parse_defence(spec)
+    assert (d.noise_multiplier, d.max_grad_norm) == expect and d.name == spec
+
+
+@pytest.mark.parametrize("spec", ["dp:abc", "dp", "dp:-1", "clip:0", "noise", "dp:1:0", ""])
+def test_parse_defence_rejects(spec):
+    with pytest.raises(ValueError):
+        dfn.parse_defence(spec)
+
+
+def test_clip_bounds_the_norm():
+    model, loss, x, y = _setup(b=1)
+    plain = dfn.shared_update(model, loss, x, y, dfn.parse_defence("none"))
+    c = 0.3 * _norm(plain)  # so that clipping binds
+    clipped = dfn.shared_update(model, loss, x, y, dfn.parse_defence(f"clip:{c}"))
+    assert _norm(clipped) <= c * (1 + 1e-5)
+    # Batch of 1: clipping only rescales; the direction (all an attack uses) is unchanged.
+    cos = sum(float((a * b).sum()) for a, b in zip(plain, clipped, strict=True)) / (
+        _norm(plain) * _norm(clipped)
+    )
+    assert cos == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("sigma, b", [(0.5, 3), (1.0, 1)])
+def test_dp_noise_has_the_expected_std(sigma, b):
+    model, loss, x, y = _setup(b=b)
+    clipped = dfn.shared_update(model, loss, x, y, dfn.parse_defence("clip"), seed=5)
+    noisy = dfn.shared_update(model, loss, x, y, dfn.parse_defence(f"dp:{sigma}"), seed=5)
+    noise = torch.cat([(n - c).flatten() for n, c in zip(noisy, clipped, strict=True)]).double()
+    # (sum_b clip(g_b) + N(0, sigma^2 C^2)) / B with C = 1: std sigma / B. ~1.7k samples:
+    # the sample std is within 6% of the truth with probability > 0.99.
+    assert float(noise.std()) == pytest.approx(sigma / b, rel=0.06)
+    assert abs(float(noise.mean())) < 4 * sigma / b / math.sqrt(noise.numel())
+    again = dfn.shared_update(model, loss, x, y, dfn.parse_defence(f"dp:{sigma}"), seed=5)
+    assert all(
+        torch.equal(a, c) for a, c in zip(again, noisy, strict=True)
+    )  # noise keyed by the seed
+
+
+def test_random_update_keeps_norms():
+    ref = [torch.randn(4, 3) * 5, torch.randn(7) * 0.1]
+    per_layer = dfn.random_update(ref, seed=0)
+    assert [float(t.norm()) for t in per_layer] == pytest.approx([float(t.norm()) for t in ref])
+    total = dfn.random_update(ref, seed=0, per_layer=False)
+    assert _norm(total) == pytest.approx(_norm(ref))
+
+
+# --- the CLI --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def phantom_data(tmp_path_factory):
+    from dpseg.data import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("phantoms")
+    write_phantom_dataset(root, cases=2, sites=1, size=32, seed=0, progress=False)
+    return root
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_attack_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["attack", *argv])
+
+
+def test_cli_writes_the_run_folder(phantom_data, tmp_path):
+    from dpseg.data import MSDDataset
+
+    case = MSDDataset(phantom_data).cases[0].name
+    out = tmp_path / "run"
+    args = _parse(
+        [
+            "--data",
+            str(phantom_data),
+            "--case",
+            case,
+            "--dims",
+            "2",
+            "--patch",
+            "16",
+            "--batch",
+            "2",
+            "--iterations",
+            "2",
+            "--restarts",
+            "1",
+            "--channels",
+            "4,8",
+            "--defences",
+            "none,clip,dp:1.0",
+            "--train-steps",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert args.func(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [d["name"] for d in report["defences"]] == ["none", "clip", "dp:1.0"]
+    for row in [*report["defences"], report["baseline"]]:
+        assert {"name", "noise_multiplier", "ssim", "psnr", "mse"} <= set(row)
+    assert (out / "attack.png").stat().st_size > 0 and "| dp:1.0 |" in (
+        out / "report.md"
+    ).read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--defences", "none,dp:abc"], "dp:abc"),
+        (["--case", "nobody"], "nobody"),
+        (["--patch", "64"], "does not fit"),
+        (["--patch", "17"], "divisible"),
+    ],
+)
+def test_cli_usage_errors(phantom_data, tmp_path, argv, match):
+    from dpseg.data import MSDDataset
+
+    case = MSDDataset(phantom_data).cases[0].name
+    base = [
+        "--data",
+        str(phantom_data),
+        "--case",
+        case,
+        "--patch",
+        "16",
+        "--channels",
+        "4,8",
+        "--iterations",
+        "1",
+        "--restarts",
+        "1",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    args = _parse(base + argv)
+    with pytest.raises(UsageError, match=match):
+        args.func(args)
