@@ -24,4 +24,24 @@ TORCH_LIBRARY(dpseg, m) {
   m.def("gaussian_noise_(Tensor(a!) out, int seed, int step, int offset, int draws) -> ()");
   // Raw Philox4x32-10 for known-answer tests: int64 (N, 4) counters, (N, 2) keys -> (N, 4).
   m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
+  // clip_accumulate_noise fused with torch.optim's update (foreach=False semantics): updates
+  // params and their state in place and returns the DP gradients (for p.grad).
+  // first_step: the momentum buffers are initialised to the first gradient, as torch.optim.
+  m.def(
+      "clip_accumulate_noise_sgd_(Tensor(a!)[] params, Tensor(b!)[] momentum_buffers, "
+      "Tensor[] grads, Tensor clip_factors, float noise_std, float scale, int seed, int step, "
+      "int draws, int[] offsets, float lr, float momentum, float dampening, float weight_decay, "
+      "bool nesterov, bool maximize, bool first_step) -> Tensor[]");
+  // Adam, or AdamW with decoupled; optimizer_step = the step count after this step (>= 1).
+  m.def(
+      "clip_accumulate_noise_adam_(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor[] grads, Tensor clip_factors, float noise_std, "
+      "float scale, int seed, int step, int draws, int[] offsets, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, bool decoupled, bool maximize, "
+      "int optimizer_step) -> Tensor[]");
+  // GroupNorm backward keeping the batch: (grad_input or an empty tensor when not
+  // input_grad, dgamma (N, C), dbeta (N, C)); mean/rstd as aten.native_group_norm returns.
+  m.def(
+      "group_norm_backward_per_sample(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, "
+      "Tensor? weight, int groups, bool input_grad=True) -> (Tensor, Tensor, Tensor)");
 }

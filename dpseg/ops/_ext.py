@@ -30,6 +30,13 @@ def as_int64(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
+def _has_kernel(name: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"dpseg::{name}", key)
+    except RuntimeError:  # no such schema
+        return False
+
+
 if LOAD_ERROR is None:
 
     @torch.library.register_fake("dpseg::per_sample_sq_norms")
@@ -49,6 +56,30 @@ if LOAD_ERROR is None:
     @torch.library.register_fake("dpseg::philox4x32_10")
     def _philox_fake(counter, key):
         return counter.new_empty(counter.shape)
+
+    if _has_kernel("group_norm_backward_per_sample", "CPU"):
+
+        @torch.library.register_fake("dpseg::group_norm_backward_per_sample")
+        def _gn_backward_fake(grad_out, x, mean, rstd, weight, groups, input_grad=True):
+            n, c = x.shape[0], x.shape[1]
+            dx = x.new_empty(x.shape) if input_grad else x.new_empty((0,))
+            return dx, x.new_empty((n, c)), x.new_empty((n, c))
+
+
+if LOAD_ERROR is None and _has_kernel("clip_accumulate_noise_sgd_", "CPU"):
+
+    @torch.library.register_fake("dpseg::clip_accumulate_noise_sgd_")
+    def _sgd_fake(params, momentum_buffers, grads, clip_factors, *args):
+        return [p.new_empty(p.shape) for p in params]
+
+    @torch.library.register_fake("dpseg::clip_accumulate_noise_adam_")
+    def _adam_fake(params, exp_avgs, exp_avg_sqs, grads, clip_factors, *args):
+        return [p.new_empty(p.shape) for p in params]
+
+
+def has_op(name: str, device_type: str = "cpu") -> bool:
+    """Whether the loaded extension has dpseg::name for the device (an older build may not)."""
+    return LOAD_ERROR is None and _has_kernel(name, device_type.upper())
 
 
 def per_sample_sq_norms(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -12,12 +12,14 @@ input, as ordinary autograd would keep.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 from torch.autograd.profiler import record_function
 
 from dpseg.privacy.rules import Rule, rule_for
+from dpseg.privacy.rules.conv_weight_grad import force_strategy
 from dpseg.privacy.rules.fallback import FuncFallbackRule
 
 
@@ -33,7 +35,8 @@ class _PerSampleFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         layer = ctx.layer
         need_input_grad = ctx.needs_input_grad[3]
-        with record_function(f"dpseg::backward[{type(layer.module).__name__}]"):
+        strategy = force_strategy(layer.conv_strategy) if layer.conv_strategy else nullcontext()
+        with strategy, record_function(f"dpseg::backward[{type(layer.module).__name__}]"):
             grad_input, grads = layer.rule.backward(
                 layer.module,
                 ctx.saved_tensors,
@@ -65,10 +68,13 @@ def _accumulate(param: torch.Tensor, g: torch.Tensor, name: str) -> None:
 class CapturedLayer:
     """One trainable leaf module whose forward now goes through _PerSampleFunction."""
 
-    def __init__(self, name: str, module: nn.Module, rule: Rule | None):
+    def __init__(
+        self, name: str, module: nn.Module, rule: Rule | None, conv_strategy: str | None = None
+    ):
         self.name, self.module = name, module
         self.rule = rule if rule is not None else FuncFallbackRule(self)
         self.bypass = False
+        self.conv_strategy = conv_strategy  # e.g. "triton" when the engine runs backend="triton"
 
     def __call__(self, x, *args, **kwargs):
         module = self.module
@@ -93,8 +99,13 @@ def _needs_fallback(module: nn.Module, rule: Rule | None) -> bool:
     return not names <= set(rule.param_names)
 
 
-def capture_layers(model: nn.Module, allow_fallback: bool = True) -> list[CapturedLayer]:
-    """Installs the capture on every module that owns trainable parameters."""
+def capture_layers(
+    model: nn.Module, allow_fallback: bool = True, conv_strategy: str | None = None
+) -> list[CapturedLayer]:
+    """Installs the capture on every module that owns trainable parameters.
+
+    ``conv_strategy`` forces the per-sample conv weight-gradient strategy (default: the
+    measured per-shape choice)."""
     layers, fallback_types = [], set()
     for name, module in model.named_modules():
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
@@ -115,7 +126,7 @@ def capture_layers(model: nn.Module, allow_fallback: bool = True) -> list[Captur
                 )
             fallback_types.add(type(module).__name__)
             rule = None
-        layer = CapturedLayer(name, module, rule)
+        layer = CapturedLayer(name, module, rule, conv_strategy)
         module.forward = layer  # instance attribute: nn.Module.__call__ (and hooks) still run
         layers.append(layer)
     if fallback_types:

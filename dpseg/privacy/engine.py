@@ -26,10 +26,14 @@ class PrivateModule(nn.Module):
     """The user's model with per-sample capture installed (``_module`` is the original, as in
     Opacus's GradSampleModule, so state_dict keys carry the ``_module.`` prefix)."""
 
-    def __init__(self, module: nn.Module, allow_fallback: bool = True):
+    def __init__(
+        self, module: nn.Module, allow_fallback: bool = True, conv_strategy: str | None = None
+    ):
         super().__init__()
         self._module = module
-        self._layers = capture_layers(module, allow_fallback=allow_fallback)
+        self._layers = capture_layers(
+            module, allow_fallback=allow_fallback, conv_strategy=conv_strategy
+        )
 
     def forward(self, *args, **kwargs):
         return self._module(*args, **kwargs)
@@ -132,7 +136,9 @@ class PrivacyEngine:
             data_loader = DPDataLoader.from_data_loader(
                 data_loader, generator=generator, secure=self.secure_mode
             )
-        private = PrivateModule(module, allow_fallback=allow_fallback)
+        # backend="triton" means Triton end to end: the per-sample conv kernel too.
+        conv_strategy = "triton" if backend == "triton" else None
+        private = PrivateModule(module, allow_fallback=allow_fallback, conv_strategy=conv_strategy)
         dp_optimizer = DPOptimizer(
             optimizer,
             noise_multiplier=noise_multiplier,

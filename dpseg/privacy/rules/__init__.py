@@ -79,6 +79,20 @@ def rule_for(module: nn.Module) -> Rule | None:
     return None
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The lower-precision dtype when autocast is on for x's device, else None.
+
+    The rules call aten ops (aten.convolution, F.linear inside a Function) that autocast's
+    op lists may not cover, so they apply its policy themselves: convs and linears in the
+    autocast dtype, norms in their parameters' dtype. Per-sample norms and the clipped sum
+    stay fp32/fp64 regardless (the capture casts each grad_sample to the parameter dtype).
+    """
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def registered_types() -> list[type]:
     return list(_RULES)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpseg.privacy.rules import Rule, register_rule
+from dpseg.privacy.rules import Rule, autocast_dtype, register_rule
 from dpseg.privacy.rules.conv_weight_grad import per_sample_conv_weight_grad
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -61,12 +61,17 @@ class ConvRule(Rule):
         return x, geometry
 
     def forward(self, module, x, geometry):
-        out = torch.ops.aten.convolution(x, module.weight, module.bias, *geometry)
+        w, b = module.weight, module.bias
+        dtype = autocast_dtype(x)
+        if dtype is not None:
+            x, w = x.to(dtype), w.to(dtype)
+            b = b.to(dtype) if b is not None else None
+        out = torch.ops.aten.convolution(x, w, b, *geometry)
         return out, (x,)
 
     def backward(self, module, saved, geometry, grad_out, need_input_grad, names):
         (x,) = saved
-        w = module.weight
+        w = module.weight.to(x.dtype)  # no-op unless the forward ran under autocast
         grad_input = None
         if need_input_grad:
             grad_input = torch.ops.aten.convolution_backward(

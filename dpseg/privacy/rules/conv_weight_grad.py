@@ -13,20 +13,28 @@ Neither wins everywhere. Measured on the 2-core CPU (torch 2.13, fp32, B=2, 3x3x
    1->16 @ 64^3: loop 84 ms, grouped 54 ms   (batched: 20 ms; oneDNN is poor at Cin=1, N=1)
   32->32 @ 32^3: loop 25 ms, grouped 22 ms   (batched: 21 ms)
   64->64 @ 16^3: loop 45 ms, grouped 11 ms   (batched: 10 ms)
-so ``auto`` times both once per shape (second call, after oneDNN built its primitive) and
-caches the winner for the process. Small problems skip the timing and take ``grouped``.
+so ``auto`` times both once per shape and power-of-two batch bucket (second call, after
+oneDNN built its primitive) and caches the winner for the process. Small problems skip
+the timing and take ``grouped``.
+
+``triton``   dpseg.kernels.conv_weight_grad: an implicit GEMM split over voxels, one launch
+             for the whole batch. ``auto`` times it beside the other two on CUDA tensors; on
+             CPU tensors (TRITON_INTERPRET=1) it runs only when forced -- by
+             DPSEG_CONV_STRATEGY=triton or ``force_strategy("triton")`` -- as the
+             interpreter is a test vehicle, not a fast path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.autograd.profiler import record_function
 
-STRATEGIES = ("loop", "grouped")
+STRATEGIES = ("loop", "grouped", "triton")
 _aten_conv_backward = torch.ops.aten.convolution_backward
 _choice_cache: dict[tuple, str] = {}
 # Below this many grad_out elements the call costs microseconds; timing it costs more.
@@ -68,7 +76,35 @@ def _grouped(go, x, w, stride, padding, dilation, transposed, output_padding, gr
     return g.view(batch, *w.shape)
 
 
-_IMPLS = {"loop": _loop, "grouped": _grouped}
+def _triton(go, x, w, *geometry):
+    from dpseg.ops import triton_backend
+
+    return triton_backend.kernel("conv_weight_grad").per_sample_conv_weight_grad(
+        go, x, w, *geometry
+    )
+
+
+def _triton_usable(device: torch.device) -> bool:
+    from dpseg.ops import triton_backend
+
+    return triton_backend.triton_importable() and triton_backend.triton_runs_on(device)
+
+
+_IMPLS = {"loop": _loop, "grouped": _grouped, "triton": _triton}
+_forced: list[str] = []  # innermost force_strategy() last
+
+
+@contextlib.contextmanager
+def force_strategy(name: str) -> Iterator[None]:
+    """Within the block every per-sample conv weight gradient uses ``name`` (e.g. "triton"
+    for an engine run with backend="triton")."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown conv strategy {name!r}; use one of {STRATEGIES}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
 
 
 def _timed(fn, *args) -> float:
@@ -79,27 +115,28 @@ def _timed(fn, *args) -> float:
 
 
 def choose_strategy(go: torch.Tensor, x: torch.Tensor, w: torch.Tensor, *geometry) -> str:
-    forced = os.environ.get("DPSEG_CONV_STRATEGY")
+    forced = _forced[-1] if _forced else os.environ.get("DPSEG_CONV_STRATEGY")
     if forced:
         if forced not in STRATEGIES:
             raise ValueError(f"DPSEG_CONV_STRATEGY={forced!r}; use one of {STRATEGIES}")
         return forced
-    if x.shape[0] <= 1:
+    if x.shape[0] <= 1 and x.device.type != "cuda":
         return "loop"
+    # Poisson batches change size every step: key on the batch's power-of-two bucket, not
+    # its size, or every new size would be timed again (4 extra weight-grad calls a layer).
     key = (
-        tuple(x.shape),
-        tuple(go.shape),
-        tuple(w.shape),
-        x.dtype,
-        x.device.type,
-        *map(str, geometry),
-    )
+        x.shape[0].bit_length(), tuple(x.shape[1:]), tuple(go.shape[1:]), tuple(w.shape),
+        x.dtype, x.device.type, *map(str, geometry),
+    )  # fmt: skip
     choice = _choice_cache.get(key)
     if choice is None:
         if go.numel() < _TIMING_THRESHOLD:
             choice = "grouped"
         else:
-            times = {name: _timed(impl, go, x, w, *geometry) for name, impl in _IMPLS.items()}
+            names = ["loop", "grouped"]
+            if x.device.type == "cuda" and _triton_usable(x.device):
+                names.append("triton")
+            times = {name: _timed(_IMPLS[name], go, x, w, *geometry) for name in names}
             choice = min(times, key=times.get)
         _choice_cache[key] = choice
     return choice

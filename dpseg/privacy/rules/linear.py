@@ -7,17 +7,22 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
-from dpseg.privacy.rules import Rule, register_rule
+from dpseg.privacy.rules import Rule, autocast_dtype, register_rule
 
 
 @register_rule(nn.Linear)
 class LinearRule(Rule):
     def forward(self, module, x, state):
-        return F.linear(x, module.weight, module.bias), (x,)
+        w, b = module.weight, module.bias
+        dtype = autocast_dtype(x)
+        if dtype is not None:
+            x, w = x.to(dtype), w.to(dtype)
+            b = b.to(dtype) if b is not None else None
+        return F.linear(x, w, b), (x,)
 
     def backward(self, module, saved, state, grad_out, need_input_grad, names):
         (x,) = saved
-        grad_input = grad_out @ module.weight if need_input_grad else None
+        grad_input = grad_out @ module.weight.to(x.dtype) if need_input_grad else None
         batch, positions = x.shape[0], math.prod(x.shape[1:-1])
         go = grad_out.reshape(batch, positions, grad_out.shape[-1])
         grads = []

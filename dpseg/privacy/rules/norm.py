@@ -8,6 +8,11 @@ ordinary autograd does, so DP adds no activation memory. With x_hat = (x - mean)
     dL/dbeta_b[c]  = sum_s g[b,c,s]
 
 The right-hand form needs no activation-sized temporary (sum_s g x is a batched dot).
+With the C++ extension, dpseg::group_norm_backward_per_sample computes grad_input and both
+per-sample sums in ATen's two passes over (g, x) instead of native backward + bmm + sum.
+Measured on the shared 2-core CPU (torch 2.13, fp32, x = 2x16x64^3, 8 groups, 15 interleaved
+runs, load average ~8: median / min): ATen's native backward (dx, dgamma, dbeta summed over
+the batch) 56 / 47 ms; native + bmm + sum, the fallback below, 91 / 74 ms; fused 62 / 46 ms.
 
 LayerNorm, and InstanceNorm with running statistics, normalise outside the per-sample
 Function (ordinary autograd) and apply the affine part inside it; that keeps x_hat, one
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpseg.ops import _ext
 from dpseg.privacy.rules import Rule, register_rule
 
 _INSTANCE = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -38,6 +44,18 @@ def _channel_sums(grad_out, x, batch, channels):
     return g_sum, gx_sum
 
 
+def _fused_backward_applies(x: torch.Tensor, grad_out: torch.Tensor) -> bool:
+    return (
+        _HAS_FUSED
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and grad_out.dtype == x.dtype
+    )
+
+
+_HAS_FUSED = _ext.has_op("group_norm_backward_per_sample")
+
+
 @register_rule(nn.GroupNorm, *_INSTANCE)
 class GroupNormRule(Rule):
     def accepts(self, module):
@@ -48,6 +66,8 @@ class GroupNormRule(Rule):
         if x.dim() < 2:
             raise ValueError(f"{type(module).__name__} needs a batched input (B, C, ...)")
         groups = module.num_groups if isinstance(module, nn.GroupNorm) else x.shape[1]
+        if module.weight is not None and x.dtype != module.weight.dtype:
+            x = x.to(module.weight.dtype)  # autocast's policy for norms: their own dtype
         return x, groups
 
     def forward(self, module, x, groups):
@@ -60,6 +80,12 @@ class GroupNormRule(Rule):
 
     def backward(self, module, saved, groups, grad_out, need_input_grad, names):
         x, mean, rstd = saved
+        if _fused_backward_applies(x, grad_out):
+            grad_input, dgamma, dbeta = torch.ops.dpseg.group_norm_backward_per_sample(
+                grad_out, x, mean, rstd, module.weight, groups, need_input_grad
+            )
+            grads = [dgamma if name == "weight" else dbeta for name in names]
+            return (grad_input if need_input_grad else None), grads
         batch, channels = x.shape[0], x.shape[1]
         spatial = math.prod(x.shape[2:])
         grad_input = None
