@@ -12,6 +12,10 @@ from pathlib import Path
 
 import tomllib
 
+from dpseg.attack.cli import add_attack_parser
+from dpseg.federated.cli import add_demo_parser, add_federate_parser
+from dpseg.train.cli import add_phantoms_parser, add_predict_parser, add_train_parser
+
 
 class UsageError(Exception):
     """A problem the user can fix; printed without a traceback, exit code 2."""
@@ -141,41 +145,11 @@ def _run_profile(args) -> int:
     return 0
 
 
-# --- demo ---------------------------------------------------------------------------------
-def _add_demo(sub):
-    p = sub.add_parser(
-        "demo",
-        help="DP training of a small 3D U-Net on generated CT phantoms (about 2 minutes on CPU)",
-        description="Trains with DP-SGD on built-in synthetic CT, prints loss, epsilon, a held-out "
-        "Dice and the DP step time beside a non-private step.",
-    )
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--cases", type=int, default=24, help="training patients (phantoms)")
-    p.add_argument("--batch", type=int, default=4, help="expected batch size (Poisson)")
-    p.add_argument("--noise-multiplier", type=float, default=1.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run_demo)
-
-
-def _run_demo(args) -> int:
-    from dpseg.demo import run_demo
-
-    if args.steps < 1 or args.cases < 2 or args.batch < 1:
-        raise UsageError("--steps and --batch must be >= 1 and --cases >= 2")
-    run_demo(
-        cases=args.cases,
-        batch=args.batch,
-        steps=args.steps,
-        noise_multiplier=args.noise_multiplier,
-        max_grad_norm=args.max_grad_norm,
-        seed=args.seed,
-    )
-    return 0
-
-
 # --- entry point --------------------------------------------------------------------------
-COMMANDS = [_add_bench, _add_profile, _add_demo]
+COMMANDS = [
+    add_phantoms_parser, add_train_parser, add_predict_parser, _add_bench, _add_profile,
+    add_federate_parser, add_demo_parser, add_attack_parser,
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

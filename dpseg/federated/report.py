@@ -1,0 +1,338 @@
+"""RUN/report.json, RUN/report.md and the PNG plots of a federated run.
+
+report.json (one shape whether one engine ran or several):
+
+- "rounds": one record per engine and round: {"round", "engine", "sites": {site: {"dice",
+  "epsilon", "seconds", "steps", "status", ...}}, "pooled_dice", "seconds" (training and
+  aggregation wall time of the round), "eval_seconds", "client_epsilon" (client-level DP)}.
+- "sites": {site: {"train_cases", "test_cases", "noise_multiplier", "sample_rate",
+  "dice": {engine: final}, "epsilon": {engine: final}, "status": {engine: ...}}}.
+- "seconds_per_round": {engine: median over rounds} (the median, since other jobs share
+  the CPU and one slow round should not move the figure).
+- "penalty" (with two engines or more): {engine: {"seconds_per_round", "time_ratio",
+  "final_dice", "dice_ratio", "max_epsilon"}}, ratios to "none" (null without it).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+__all__ = ["build_report", "summary_lines", "write_markdown", "write_plots", "write_report"]
+
+_COLORS = {"none": "#4d4d4d", "dpseg": "#1b9e77", "opacus": "#d95f02"}
+
+
+def _fmt(x, spec=".3f", missing="-") -> str:
+    return missing if x is None else format(x, spec)
+
+
+def build_report(cfg, sims: dict, sites, sigmas: dict, env: dict) -> dict:
+    engines = list(sims)
+    rounds, seconds, cpu, fastest, pooled, max_eps, client_eps, done = (
+        [],
+        {},
+        {},
+        {},
+        {},
+        {},
+        {},
+        {},
+    )
+    site_info = {}
+    for s in sites:
+        sim_site = next(iter(sims.values())).sites[[x.name for x in sites].index(s.name)]
+        site_info[s.name] = {
+            "train_cases": len(s.train_images), "test_cases": len(s.test_images),
+            "noise_multiplier": sigmas[s.name], "sample_rate": sim_site.sample_rate,
+            "expected_batch": len(s.train_images) * sim_site.sample_rate,
+            "cases": s.cases, "dice": {}, "epsilon": {}, "status": {},
+        }  # fmt: skip
+    for engine, sim in sims.items():
+        for rec in sim.history:
+            rounds.append({"engine": engine, **rec})
+        hist = sim.history
+        seconds[engine] = statistics.median(r["seconds"] for r in hist) if hist else None
+        cpu[engine] = statistics.median(r["cpu_seconds"] for r in hist) if hist else None
+        fastest[engine] = min(r["seconds"] for r in hist) if hist else None
+        pooled[engine] = hist[-1].get("pooled_dice") if hist else None
+        done[engine] = sim.round
+        eps = [s.epsilon for s in sim.sites if s.epsilon is not None]
+        max_eps[engine] = max(eps) if eps else None
+        if sim.server_ledger is not None:
+            client_eps[engine] = sim.server_ledger.epsilon
+        for site in sim.sites:
+            info = site_info[site.name]
+            info["dice"][engine] = hist[-1]["sites"][site.name].get("dice") if hist else None
+            info["epsilon"][engine] = site.epsilon
+            failures = sum(r["sites"][site.name]["status"] == "failed" for r in hist)
+            info["status"][engine] = site.exhausted or (
+                "training" + (f" ({failures} failed round(s))" if failures else "")
+            )
+    report = {
+        "config": asdict(cfg),
+        "environment": env,
+        "engines": engines,
+        "rounds_done": done,
+        "rounds": rounds,
+        "sites": site_info,
+        "seconds_per_round": seconds,
+        "cpu_seconds_per_round": cpu,
+        "fastest_round_seconds": fastest,
+        "pooled_dice": pooled,
+        "max_epsilon": max_eps,
+        "delta": cfg.delta,
+    }
+    if client_eps:
+        report["client_epsilon"] = client_eps
+    if len(engines) > 1:
+        base_t, base_c, base_d = seconds.get("none"), cpu.get("none"), pooled.get("none")
+        base_f = fastest.get("none")
+        report["penalty"] = {
+            e: {
+                "seconds_per_round": seconds[e],
+                "time_ratio": seconds[e] / base_t if base_t and seconds[e] else None,
+                "cpu_seconds_per_round": cpu[e],
+                "cpu_time_ratio": cpu[e] / base_c if base_c and cpu[e] else None,
+                # The fastest round: the least disturbed by other jobs on a shared machine.
+                "fastest_round_seconds": fastest[e],
+                "fastest_ratio": fastest[e] / base_f if base_f and fastest[e] else None,
+                "final_dice": pooled[e],
+                "dice_ratio": pooled[e] / base_d if base_d and pooled[e] is not None else None,
+                "max_epsilon": max_eps[e],
+            }
+            for e in engines
+        }
+    return report
+
+
+def summary_lines(report: dict) -> list[str]:
+    engines = report["engines"]
+    lines = ["", f"Final Dice and epsilon (delta = {report['delta']:g}) per site:"]
+    head = f"{'site':<10}" + "".join(f"{e + ' dice':>13}{e + ' eps':>12}" for e in engines)
+    lines.append(head)
+    for name, info in report["sites"].items():
+        row = f"{name:<10}"
+        for e in engines:
+            row += f"{_fmt(info['dice'][e]):>13}{_fmt(info['epsilon'][e], '.2f'):>12}"
+        lines.append(row)
+    row = f"{'pooled':<10}"
+    for e in engines:
+        row += f"{_fmt(report['pooled_dice'][e]):>13}{_fmt(report['max_epsilon'][e], '.2f'):>12}"
+    lines.append(row + "   (epsilon: the largest over sites)")
+    for name, info in report["sites"].items():
+        for e in engines:
+            if not info["status"][e].startswith("training"):
+                lines.append(f"{e} {name}: {info['status'][e]}")
+    if "penalty" in report:
+        lines += ["", "Training-time penalty (median seconds per round, ratios to none):"]
+        lines.append(
+            f"{'engine':<10}{'s/round':>10}{'time x':>9}{'cpu s':>9}{'cpu x':>8}"
+            f"{'fastest s':>11}{'x':>7}{'final dice':>12}{'dice x':>9}"
+        )
+        for e, p in report["penalty"].items():
+            lines.append(
+                f"{e:<10}{_fmt(p['seconds_per_round'], '.2f'):>10}{_fmt(p['time_ratio'], '.2f'):>9}"
+                f"{_fmt(p['cpu_seconds_per_round'], '.2f'):>9}{_fmt(p['cpu_time_ratio'], '.2f'):>8}"
+                f"{_fmt(p['fastest_round_seconds'], '.2f'):>11}{_fmt(p['fastest_ratio'], '.2f'):>7}"
+                f"{_fmt(p['final_dice']):>12}{_fmt(p['dice_ratio'], '.2f'):>9}"
+            )
+    else:
+        e = engines[0]
+        lines.append(f"{e}: {_fmt(report['seconds_per_round'][e], '.2f')} s per round (median)")
+    return lines
+
+
+def write_plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    engines, sites = report["engines"], list(report["sites"])
+    by = {e: [r for r in report["rounds"] if r["engine"] == e] for e in engines}
+    styles = ["-", "--", ":", "-."]
+    files = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for e in engines:
+        rs = by[e]
+        x = [r["round"] for r in rs]
+        ax.plot(
+            x,
+            [r.get("pooled_dice") for r in rs],
+            "o-",
+            color=_COLORS.get(e),
+            label=f"{e} (pooled)",
+            lw=2,
+        )
+        for name in sites:
+            ax.plot(
+                x,
+                [r["sites"][name].get("dice") for r in rs],
+                color=_COLORS.get(e),
+                lw=0.8,
+                alpha=0.5,
+                ls="--",
+            )
+    ax.set(xlabel="round", ylabel="Dice (held-out cases)", title="Dice per round (thin: per site)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.savefig(out / "dice_per_round.png", dpi=120)
+    plt.close(fig)
+    files.append("dice_per_round.png")
+
+    private = [
+        e for e in engines if any(r["sites"][sites[0]].get("epsilon") is not None for r in by[e])
+    ]
+    if private:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, e in enumerate(private):
+            for j, name in enumerate(sites):
+                rs = by[e]
+                ax.plot([r["round"] for r in rs], [r["sites"][name].get("epsilon") for r in rs],
+                        ls=styles[i % len(styles)], marker="o", ms=3, color=f"C{j}",
+                        label=f"{name} ({e})")  # fmt: skip
+        if report["config"].get("max_epsilon"):
+            ax.axhline(
+                report["config"]["max_epsilon"], color="k", lw=0.8, ls=":", label="--max-epsilon"
+            )
+        ax.set(
+            xlabel="round",
+            ylabel=f"epsilon (delta={report['delta']:g})",
+            title="Privacy spent per site",
+        )
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.savefig(out / "epsilon_per_round.png", dpi=120)
+        plt.close(fig)
+        files.append("epsilon_per_round.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for e in engines:
+        rs = by[e]
+        ax.plot(
+            [r["round"] for r in rs],
+            [r["seconds"] for r in rs],
+            "o-",
+            color=_COLORS.get(e),
+            label=e,
+        )
+    ax.set(xlabel="round", ylabel="seconds (local training + aggregation)", title="Time per round")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.savefig(out / "seconds_per_round.png", dpi=120)
+    plt.close(fig)
+    files.append("seconds_per_round.png")
+    return files
+
+
+def write_markdown(report: dict, out: Path, images: list[str]) -> None:
+    cfg, env, engines = report["config"], report["environment"], report["engines"]
+    data = (
+        f"{cfg['phantoms']} phantoms ({cfg['size']}^3)" if cfg.get("phantoms") else cfg.get("data")
+    )
+    local = (f"{cfg['local_steps']} local steps" if cfg.get("local_steps") is not None
+             else f"{cfg['local_epochs']} local epochs")  # fmt: skip
+    md = [
+        "# Federated run",
+        "",
+        f"{len(report['sites'])} sites from {data}; {cfg['strategy']}, "
+        f"{max(report['rounds_done'].values())} rounds of {local}, fraction {cfg['fraction']}; "
+        f"U-Net {tuple(cfg['channels'])} ({cfg['upsample']} upsampling), {cfg['patch']}^3 patches, "
+        f"--batch {cfg['batch_size']} (Poisson, q = 1 / ceil(n / batch)), "
+        f"{cfg['optimizer']} lr {cfg['lr']}; "
+        f"DP-SGD C = {cfg['max_grad_norm']}, delta = {cfg['delta']:g}, "
+        f"{cfg['accountant']} accountant; "
+        f"Opacus in {cfg['opacus_mode']} mode.",
+        "",
+        f"Machine: {env.get('device')}, {env.get('threads')} threads, torch {env.get('torch')}, "
+        f"opacus {env.get('opacus')}, commit {env.get('commit')}, {env.get('date')}"
+        + (
+            f", load average at start {env['load_average_at_start'][0]:.1f}"
+            if env.get("load_average_at_start")
+            else ""
+        ),
+        "",
+        "## Final Dice and epsilon per site",
+        "",
+        "| site | train / test cases | sigma | q | "
+        + " | ".join(f"{e} Dice | {e} epsilon" for e in engines)
+        + " |",
+        "|---|---|---|---|" + "---|---|" * len(engines),
+    ]
+    for name, s in report["sites"].items():
+        md.append(
+            f"| {name} | {s['train_cases']} / {s['test_cases']} | {s['noise_multiplier']:.3g} | "
+            f"{s['sample_rate']:.3g} | "
+            + " | ".join(f"{_fmt(s['dice'][e])} | {_fmt(s['epsilon'][e], '.2f')}" for e in engines)
+            + " |"
+        )
+    md.append(
+        "| pooled | | | | "
+        + " | ".join(
+            f"{_fmt(report['pooled_dice'][e])} | {_fmt(report['max_epsilon'][e], '.2f')} (max)"
+            for e in engines
+        )
+        + " |"
+    )
+    notes = [f"- {e} {n}: {s['status'][e]}" for n, s in report["sites"].items() for e in engines
+             if not s["status"][e].startswith("training")]  # fmt: skip
+    if notes:
+        md += ["", *notes]
+    if "client_epsilon" in report:
+        spent = ", ".join(f"{e} {v:.2f}" for e, v in report["client_epsilon"].items())
+        md += ["", f"Client-level (site-level) epsilon at the server: {spent}"]
+    if "penalty" in report:
+        md += [
+            "",
+            "## Training-time penalty",
+            "",
+            "Median over rounds of the wall seconds per round (all sites' local training and the "
+            "aggregation, one after another in one process; evaluation excluded) and of the "
+            "process CPU seconds in that time, and the fastest round (the one least disturbed "
+            "when other jobs share the CPU), with ratios to non-private training.",
+            "",
+            "| engine | seconds / round | time x none | CPU s / round | CPU x none "
+            "| fastest round s | fastest x none | final pooled Dice | Dice / none | max epsilon |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for e, p in report["penalty"].items():
+            md.append(
+                f"| {e} | {_fmt(p['seconds_per_round'], '.2f')} | {_fmt(p['time_ratio'], '.2f')} | "
+                f"{_fmt(p['cpu_seconds_per_round'], '.2f')} | {_fmt(p['cpu_time_ratio'], '.2f')} | "
+                f"{_fmt(p['fastest_round_seconds'], '.2f')} | {_fmt(p['fastest_ratio'], '.2f')} | "
+                f"{_fmt(p['final_dice'])} | {_fmt(p['dice_ratio'], '.2f')} | "
+                f"{_fmt(p['max_epsilon'], '.2f')} |"
+            )
+    head = " | ".join(f"{e} Dice | {e} s" for e in engines)
+    md += ["", "## Per round", "", f"| round | {head} |", "|---|" + "---|---|" * len(engines)]
+    by = {(r["engine"], r["round"]): r for r in report["rounds"]}
+    for k in range(1, max(report["rounds_done"].values()) + 1):
+        cells = []
+        for e in engines:
+            r = by.get((e, k))
+            dice, secs = (r.get("pooled_dice"), r["seconds"]) if r else (None, None)
+            cells.append(f"{_fmt(dice)} | {_fmt(secs, '.1f')}")
+        md.append(f"| {k} | " + " | ".join(cells) + " |")
+    if images:
+        md += ["", "## Plots", ""] + [f"![{Path(i).stem}]({i})" for i in images]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+
+
+def write_report(report: dict, out: str | Path, plots: bool = True) -> None:
+    out = Path(out)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    images = write_plots(report, out) if plots else []
+    write_markdown(report, out, images)

@@ -1,0 +1,344 @@
+"""A federated run of the segmentation workload, for one engine or several side by side.
+
+With several engines (``--compare dpseg,opacus,none``) every engine gets its own simulator
+built from the same volumes, seeds, model initialisation and noise multipliers, and the
+rounds are *interleaved* (round 1 of each engine, then round 2 of each, ...), so a change of
+machine load during the run (other jobs on a shared CPU) falls on all engines alike rather
+than on whichever ran last. Each engine checkpoints to RUN/checkpoint_<engine>.pt after each
+of its rounds, and RUN/report.json is rewritten after every round.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from dpseg.federated.partition import PARTITIONS
+from dpseg.federated.report import build_report, summary_lines, write_report
+from dpseg.federated.simulator import Simulator
+from dpseg.federated.site import ENGINES, Site, SiteConfig, derive_seed, poisson_rate
+from dpseg.federated.sitedata import SiteData, evaluate_dice, load_sites, phantom_sites
+from dpseg.federated.strategies import STRATEGIES, make_strategy
+from dpseg.train.checkpoint import load_checkpoint
+
+__all__ = [
+    "FederatedConfig",
+    "SetupError",
+    "build_simulator",
+    "noise_multipliers",
+    "run_federation",
+]
+
+
+@dataclass
+class FederatedConfig:
+    # data: an MSD folder, or phantoms generated into RUN/phantoms
+    data: str | None = None
+    phantoms: int | None = None
+    sites: int | None = None
+    partition: str = "site"
+    alpha: float = 0.5
+    test_fraction: float = 0.25
+    size: int = 32
+    # model and patches
+    channels: tuple[int, ...] = (8, 16, 32)
+    norm: str = "group"
+    upsample: str = "interp"
+    patch: int = 32
+    p_foreground: float = 0.5
+    # federation
+    rounds: int = 5
+    local_steps: int | None = 4
+    local_epochs: int | None = None
+    fraction: float = 1.0
+    strategy: str = "fedavg"
+    mu: float = 0.01
+    server_lr: float | None = None
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    # local training
+    optimizer: str = "adam"
+    lr: float = 3e-3
+    batch_size: int = 4
+    # privacy
+    engines: tuple[str, ...] = ("dpseg",)
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    max_epsilon: float | None = None
+    accountant: str = "prv"
+    opacus_mode: str = "hooks"
+    backend: str = "auto"
+    client_clip: float | None = None
+    client_noise: float = 1.0
+    # where
+    device: str = "cpu"
+    seed: int = 0
+    eval_overlap: float = 0.25
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """ValueError with the flag to change, for anything the run cannot start with."""
+        if (self.data is None) == (self.phantoms is None):
+            raise ValueError("give exactly one of --data DIR and --phantoms N")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"--partition must be one of {PARTITIONS}, got {self.partition!r}")
+        if self.phantoms is not None:
+            if self.sites is None or self.sites < 1:
+                raise ValueError("--phantoms N needs --sites K (the number of scanners)")
+            per_site = self.phantoms // self.sites
+            if per_site < 2:
+                raise ValueError(
+                    f"--phantoms {self.phantoms} over {self.sites} sites leaves {per_site} "
+                    "case(s) a site; each site needs at least 2 (one to train, one held out)"
+                )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        bad = [e for e in self.engines if e not in ENGINES]
+        if bad or not self.engines or len(set(self.engines)) != len(self.engines):
+            raise ValueError(f"engines must be distinct names from {ENGINES}, got {self.engines}")
+        if self.rounds < 1:
+            raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("give exactly one of --local-steps and --local-epochs")
+        if (self.local_steps or 1) < 1 or (self.local_epochs or 1) < 1:
+            raise ValueError("--local-steps / --local-epochs must be >= 1")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
+        divisor = 2 ** (len(self.channels) - 1)
+        if self.patch % divisor:
+            raise ValueError(
+                f"--patch {self.patch} must be divisible by {divisor} for a U-Net with "
+                f"{len(self.channels)} levels"
+            )
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError(f"--target-epsilon must be > 0, got {self.target_epsilon}")
+        if self.target_epsilon is None and not self.noise_multiplier >= 0:
+            raise ValueError(f"--noise-multiplier must be >= 0, got {self.noise_multiplier}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"--delta must be in (0, 1), got {self.delta}")
+        if self.client_clip is not None and not self.client_clip > 0:
+            raise ValueError(f"--client-clip must be > 0, got {self.client_clip}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+
+    def resume_key(self) -> dict:
+        """What must match for --resume (everything but the number of rounds and engines)."""
+        d = asdict(self)
+        for k in ("rounds", "engines", "extra"):
+            d.pop(k)
+        d["channels"] = list(d["channels"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FederatedConfig:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        for k in ("channels", "engines"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def _steps(cfg: FederatedConfig, n: int) -> int:
+    q, per_epoch = poisson_rate(n, cfg.batch_size)
+    return cfg.local_steps if cfg.local_steps is not None else cfg.local_epochs * per_epoch
+
+
+def noise_multipliers(cfg: FederatedConfig, sites: list[SiteData]) -> dict[str, float]:
+    """sigma per site: --noise-multiplier, or calibrated so that a site that takes part in
+    every round ends at exactly --target-epsilon (so no site can end above it)."""
+    if cfg.target_epsilon is None:
+        return {s.name: float(cfg.noise_multiplier) for s in sites}
+    from opacus.accountants.utils import get_noise_multiplier
+
+    out = {}
+    for s in sites:
+        q, _ = poisson_rate(len(s.train_images), cfg.batch_size)
+        out[s.name] = float(
+            get_noise_multiplier(
+                target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, sample_rate=q,
+                steps=cfg.rounds * _steps(cfg, len(s.train_images)), accountant=cfg.accountant,
+                epsilon_tolerance=0.01,
+            )
+        )  # fmt: skip
+    return out
+
+
+def build_simulator(
+    cfg: FederatedConfig,
+    engine: str,
+    sites: list[SiteData],
+    num_classes: int,
+    sigmas: dict[str, float],
+) -> Simulator:
+    from dpseg.models import UNet
+
+    def model_fn():
+        return UNet(
+            3, 1, num_classes, channels=cfg.channels, norm=cfg.norm, upsample=cfg.upsample,
+            seed=cfg.seed,
+        )  # fmt: skip
+
+    site_cfg = SiteConfig(
+        engine=engine, optimizer=cfg.optimizer, lr=cfg.lr, batch_size=cfg.batch_size,
+        max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant, delta=cfg.delta,
+        max_epsilon=cfg.max_epsilon, opacus_mode=cfg.opacus_mode, backend=cfg.backend,
+        device=cfg.device,
+    )  # fmt: skip
+    members = [
+        Site(
+            s.name,
+            k,
+            s.patches(cfg.patch, cfg.p_foreground, derive_seed(cfg.seed, 5, k)),
+            model_fn,
+            site_cfg,
+            noise_multiplier=sigmas[s.name],
+            seed=cfg.seed,
+        )  # fmt: skip
+        for k, s in enumerate(sites)
+    ]
+    model = model_fn().to(cfg.device)
+    strategy = make_strategy(
+        cfg.strategy, mu=cfg.mu, server_lr=cfg.server_lr, beta1=cfg.beta1, beta2=cfg.beta2,
+        tau=cfg.tau,
+    )  # fmt: skip
+    client_dp = None
+    if cfg.client_clip is not None:
+        client_dp = {
+            "clip": cfg.client_clip, "noise_multiplier": cfg.client_noise, "delta": cfg.delta,
+            "accountant": "rdp",
+        }  # fmt: skip
+
+    def evaluate(m):
+        return evaluate_dice(m, sites, cfg.patch, num_classes, cfg.eval_overlap, cfg.device)
+
+    return Simulator(
+        members, model, strategy, local_steps=cfg.local_steps, local_epochs=cfg.local_epochs,
+        fraction=cfg.fraction, seed=cfg.seed, evaluate=evaluate, client_dp=client_dp,
+        label=engine,
+    )  # fmt: skip
+
+
+def load_data(cfg: FederatedConfig, out: Path, progress: bool) -> tuple[list[SiteData], int]:
+    if cfg.phantoms is not None:
+        return phantom_sites(
+            out / "phantoms", cfg.phantoms, cfg.sites, size=cfg.size, seed=cfg.seed,
+            test_fraction=cfg.test_fraction, progress=progress,
+        )  # fmt: skip
+    return load_sites(
+        cfg.data, partition=cfg.partition, sites=cfg.sites, alpha=cfg.alpha,
+        test_fraction=cfg.test_fraction, seed=cfg.seed,
+    )  # fmt: skip
+
+
+class SetupError(ValueError):
+    """A run that cannot start as asked (bad split, resume mismatch, unsupported model):
+    the message says which flag to change. The CLI prints it without a traceback."""
+
+
+def run_federation(
+    cfg: FederatedConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    plots: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Runs (or resumes) every engine of ``cfg`` to ``cfg.rounds``; returns report.json's dict."""
+    cfg.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = {e: out / f"checkpoint_{e}.pt" for e in cfg.engines}
+    existing = [p for p in checkpoints.values() if p.exists()]
+    if existing and not resume:
+        raise SetupError(
+            f"{out} already holds a run ({existing[0].name}); pass --resume to continue it "
+            "or choose a new --out"
+        )
+    try:
+        sites, num_classes = load_data(cfg, out, progress)
+        sigmas = noise_multipliers(cfg, sites)
+        sims = {e: build_simulator(cfg, e, sites, num_classes, sigmas) for e in cfg.engines}
+    except SetupError:
+        raise
+    except ValueError as exc:  # DataError is not a ValueError and passes through
+        raise SetupError(str(exc)) from exc
+    for engine, sim in sims.items():
+        if resume and checkpoints[engine].exists():
+            saved = load_checkpoint(checkpoints[engine])
+            theirs = saved.get("extra", {}).get("config", {})
+            ours = cfg.resume_key()
+            diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+            if diff:
+                raise SetupError(
+                    f"{checkpoints[engine]} was written with different settings "
+                    f"({', '.join(f'{k}: {theirs.get(k)!r} -> {ours[k]!r}' for k in diff)}); "
+                    "resume with the original flags (only --rounds may grow)"
+                )
+            sim.load_state_dict(saved)
+            echo(f"{engine}: resumed after round {sim.round} from {checkpoints[engine].name}")
+
+    env = _environment(cfg.device)
+
+    def report() -> dict:
+        return build_report(cfg, sims, sites, sigmas, env)
+
+    for r in range(1, cfg.rounds + 1):
+        for engine, sim in sims.items():
+            if sim.round >= r or sim.done:
+                continue
+            record = sim.run_round(progress)
+            sim.save(checkpoints[engine], extra={"config": cfg.resume_key()})
+            echo(_round_line(engine, record, cfg.rounds))
+        (out / "report.json").write_text(json.dumps(report(), indent=1))
+    for engine, sim in sims.items():
+        if sim.done:
+            echo(
+                f"{engine}: every site has spent its privacy budget; "
+                f"stopped after round {sim.round}"
+            )
+    final = report()
+    write_report(final, out, plots=plots)
+    for line in summary_lines(final):
+        echo(line)
+    echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and plots")
+    return final
+
+
+def _round_line(engine: str, record: dict, rounds: int) -> str:
+    parts = []
+    for name, e in record["sites"].items():
+        eps = e.get("epsilon")
+        tag = {"ok": "", "idle": " idle", "budget": " budget spent", "failed": " FAILED"}
+        d = e.get("dice")
+        parts.append(f"{name} dice {d:.3f}" if d is not None else f"{name} dice -")
+        parts[-1] += (f" eps {eps:.2f}" if eps is not None else "") + tag[e["status"]]
+    pooled = record.get("pooled_dice")
+    pooled_s = f"{pooled:.3f}" if pooled is not None else "-"
+    return (
+        f"[{engine:>6}] round {record['round']}/{rounds}: {record['seconds']:.1f} s, "
+        f"pooled dice {pooled_s} | " + "; ".join(parts)
+    )
+
+
+def _environment(device: str) -> dict:
+    import os
+
+    from dpseg.perf.harness import environment
+
+    env = environment(device)
+    try:
+        env["load_average_at_start"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return env

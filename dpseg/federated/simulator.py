@@ -1,0 +1,243 @@
+"""The in-process federation: a server holding the global weights and a strategy, and the
+sites, run round by round in one process.
+
+A round: sample sites -> each trains from the global weights (``Site.fit``) -> the strategy
+aggregates the updates that came back -> evaluate the new global model -> checkpoint. A
+site that raises is logged and left out of the round; a site whose budget is spent says so
+and is not sampled again; the run goes on while any site can train.
+
+Sampling: without client-level DP, round(fraction * K) distinct sites (at least one) among
+those that can still train, drawn uniformly (Flower's fraction_fit). With client-level DP,
+each site is taken independently with probability q = fraction (Poisson sampling, which is
+what the accountant of the server's ledger assumes).
+
+Checkpoints (``save``/``load``) hold the round, global weights, strategy state, every
+site's state (optimizer, ledger, RNGs), the sampler's RNG, the server ledger and the
+history, written by dpseg.train.checkpoint (a temporary file renamed over the old one, so a
+kill at any moment leaves either the previous or the new checkpoint, never a torn one;
+loaded with weights_only=True).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dpseg.federated.ledger import PrivacyLedger, make_accountant
+from dpseg.federated.site import BudgetExhausted, Site
+from dpseg.federated.strategies import ClientLevelDP, Strategy, trainable_state, update_norm
+from dpseg.train.checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = ["FEDERATED_FORMAT", "Simulator"]
+
+log = logging.getLogger("dpseg.federated")
+FEDERATED_FORMAT = 1  # inside dpseg.train.checkpoint's own format tag
+
+
+class Simulator:
+    def __init__(
+        self,
+        sites: list[Site],
+        model: nn.Module,
+        strategy: Strategy,
+        *,
+        local_steps: int | None = None,
+        local_epochs: int | None = None,
+        fraction: float = 1.0,
+        seed: int = 0,
+        evaluate: Callable[[nn.Module], dict] | None = None,
+        client_dp: dict | None = None,
+        label: str = "",
+    ):
+        if not sites:
+            raise ValueError("a federation needs at least one site")
+        names = [s.name for s in sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"site names must be distinct, got {names}")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction of sites per round must be in (0, 1], got {fraction}")
+        if (local_steps is None) == (local_epochs is None):
+            raise ValueError("give exactly one of local_steps and local_epochs")
+        self.sites, self.model, self.fraction = sites, model, float(fraction)
+        self.local_steps, self.local_epochs = local_steps, local_epochs
+        self.evaluate_fn, self.label = evaluate, label
+        self.weights = trainable_state(model)
+        self.round = 0
+        self.history: list[dict] = []
+        self.sampler = np.random.default_rng([seed, 21])
+        self.server_ledger: PrivacyLedger | None = None
+        self.strategy = strategy
+        if client_dp is not None:
+            expected = self.fraction * len(sites)
+            self.strategy = ClientLevelDP(
+                strategy, client_dp["clip"], client_dp["noise_multiplier"], expected,
+                seed=seed + 1_000_003,
+            )  # fmt: skip
+            self.server_ledger = PrivacyLedger(
+                make_accountant(client_dp.get("accountant", "rdp")), client_dp["delta"], "server"
+            )
+
+    # --- rounds ------------------------------------------------------------------------------
+    def active_sites(self) -> list[Site]:
+        return [s for s in self.sites if not s.exhausted]
+
+    def sample(self) -> list[Site]:
+        if self.server_ledger is not None:
+            keep = self.sampler.random(len(self.sites)) < self.fraction
+            return [s for s, k in zip(self.sites, keep, strict=True) if k and not s.exhausted]
+        active = self.active_sites()
+        if not active:
+            return []
+        m = min(len(active), max(1, round(self.fraction * len(self.sites))))
+        chosen = sorted(self.sampler.choice(len(active), size=m, replace=False).tolist())
+        return [active[i] for i in chosen]
+
+    def run_round(self, progress: bool = False) -> dict:
+        """One round; returns its record (also appended to ``history``)."""
+        r = self.round + 1
+        chosen = self.sample()
+        config = self.strategy.configure_fit(r)
+        steps = {s.name: s.steps_for(self.local_steps, self.local_epochs) for s in chosen}
+        record: dict = {"round": r, "sampled": [s.name for s in chosen], "sites": {}}
+        bar = tqdm(
+            total=sum(steps.values()), desc=f"{self.label + ' ' if self.label else ''}round {r}",
+            unit="step", disable=not progress, leave=False,
+        )  # fmt: skip
+        updates = []
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for site in self.sites:
+            entry: dict = {"status": "idle", "seconds": 0.0, "steps": 0}
+            record["sites"][site.name] = entry
+            if site not in chosen:
+                if site.exhausted:
+                    entry["status"] = "budget"
+                continue
+            bar.set_postfix(site=site.name)
+            try:
+                update = site.fit(self.weights, steps[site.name], config, lambda _: bar.update())
+            except BudgetExhausted as exc:
+                entry.update(status="budget", message=str(exc))
+                log.warning("%s round %d: site %s %s", self.label, r, site.name, exc)
+                tqdm.write(f"{self.label} round {r}: site {site.name}: {exc}")
+                continue
+            except Exception as exc:  # a failing site must not stop the federation
+                entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                log.error("%s round %d: site %s failed:\n%s", self.label, r, site.name,
+                          traceback.format_exc())  # fmt: skip
+                tqdm.write(
+                    f"{self.label} round {r}: site {site.name} failed ({type(exc).__name__}: "
+                    f"{exc}); left out of this round's average"
+                )
+                continue
+            entry.update(
+                status="ok", seconds=update.seconds, steps=update.steps, loss=update.loss,
+                cpu_seconds=update.metrics.get("cpu_seconds"),
+            )  # fmt: skip
+            updates.append(update)
+        bar.close()
+        agg_start = time.perf_counter()
+        if updates or self.server_ledger is not None:
+            self.weights = self.strategy.aggregate(self.weights, updates)
+        record["aggregate_seconds"] = time.perf_counter() - agg_start
+        record["seconds"] = time.perf_counter() - start
+        # CPU seconds of this process: on a CPU shared with other jobs they measure the work
+        # done rather than the time spent waiting for a core, so their ratios are steadier.
+        record["cpu_seconds"] = time.process_time() - cpu_start
+        record["update_norm"] = update_norm(
+            {k: self.weights[k] - v for k, v in trainable_state(self.model).items()}
+        )
+        self.model.load_state_dict(self.weights, strict=False)
+        if self.server_ledger is not None:
+            self.server_ledger.accountant.step(
+                noise_multiplier=self.strategy.noise_multiplier, sample_rate=self.fraction
+            )
+            record["client_epsilon"] = self.server_ledger.record_round(r)["epsilon"]
+            record["clipped_sites"] = list(self.strategy.last_clipped)
+        for site in self.sites:
+            entry = record["sites"][site.name]
+            entry["epsilon"] = site.ledger.record_round(r)["epsilon"] if site.ledger else None
+        eval_start = time.perf_counter()
+        if self.evaluate_fn is not None:
+            scores = self.evaluate_fn(self.model)
+            record["pooled_dice"] = scores.get("pooled")
+            for name, dice in scores.get("sites", {}).items():
+                record["sites"][name]["dice"] = dice
+        record["eval_seconds"] = time.perf_counter() - eval_start
+        self.round = r
+        self.history.append(record)
+        return record
+
+    def run(
+        self,
+        rounds: int,
+        checkpoint: str | Path | None = None,
+        progress: bool = False,
+        on_round: Callable[[dict], None] | None = None,
+    ) -> list[dict]:
+        """Rounds up to ``rounds`` in total (a resumed run continues from ``self.round``)."""
+        while self.round < rounds:
+            if not self.active_sites():
+                tqdm.write(f"{self.label}: every site has spent its privacy budget; stopping")
+                break
+            record = self.run_round(progress)
+            if checkpoint is not None:
+                self.save(checkpoint)
+            if on_round is not None:
+                on_round(record)
+        return self.history
+
+    @property
+    def done(self) -> bool:
+        return not self.active_sites()
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "federated": FEDERATED_FORMAT,
+            "round": self.round,
+            "weights": {k: v.detach().cpu().clone() for k, v in self.weights.items()},
+            "strategy": self.strategy.state_dict(),
+            "sites": {s.name: s.state_dict() for s in self.sites},
+            "sampler": self.sampler.bit_generator.state,
+            "server_ledger": self.server_ledger.state_dict() if self.server_ledger else None,
+            "history": self.history,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("federated") != FEDERATED_FORMAT:
+            raise ValueError(
+                "not a checkpoint of a federated run (dpseg federate writes "
+                "RUN/checkpoint_<engine>.pt)"
+            )
+        missing = sorted({s.name for s in self.sites} - set(state["sites"]))
+        if missing:
+            raise ValueError(f"the checkpoint has no state for site(s) {missing}")
+        self.round = int(state["round"])
+        self.weights = dict(state["weights"])
+        self.model.load_state_dict(self.weights, strict=False)
+        self.strategy.load_state_dict(state["strategy"])
+        for s in self.sites:
+            s.load_state_dict(state["sites"][s.name])
+        self.sampler.bit_generator.state = state["sampler"]
+        if self.server_ledger is not None and state["server_ledger"] is not None:
+            self.server_ledger.load_state_dict(state["server_ledger"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """Atomic (temporary file + rename) through dpseg.train.checkpoint."""
+        save_checkpoint(path, {**self.state_dict(), "extra": extra or {}})
+
+    def load(self, path: str | Path) -> dict:
+        state = load_checkpoint(path)
+        self.load_state_dict(state)
+        return state.get("extra", {})

@@ -1,0 +1,322 @@
+"""A site (one hospital): its data, its model copy, optimizer, DP engine and privacy ledger.
+
+``Site.fit(weights, local_steps, config)`` is one round: load the global weights, take
+``local_steps`` optimizer steps on the site's own patients, return the change of weights.
+Everything that must survive between rounds (optimizer moments, the DP step counter and
+noise seed, the accountant history, the Poisson sampler's and patch sampler's RNG) is in
+``state_dict()``, so the same object runs inside the in-process simulator or a Flower
+ClientApp that is rebuilt for every round.
+
+Engines, on the same model, data, batches and seeds so that runs compare like for like:
+
+- ``dpseg``: dpseg.PrivacyEngine (fused per-sample clipping and Philox noise).
+- ``opacus``: opacus.PrivacyEngine with ``grad_sample_mode="hooks"`` (Opacus's default) by
+  default. Opacus has no per-sample rule for ConvTranspose3d: its hooks fall back to
+  functorch for that layer, and vmap over an empty Poisson batch (which a site with few
+  patients draws now and then) fails. The federated workload therefore builds
+  ``UNet(upsample="interp")`` (1x1 conv + trilinear upsampling, all hook-native) for
+  *every* engine; a model with ConvTranspose under Opacus gets a warning.
+- ``none``: the same loop without privacy (the floor for time and the ceiling for Dice).
+
+All three draw batches from the same Poisson sampler (dpseg.privacy.DPDataLoader with the
+site's own generator): Opacus is given it with ``poisson_sampling=False``, so it accounts
+q = 1 / len(loader), which is exactly the sampler's rate.
+
+FedProx's proximal term mu/2 ||w - w_global||^2 has the gradient mu (w - w_global), which
+depends on no patient's data. It is added to the gradient *after* the DP step has clipped
+and noised the per-sample gradients (a step pre-hook on the wrapped optimizer), so it never
+enters a per-sample gradient and the clipping bound C still bounds each patient's influence:
+a data-independent function of the private gradient and of public values (the broadcast
+global weights) is post-processing and spends no privacy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dpseg.federated.ledger import PrivacyLedger
+from dpseg.federated.strategies import SiteUpdate, Weights, trainable_state
+from dpseg.privacy.data_loader import DPDataLoader
+
+__all__ = ["ENGINES", "BudgetExhausted", "Site", "SiteConfig", "derive_seed", "poisson_rate"]
+
+ENGINES = ("dpseg", "opacus", "none")
+OPTIMIZERS = ("adam", "sgd")
+
+
+class BudgetExhausted(RuntimeError):
+    """The site's next round would spend more than its --max-epsilon; it stops training."""
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (independent streams for each site and purpose)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def poisson_rate(num_examples: int, batch_size: int) -> tuple[float, int]:
+    """(q, steps per epoch) for an expected batch: q = 1 / ceil(n / B), as Opacus derives it."""
+    steps = max(1, math.ceil(num_examples / batch_size))
+    return 1.0 / steps, steps
+
+
+@dataclass
+class SiteConfig:
+    """Local training settings, the same at every site of a run."""
+
+    engine: str = "dpseg"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    batch_size: int = 4  # expected batch under Poisson sampling
+    poisson: bool = True  # False: shuffled fixed batches (only without DP)
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    delta: float = 1e-5
+    max_epsilon: float | None = None
+    opacus_mode: str = "hooks"
+    backend: str = "auto"  # dpseg fused-op backend
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; use one of {ENGINES}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; use one of {OPTIMIZERS}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.engine != "none" and not self.poisson:
+            raise ValueError("DP engines need Poisson sampling (the accountant assumes it)")
+
+
+class Site:
+    """One site. ``model_fn()`` builds a fresh model (the same init everywhere)."""
+
+    def __init__(
+        self,
+        name: str,
+        index: int,
+        dataset: Dataset,
+        model_fn: Callable[[], nn.Module],
+        config: SiteConfig,
+        *,
+        noise_multiplier: float = 1.0,
+        seed: int = 0,
+        loss_fn: nn.Module | None = None,
+    ):
+        if len(dataset) == 0:
+            raise ValueError(f"site {name!r} has no training cases")
+        self.name, self.index, self.dataset, self.config = name, index, dataset, config
+        self.num_examples = len(dataset)
+        self.noise_multiplier = float(noise_multiplier) if config.engine != "none" else 0.0
+        self.device = torch.device(config.device)
+        self.loss_fn = loss_fn if loss_fn is not None else _default_loss()
+        self.exhausted: str | None = None  # the reason, once the budget is spent
+
+        self.sample_rate, self.steps_per_epoch = poisson_rate(self.num_examples, config.batch_size)
+        self.loader_generator = torch.Generator().manual_seed(derive_seed(seed, 1, index))
+        self.noise_generator = torch.Generator().manual_seed(derive_seed(seed, 2, index))
+        noise_seed = derive_seed(seed, 3, index)
+        if config.poisson:
+            loader: DataLoader = DPDataLoader(
+                dataset, self.sample_rate, self.steps_per_epoch, generator=self.loader_generator
+            )
+        else:
+            loader = DataLoader(
+                dataset, batch_size=config.batch_size, shuffle=True, generator=self.loader_generator
+            )
+
+        self.module = model_fn().to(self.device)  # the plain model: weights in and out
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if config.optimizer == "adam":
+            base = torch.optim.Adam(params, lr=config.lr)
+        else:
+            base = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+        self._prox: tuple[float, list[torch.Tensor]] | None = None
+        base.register_step_pre_hook(self._add_proximal_gradient)
+        self._params = params
+
+        self.ledger: PrivacyLedger | None = None
+        if config.engine == "dpseg":
+            import dpseg
+
+            engine = dpseg.PrivacyEngine(accountant=config.accountant)
+            self.model, self.optimizer, self.loader = engine.make_private(
+                module=self.module, optimizer=base, data_loader=loader,
+                noise_multiplier=self.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                poisson_sampling=True, noise_seed=noise_seed, backend=config.backend,
+            )  # fmt: skip
+            self.ledger = PrivacyLedger(engine.accountant, config.delta, name)
+        elif config.engine == "opacus":
+            self.model, self.optimizer, self.loader, accountant = self._opacus(base, loader)
+            self.ledger = PrivacyLedger(accountant, config.delta, name)
+        else:
+            self.model, self.optimizer, self.loader = self.module, base, loader
+
+    # --- engines -----------------------------------------------------------------------------
+    def _opacus(self, base, loader):
+        import opacus
+
+        transposed = [
+            m for m in self.module.modules() if isinstance(m, nn.modules.conv._ConvTransposeNd)
+        ]
+        if transposed and self.config.poisson:
+            warnings.warn(
+                f"site {self.name}: Opacus has no per-sample rule for "
+                f"{type(transposed[0]).__name__} "
+                "and computes it with functorch, which fails on an empty Poisson batch (that "
+                "round then fails at this site). Build the U-Net with upsample='interp'.",
+                stacklevel=3,
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "secure RNG turned off" etc., said in the docs
+            engine = opacus.PrivacyEngine(accountant=self.config.accountant)
+            model, optimizer, loader = engine.make_private(
+                module=self.module, optimizer=base, data_loader=loader,
+                noise_multiplier=self.noise_multiplier, max_grad_norm=self.config.max_grad_norm,
+                poisson_sampling=False, grad_sample_mode=self.config.opacus_mode,
+                noise_generator=self.noise_generator,
+            )  # fmt: skip
+        return model, optimizer, loader, engine.accountant
+
+    @property
+    def private(self) -> bool:
+        return self.ledger is not None
+
+    @property
+    def epsilon(self) -> float | None:
+        return self.ledger.epsilon if self.ledger is not None else None
+
+    # --- FedProx ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _add_proximal_gradient(self, optimizer, args, kwargs) -> None:
+        if self._prox is None:
+            return
+        mu, anchors = self._prox
+        for p, a in zip(self._params, anchors, strict=True):
+            if p.grad is None:
+                p.grad = mu * (p - a)
+            else:
+                p.grad.add_(p - a, alpha=mu)
+
+    # --- one round ---------------------------------------------------------------------------
+    def steps_for(self, local_steps: int | None = None, local_epochs: int | None = None) -> int:
+        if local_epochs is not None:
+            return local_epochs * self.steps_per_epoch
+        if local_steps is None or local_steps < 1:
+            raise ValueError("give local_steps >= 1 or local_epochs >= 1")
+        return int(local_steps)
+
+    def check_budget(self, steps: int) -> None:
+        """Raise BudgetExhausted if ``steps`` more DP steps would pass --max-epsilon."""
+        if self.exhausted:
+            raise BudgetExhausted(self.exhausted)
+        limit = self.config.max_epsilon
+        if self.ledger is None or limit is None:
+            return
+        after = self.ledger.projected_epsilon(self.noise_multiplier, self.sample_rate, steps)
+        if after > limit:
+            self.exhausted = (
+                f"privacy budget spent: epsilon {self.ledger.epsilon:.2f} of --max-epsilon "
+                f"{limit:g}, and {steps} more steps would reach {after:.2f}; it stops training"
+            )
+            raise BudgetExhausted(self.exhausted)
+
+    def load_weights(self, weights: Weights) -> None:
+        self.module.load_state_dict(weights, strict=False)
+
+    def fit(
+        self,
+        weights: Weights,
+        local_steps: int,
+        config: dict | None = None,
+        on_step: Callable[[float], None] | None = None,
+    ) -> SiteUpdate:
+        """One round from the global ``weights``; returns the weight change and its cost."""
+        config = config or {}
+        self.check_budget(local_steps)
+        self.load_weights(weights)
+        mu = float(config.get("proximal_mu", 0.0))
+        self._prox = (mu, [weights[k].to(self.device) for k in self._param_names()]) if mu else None
+        self.model.train()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        losses = self._train(local_steps, on_step)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        self._prox = None
+        new = trainable_state(self.module)
+        # Deltas travel on the CPU, as they would over the wire.
+        delta = {k: (new[k] - weights[k].to(self.device)).cpu() for k in weights}
+        return SiteUpdate(
+            site=self.name, delta=delta, num_examples=self.num_examples, steps=local_steps,
+            seconds=seconds, loss=float(np.mean(losses)) if losses else None,
+            metrics={"cpu_seconds": cpu_seconds},
+        )  # fmt: skip
+
+    def _param_names(self) -> list[str]:
+        ids = {id(p): n for n, p in self.module.named_parameters()}
+        return [ids[id(p)] for p in self._params]
+
+    def _train(self, steps: int, on_step: Callable[[float], None] | None) -> list[float]:
+        from dpseg.train.loop import local_train
+
+        # No per-step reseeding (seed=None): the site's generators carry on from round to
+        # round and travel in state_dict(), which is what makes a resumed run exact.
+        with warnings.catch_warnings():
+            # Opacus's hooks on the first layer, whose input needs no grad, make torch warn
+            # at every backward; harmless, and it would flood the progress bar.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses = local_train(
+                self.model, self.optimizer, self.loader, self.loss_fn, steps, self.device,
+                on_step=None if on_step is None else (lambda _step, loss, _n: on_step(loss)),
+            )  # fmt: skip
+        return [v for v in losses if not math.isnan(v)]  # NaN: an empty Poisson batch
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        data_rng = getattr(self.dataset, "_rng", None)  # PatchDataset's patch sampler
+        return {
+            "name": self.name,
+            "engine": self.config.engine,
+            "config": asdict(self.config),
+            "noise_multiplier": self.noise_multiplier,
+            "model": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "ledger": self.ledger.state_dict() if self.ledger is not None else None,
+            "loader_rng": self.loader_generator.get_state(),
+            "noise_rng": self.noise_generator.get_state(),
+            "data_rng": data_rng.bit_generator.state
+            if isinstance(data_rng, np.random.Generator)
+            else None,
+            "exhausted": self.exhausted,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["engine"] != self.config.engine:
+            raise ValueError(
+                f"site {self.name}: checkpoint trained with engine {state['engine']!r}, "
+                f"this run uses {self.config.engine!r}"
+            )
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ledger is not None and state["ledger"] is not None:
+            self.ledger.load_state_dict(state["ledger"])
+        self.loader_generator.set_state(state["loader_rng"])
+        self.noise_generator.set_state(state["noise_rng"])
+        data_rng = getattr(self.dataset, "_rng", None)
+        if state["data_rng"] is not None and isinstance(data_rng, np.random.Generator):
+            data_rng.bit_generator.state = state["data_rng"]
+        self.exhausted = state["exhausted"]
+
+
+def _default_loss() -> nn.Module:
+    from dpseg.train.losses import DiceCELoss
+
+    return DiceCELoss()
