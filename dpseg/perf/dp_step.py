@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from dpseg.perf.harness import environment, peak_memory_call, prepare_memory_measurement, time_call
+from dpseg.perf.harness import (
+    Timing,
+    environment,
+    peak_memory_call,
+    prepare_memory_measurement,
+    time_call,
+)
 
 ENGINES = ("none", "dpseg", "opacus-hooks", "opacus-functorch")
 
@@ -139,24 +145,47 @@ def run_step_benchmark(
         config={**asdict(cfg), "parameters": sum(p.numel() for p in model.parameters())},
         environment=environment(device),
     )
+    # Build and warm every engine first, then time them interleaved, one step each per
+    # round: load on a shared machine drifts, and timing engines in separate blocks would
+    # charge that drift to whichever engine ran during it.
+    steps, results = {}, {}
     for engine in cfg.engines:
         if progress:
-            progress(engine)
-        result = EngineResult(engine)
+            progress(f"{engine}: build and warm up")
+        results[engine] = EngineResult(engine)
         try:
             step = make_step(engine, model, x, y, cfg)
-            t = time_call(step, repeats=cfg.repeats, warmup=cfg.warmup, device=device)
-            result.median_s, result.p20_s, result.p80_s = t.median_s, t.p20_s, t.p80_s
-            result.peak_bytes = peak_memory_call(step, device=device)
+            for _ in range(cfg.warmup):
+                step()
+            steps[engine] = step
         except torch.OutOfMemoryError:
-            result.error = "out of memory"
+            results[engine].error = "out of memory"
         except Exception as exc:  # a baseline that cannot run is reported, not fatal
-            result.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            step = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        report.results.append(result)
+            results[engine].error = f"{type(exc).__name__}: {exc}"
+    samples = {engine: [] for engine in steps}
+    for round_ in range(cfg.repeats):
+        if progress:
+            progress(f"timing round {round_ + 1}/{cfg.repeats}")
+        for engine, step in list(steps.items()):
+            try:
+                samples[engine].append(time_call(step, repeats=1, warmup=0, device=device).median_s)
+            except torch.OutOfMemoryError:
+                results[engine].error = "out of memory"
+                del steps[engine]
+    for engine, step in steps.items():
+        if progress:
+            progress(f"{engine}: peak memory")
+        t = Timing.of(samples[engine])
+        r = results[engine]
+        r.median_s, r.p20_s, r.p80_s = t.median_s, t.p20_s, t.p80_s
+        try:
+            r.peak_bytes = peak_memory_call(step, device=device)
+        except torch.OutOfMemoryError:
+            r.error = "out of memory"
+    steps.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    report.results.extend(results[e] for e in cfg.engines)
     base = next((r for r in report.results if r.engine == "none" and r.median_s), None)
     for r in report.results:
         if base and r.median_s:
