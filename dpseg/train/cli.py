@@ -114,7 +114,8 @@ def add_train_parser(sub) -> None:
 
 def _run_train(args) -> int:
     from dpseg.cli import UsageError
-    from dpseg.train.loop import TrainConfig, run_training
+    from dpseg.train.config import TrainConfig
+    from dpseg.train.run import run_training
 
     if args.out is None:
         raise UsageError("--out is required: the run folder for checkpoint.pt and the report")
@@ -177,7 +178,7 @@ def add_predict_parser(sub) -> None:
 def _run_predict(args) -> int:
     import torch
 
-    from dpseg.train.loop import predict_file
+    from dpseg.train.predict import predict_file
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(

@@ -1,0 +1,101 @@
+"""`TrainConfig`: every setting of a single-site run, a flat dataclass saved into the
+checkpoint (so `--resume` can refuse a changed setting)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+DEFAULT_STEPS = 200
+ENGINES = ("dpseg", "opacus")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one run. `batch` is the expected batch size: the Poisson sample rate is
+    1 / ceil(cases / batch). DP is on unless `dp=False`; the noise comes from
+    `noise_multiplier`, or is solved for `target_epsilon` over the planned steps, or is 1.0."""
+
+    data: str = ""
+    out: str = ""
+    steps: int | None = None
+    epochs: float | None = None
+    patch: int = 32
+    batch: int = 8
+    dp: bool = True
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    engine: str = "dpseg"
+    accountant: str = "prv"
+    backend: str = "auto"
+    device: str = "cpu"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
+    momentum: float = 0.9
+    channels: tuple[int, ...] = (8, 16, 32)
+    spatial_dims: int = 3
+    norm: str = "group"
+    upsample: str = "transpose"
+    channel: int | None = None
+    site: str | None = None
+    spacing: tuple[float, float, float] | None = None
+    val_fraction: float = 0.2
+    p_foreground: float = 0.5
+    overlap: float = 0.25
+    seed: int = 0
+    eval_every: int = 0
+    checkpoint_every: int = 50
+    epsilon_every: int = 10
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in values.items() if k in known})
+        cfg.channels = tuple(int(c) for c in cfg.channels)
+        if cfg.spacing is not None:
+            cfg.spacing = tuple(float(s) for s in cfg.spacing)
+        return cfg
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        d["spacing"] = list(self.spacing) if self.spacing is not None else None
+        return d
+
+    def check(self) -> None:
+        """ValueError naming the setting to change."""
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        div = 2 ** (len(self.channels) - 1)
+        if self.patch < div or self.patch % div:
+            raise ValueError(
+                f"patch {self.patch} must be a multiple of {div} for a U-Net of "
+                f"{len(self.channels)} levels (channels {self.channels})"
+            )
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(
+                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
+            )
+        if self.dp and self.target_epsilon is not None and self.noise_multiplier is not None:
+            raise ValueError("give either noise_multiplier or target_epsilon, not both")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")

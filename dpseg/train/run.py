@@ -1,0 +1,327 @@
+"""`run_training`: the `dpseg train` command on top of the building blocks in
+dpseg.train.loop: a run folder with a lock, checkpoints, resume that keeps the privacy
+ledger, evaluation and the report."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dpseg
+from dpseg.data import DataError, MSDDataset, Preprocessing
+from dpseg.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from dpseg.train.config import TrainConfig
+from dpseg.train.loop import (
+    build_model,
+    build_optimizer,
+    device_name,
+    evaluate,
+    load_cases,
+    local_train,
+    lr_at,
+    make_loader,
+    noise_for_epsilon,
+    privatize,
+    split_cases,
+    total_steps,
+    unwrap,
+)
+from dpseg.train.losses import DiceCELoss
+
+
+# --- the run -----------------------------------------------------------------------------
+def _check_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".dpseg_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DataError(
+            f"{out}: the run folder cannot be written ({exc.strerror or exc}). Choose a "
+            "writable --out folder."
+        ) from exc
+
+
+class _RunLock:
+    """RUN/.lock holding the pid of the run writing there, so two runs never interleave
+    their checkpoints; a lock whose process is gone (a killed run) is taken over."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+
+    def __enter__(self):
+        try:
+            pid = int(self.path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and pid != os.getpid() and _alive(pid):
+            raise DataError(
+                f"{self.path.parent}: another dpseg run (pid {pid}) is writing to this folder. "
+                "Wait for it to finish, or choose another --out."
+            )
+        self.path.write_text(str(os.getpid()))
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _case_indices(dataset: MSDDataset, site: str | None) -> list[int]:
+    if site is None:
+        return list(range(len(dataset)))
+    by_site = dataset.indices_by_site()
+    if site not in by_site:
+        raise DataError(
+            f"{dataset.json_path}: no case of site {site!r} (sites: {sorted(by_site)}). "
+            "Choose one of them with --site or leave --site out."
+        )
+    return by_site[site]
+
+
+def run_training(
+    cfg: TrainConfig,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`dpseg train`: train, checkpoint, evaluate and report into cfg.out; returns the report.
+
+    resume=True continues from cfg.out/checkpoint.pt with the settings saved there; only the
+    keys in `overrides` that are allowed to change (steps, epochs, device, eval_every,
+    checkpoint_every, epsilon_every) are applied on top. Raises DataError / ValueError for
+    input the user can fix.
+    """
+    out = Path(cfg.out)
+    if resume or not (out / "checkpoint.pt").exists():
+        _check_out(out)
+    with _RunLock(out):
+        return _run(cfg, resume, overrides, progress)
+
+
+def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool) -> dict:
+    from dpseg.train.report import write_report
+
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        saved = TrainConfig.from_dict(ckpt["config"])
+        saved.out = str(out)
+        for key, value in (overrides or {}).items():
+            setattr(saved, key, value)
+        if overrides and ("steps" in overrides) != ("epochs" in overrides):
+            if "steps" in overrides:
+                saved.epochs = None
+            else:
+                saved.steps = None
+        cfg = saved
+    elif ckpt_path.exists():
+        raise DataError(
+            f"{ckpt_path}: this run folder already holds a checkpoint. Continue it with "
+            "--resume, or choose a new --out folder; nothing was changed."
+        )
+    cfg.check()
+    _check_out(out)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "--device cuda was asked for but torch sees no CUDA device; use --device cpu"
+        )
+    device = torch.device(cfg.device)
+
+    dataset = MSDDataset(cfg.data, channel=cfg.channel)
+    indices = _case_indices(dataset, cfg.site)
+    train_idx, val_idx = split_cases(indices, cfg.val_fraction, cfg.seed)
+    names = [c.name for c in dataset.cases]
+    split = {"train": [names[i] for i in train_idx], "val": [names[i] for i in val_idx]}
+    if ckpt is not None and ckpt.get("split") != split:
+        raise DataError(
+            f"{cfg.data}: the cases differ from those the checkpoint {ckpt_path} was trained on "
+            "(a changed dataset.json?). Resume with the same --data, or start a new run."
+        )
+    prep = Preprocessing(target_spacing=cfg.spacing)
+    num_classes = dataset.num_classes
+    tr_images, tr_labels, _ = load_cases(dataset, prep, train_idx, progress)
+    va_images, va_labels, va_volumes = load_cases(dataset, prep, val_idx, progress)
+
+    model = build_model(cfg, num_classes)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    model.to(device)
+    optimizer = build_optimizer(cfg, model.parameters())
+    loader = make_loader(tr_images, tr_labels, cfg)
+    steps = total_steps(cfg, loader)
+    sigma = ckpt["privacy"]["noise_multiplier"] if ckpt is not None and cfg.dp else None
+    model, optimizer, loader, privacy = privatize(cfg, model, optimizer, loader, steps, sigma)
+    history: dict[str, list] = {"loss": [], "batch": [], "epsilon": [], "dice": []}
+    start, seconds = 0, 0.0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if cfg.dp:
+            privacy.load_ledger(ckpt["privacy"]["ledger"])
+        set_rng_state(ckpt["rng"])
+        history, start, seconds = ckpt["history"], int(ckpt["step"]), float(ckpt["seconds"])
+        if start >= steps:
+            warnings.warn(
+                f"the checkpoint is at step {start} >= {steps}; nothing to train", stacklevel=2
+            )
+    if cfg.dp and cfg.target_epsilon is not None and privacy.sample_rate:
+        planned = noise_for_epsilon(cfg, privacy.sample_rate, steps) if ckpt is not None else None
+        if planned is not None and planned > privacy.noise_multiplier * 1.001:
+            privacy.notes.append(
+                "resumed past the planned steps: epsilon will exceed the target "
+                f"{cfg.target_epsilon}"
+            )
+
+    loss_fn = DiceCELoss()
+    val_names = split["val"]
+    spacings = [v.spacing for v in va_volumes]
+
+    def validate(step: int, final: bool = False) -> list[dict]:
+        rows = evaluate(
+            model, va_images, va_labels, cfg, num_classes, spacings, val_names, device, hd95=final
+        )
+        if rows:
+            history["dice"].append([step, float(np.mean([r["dice"] for r in rows]))])
+        return rows
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                "config": cfg.as_dict(),
+                "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+                "model_args": {
+                    "spatial_dims": cfg.spatial_dims,
+                    "in_channels": 1,
+                    "out_channels": num_classes,
+                    "channels": list(cfg.channels),
+                    "norm": cfg.norm,
+                    "upsample": cfg.upsample,
+                },  # fmt: skip
+                "preprocessing": {
+                    "normalize": prep.normalize,
+                    "window": list(prep.window),
+                    "target_spacing": list(cfg.spacing) if cfg.spacing else None,
+                },  # fmt: skip
+                "optimizer": _optimizer_state(optimizer),
+                "privacy": {
+                    "noise_multiplier": privacy.noise_multiplier,
+                    "sample_rate": privacy.sample_rate,
+                    "ledger": privacy.ledger(),
+                },
+                "split": split,
+                "step": step,
+                "seconds": seconds,
+                "history": history,
+            },
+        )
+
+    eps = privacy.epsilon(cfg.delta) if cfg.dp else None
+    bar = tqdm(
+        total=steps, initial=min(start, steps), desc="training", unit="step", disable=not progress
+    )
+    step = start
+    t0 = time.perf_counter()
+
+    def on_step(s: int, loss: float, batch: int) -> None:
+        nonlocal eps, step
+        step = s
+        history["loss"].append(loss)
+        history["batch"].append(batch)
+        if cfg.dp and (s % max(1, cfg.epsilon_every) == 0 or s == steps):
+            eps = privacy.epsilon(cfg.delta)
+            history["epsilon"].append([s, eps])
+        post = {"loss": f"{loss:.3f}"}
+        if eps is not None:
+            post["eps"] = f"{eps:.2f}"
+        if history["dice"]:
+            post["dice"] = f"{history['dice'][-1][1]:.3f}"
+        bar.set_postfix(post, refresh=False)
+        bar.update()
+
+    # Train in chunks that end at the next evaluation or checkpoint.
+    marks = {steps}
+    for every in (cfg.eval_every, cfg.checkpoint_every):
+        if every and every > 0:
+            marks.update(range(every, steps, every))
+    try:
+        for mark in sorted(m for m in marks if m > start):
+            t = time.perf_counter()
+            local_train(
+                model,
+                optimizer,
+                loader,
+                loss_fn,
+                mark - step,
+                device,
+                on_step,
+                cfg.seed,
+                step,
+                lr=lambda k: lr_at(cfg, k, steps),
+            )
+            seconds += time.perf_counter() - t
+            if cfg.eval_every and mark % cfg.eval_every == 0 and mark != steps and va_images:
+                validate(mark)
+            if mark == steps or (cfg.checkpoint_every and mark % cfg.checkpoint_every == 0):
+                checkpoint(mark)
+    finally:
+        bar.close()
+    rows = validate(step, final=True) if va_images else []
+    if rows:
+        checkpoint(step)  # again, with the final Dice in its history
+    wall = time.perf_counter() - t0
+    report = {
+        "dice": float(np.mean([r["dice"] for r in rows])) if rows else None,
+        "epsilon": privacy.epsilon(cfg.delta) if cfg.dp else None,
+        "delta": cfg.delta if cfg.dp else None,
+        "steps": step,
+        "seconds": seconds,
+        "minutes": seconds / 60.0,
+        "wall_seconds_this_session": wall,
+        "device": device_name(device),
+        "dp": cfg.dp,
+        "engine": cfg.engine if cfg.dp else "none",
+        "noise_multiplier": privacy.noise_multiplier,
+        "max_grad_norm": cfg.max_grad_norm if cfg.dp else None,
+        "sample_rate": privacy.sample_rate,
+        "expected_batch": privacy.sample_rate * len(train_idx),
+        "accountant": cfg.accountant if cfg.dp else None,
+        "grad_sample_mode": privacy.grad_sample_mode,
+        "notes": privacy.notes,
+        "train_cases": len(train_idx),
+        "val_cases": len(val_idx),
+        "num_classes": num_classes,
+        "parameters": sum(p.numel() for p in unwrap(model).parameters()),
+        "resumed_from_step": start if ckpt is not None else None,
+        "per_case": rows,
+        "config": cfg.as_dict(),
+        "versions": {"dpseg": dpseg.__version__, "torch": torch.__version__},
+        "history": history,
+    }
+    write_report(out, report)
+    return report
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    # dpseg's DPOptimizer adds its noise counter and seed; Opacus's keeps only the wrapped
+    # optimizer's state (its noise generator is reseeded per step, see reseed_step).
+    return optimizer.state_dict()
