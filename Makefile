@@ -13,7 +13,7 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH)
 	# --no-build-isolation: the extension must compile against the torch just installed.
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev,flower]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -7,6 +7,7 @@ dpseg.cli adds these with the other commands; user errors raise dpseg.cli.UsageE
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -167,6 +168,13 @@ def add_federate_parser(sub) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--eval-overlap", type=float, default=0.25, help="sliding-window overlap")
     run.add_argument("--no-plots", action="store_true")
+    run.add_argument(
+        "--runtime",
+        choices=("simulator", "flower"),
+        default="simulator",
+        help="simulator: all sites in this process; flower: a local Flower deployment (a "
+        "SuperLink and one SuperNode per site on 127.0.0.1; needs pip install 'dpseg[flower]')",
+    )
     p.set_defaults(func=run_federate)
     return p
 
@@ -217,7 +225,42 @@ def run_federate(args) -> int:
         raise UsageError("--out RUN is required: the folder for the report and checkpoints")
     if args.data is None and args.phantoms is None:
         raise UsageError("give the data: --data DIR (an MSD folder) or --phantoms N --sites K")
+    if getattr(args, "runtime", "simulator") == "flower":
+        return _run_flower(config_from_args(args), args.out, args.resume, not args.no_plots)
     return _run(config_from_args(args), args.out, args.resume, not args.no_plots)
+
+
+def _run_flower(cfg, out: Path, resume: bool, plots: bool) -> int:
+    import importlib.util
+
+    from dpseg.cli import UsageError
+    from dpseg.data import DataError
+
+    if importlib.util.find_spec("flwr") is None:
+        raise UsageError(
+            "--runtime flower needs the Flower package, which is not installed: "
+            "pip install 'dpseg[flower]' (or use --runtime simulator)"
+        )
+    if resume:
+        raise UsageError(
+            "--resume is not supported with --runtime flower (each site's state lives in its "
+            "SuperNode); rerun into a new --out or use --runtime simulator"
+        )
+    from dpseg.federated.flower_deploy import FlowerDeploymentError, run_flower_deployment
+    from dpseg.federated.runner import SetupError
+
+    try:
+        cfg.check()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        run_flower_deployment(cfg, out, plots=plots)
+    except (DataError, SetupError) as exc:
+        raise UsageError(str(exc)) from None
+    except FlowerDeploymentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # --- demo ---------------------------------------------------------------------------------

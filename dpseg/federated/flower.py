@@ -1,0 +1,470 @@
+"""dpseg's federation on Flower: a ClientApp that runs one dpseg ``Site`` and a ServerApp that
+runs dpseg's strategies and writes the same report.json/report.md as ``dpseg federate``.
+
+The apps talk with Flower's Message API (flwr >= 1.10; written against 1.42):
+
+- ``query``: the site says who it is (name, index, cases, q, sigma). The server asks every
+  node once, waits for ``num-sites`` of them, and orders them by site index, so that the
+  sampler and the order of aggregation are those of the in-process simulator.
+- ``train``: global weights (ArrayRecord "weights") and the round's settings (ConfigRecord
+  "config": round, local steps, FedProx mu) in; the weight change (ArrayRecord "delta") and
+  the round's status, loss and timings (ConfigRecord "result") out.
+- ``evaluate``: the new global weights in; the site's held-out Dice and its epsilon after
+  the round out. It goes to every site each round, trained or not, as the simulator records
+  every site's ledger every round.
+
+Flower rebuilds the ClientApp for every message (with SuperNode isolation, in a fresh
+process), so a site keeps everything that must survive a round (optimizer moments, DP step
+counter, accountant history, sampler and patch RNGs: ``Site.state_dict()``) in the node's
+``Context.state``, a record that Flower keeps on that node and never sends anywhere. The
+accountant therefore composes over rounds as in the simulator, and with the same seed the
+two runtimes train bit-identical models (tests/test_flower.py).
+
+The run configuration carries the whole ``FederatedConfig`` as one JSON string
+(``dpseg-config``) plus ``out`` (the server's run folder), ``num-sites``, ``plots`` and
+``threads``. Each node's own configuration (``flower-supernode --node-config``) says which
+site it is and where its patients are: ``site-index`` (and optionally ``site``, its name)
+and ``data`` (an MSD folder holding this site's cases; without it the node reads the
+phantoms the launcher wrote into ``out``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from dpseg.federated.report import build_report, write_report
+from dpseg.federated.runner import FederatedConfig, _environment, _round_line, load_data
+from dpseg.federated.simulator import Simulator
+from dpseg.federated.site import BudgetExhausted, Site, SiteConfig, derive_seed, poisson_rate
+from dpseg.federated.sitedata import SiteData, evaluate_dice
+from dpseg.federated.strategies import make_strategy, trainable_state, update_norm
+
+__all__ = ["client_app", "make_client_app", "make_server_app", "run_config_for", "server_app"]
+
+log = logging.getLogger("dpseg.federated")
+STATE_KEY = "dpseg-site"  # the record in Context.state that holds Site.state_dict()
+
+
+# --- run configuration -------------------------------------------------------------------
+def run_config_for(
+    cfg: FederatedConfig, out: str | Path, num_sites: int, *, plots: bool = True, threads: int = 0
+) -> dict:
+    """The Flower run config of a dpseg run (flat scalars, as Flower requires)."""
+    return {
+        "dpseg-config": json.dumps(asdict(cfg)),
+        "out": str(Path(out).resolve()),
+        "num-sites": int(num_sites),
+        "plots": bool(plots),
+        "threads": int(threads),
+        "connect-timeout": 120.0,
+        "round-timeout": 3600.0,
+    }
+
+
+def _config(context: Context) -> FederatedConfig:
+    return FederatedConfig.from_dict(json.loads(str(context.run_config["dpseg-config"])))
+
+
+def _threads(context: Context) -> None:
+    n = int(context.run_config.get("threads", 0))
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+# --- client --------------------------------------------------------------------------------
+def _model_fn(cfg: FederatedConfig, num_classes: int):
+    from dpseg.models import UNet
+
+    def model_fn():
+        return UNet(
+            3, 1, num_classes, channels=cfg.channels, norm=cfg.norm, upsample=cfg.upsample,
+            seed=cfg.seed,
+        )  # fmt: skip
+
+    return model_fn
+
+
+def _site_data(cfg: FederatedConfig, context: Context) -> tuple[SiteData, int, int]:
+    """(this node's data, its site index, number of classes) from the node config."""
+    node = context.node_config
+    if "data" in node:  # a site on its own machine: its own MSD folder
+        cfg = replace(cfg, data=str(node["data"]), phantoms=None, partition="site", sites=None)
+    sites, num_classes = load_data(cfg, Path(str(context.run_config["out"])), progress=False)
+    if "site" in node:
+        names = [s.name for s in sites]
+        if str(node["site"]) not in names:
+            raise ValueError(f"node config site={node['site']!r} is not among the sites {names}")
+        data = sites[names.index(str(node["site"]))]
+    elif "data" in node and len(sites) == 1:
+        data = sites[0]
+    elif "site-index" in node:
+        data = sites[int(node["site-index"])]
+    else:
+        raise ValueError("give the SuperNode --node-config 'site-index=K' (and data=DIR)")
+    index = int(node.get("site-index", [s.name for s in sites].index(data.name)))
+    return data, index, num_classes
+
+
+def _sigma(cfg: FederatedConfig, data: SiteData) -> float:
+    from dpseg.federated.runner import noise_multipliers
+
+    return noise_multipliers(cfg, [data])[data.name]
+
+
+def _build_site(cfg: FederatedConfig, data: SiteData, index: int, num_classes: int) -> Site:
+    """The site exactly as runner.build_simulator builds site ``index`` (same seeds)."""
+    engine = cfg.engines[0]
+    site_cfg = SiteConfig(
+        engine=engine, optimizer=cfg.optimizer, lr=cfg.lr, batch_size=cfg.batch_size,
+        max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant, delta=cfg.delta,
+        max_epsilon=cfg.max_epsilon, opacus_mode=cfg.opacus_mode, backend=cfg.backend,
+        device=cfg.device,
+    )  # fmt: skip
+    return Site(
+        data.name, index,
+        data.patches(cfg.patch, cfg.p_foreground, derive_seed(cfg.seed, 5, index)),
+        _model_fn(cfg, num_classes), site_cfg, noise_multiplier=_sigma(cfg, data), seed=cfg.seed,
+    )  # fmt: skip
+
+
+def _load_site(context: Context) -> tuple[FederatedConfig, Site, SiteData, int]:
+    cfg = _config(context)
+    data, index, num_classes = _site_data(cfg, context)
+    site = _build_site(cfg, data, index, num_classes)
+    if STATE_KEY in context.state:
+        blob = context.state[STATE_KEY]["state"]
+        # The same tensors, dicts and RNG states that dpseg's checkpoints hold (weights_only).
+        site.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))
+    return cfg, site, data, num_classes
+
+
+def _save_site(context: Context, site: Site) -> None:
+    buf = io.BytesIO()
+    torch.save(site.state_dict(), buf)
+    context.state[STATE_KEY] = ConfigRecord({"state": buf.getvalue()})
+
+
+def _query(msg: Message, context: Context) -> Message:
+    cfg = _config(context)
+    data, index, num_classes = _site_data(cfg, context)
+    q, steps_per_epoch = poisson_rate(len(data.train_images), cfg.batch_size)
+    info = {
+        "name": data.name, "index": index, "train_cases": len(data.train_images),
+        "test_cases": len(data.test_images), "cases": json.dumps(data.cases),
+        "sample_rate": q, "steps_per_epoch": steps_per_epoch,
+        "noise_multiplier": _sigma(cfg, data),
+        "num_classes": num_classes,
+    }  # fmt: skip
+    return Message(RecordDict({"site": ConfigRecord(info)}), reply_to=msg)
+
+
+def _train(msg: Message, context: Context) -> Message:
+    _threads(context)
+    _cfg, site, _data, _ = _load_site(context)
+    weights = msg.content["weights"].to_torch_state_dict()
+    conf = msg.content["config"]
+    fit_config = {"proximal_mu": float(conf["proximal_mu"])} if "proximal_mu" in conf else {}
+    result: dict = {"status": "ok"}
+    delta = ArrayRecord()
+    try:
+        update = site.fit(weights, int(conf["steps"]), fit_config)
+    except BudgetExhausted as exc:
+        result = {"status": "budget", "message": str(exc)}
+    except Exception as exc:  # reported to the server, which leaves the site out of the round
+        log.error("site %s failed:\n%s", site.name, traceback.format_exc())
+        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    else:
+        delta = ArrayRecord(update.delta)
+        result.update(
+            num_examples=update.num_examples, steps=update.steps, seconds=update.seconds,
+            cpu_seconds=float(update.metrics.get("cpu_seconds", 0.0)),
+        )  # fmt: skip
+        if update.loss is not None:
+            result["loss"] = update.loss
+    _save_site(context, site)
+    content = RecordDict({"delta": delta, "result": ConfigRecord(result)})
+    return Message(content, reply_to=msg)
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
+    _threads(context)
+    cfg, site, data, num_classes = _load_site(context)
+    r = int(msg.content["config"]["round"])
+    result: dict = {}
+    if site.ledger is not None:
+        result["epsilon"] = site.ledger.record_round(r)["epsilon"]
+        _save_site(context, site)
+    model = _model_fn(cfg, num_classes)().to(cfg.device)
+    model.load_state_dict(msg.content["weights"].to_torch_state_dict(), strict=False)
+    start = time.perf_counter()
+    scores = evaluate_dice(model, [data], cfg.patch, num_classes, cfg.eval_overlap, cfg.device)
+    result["eval_seconds"] = time.perf_counter() - start
+    result["test_cases"] = len(data.test_images)
+    if scores["sites"][data.name] is not None:
+        result["dice"] = scores["sites"][data.name]
+    return Message(RecordDict({"result": ConfigRecord(result)}), reply_to=msg)
+
+
+def make_client_app() -> ClientApp:
+    """A ClientApp whose train/evaluate/query run this node's dpseg site."""
+    app = ClientApp()
+    app.query()(_query)
+    app.train()(_train)
+    app.evaluate()(_evaluate)
+    return app
+
+
+# --- server --------------------------------------------------------------------------------
+@dataclass
+class RemoteSite:
+    """The server's view of a site: what build_report and the sampler read of a ``Site``."""
+
+    name: str
+    index: int
+    node_id: int
+    train_cases: int
+    test_cases: int
+    sample_rate: float
+    steps_per_epoch: int
+    noise_multiplier: float
+    num_classes: int
+    cases: dict = field(default_factory=dict)
+    epsilon: float | None = None
+    exhausted: str | None = None
+
+    def steps_for(self, local_steps: int | None, local_epochs: int | None) -> int:
+        return local_epochs * self.steps_per_epoch if local_epochs is not None else local_steps
+
+    # build_report reads len() of a SiteData's case lists; these stand in for them.
+    @property
+    def train_images(self) -> range:
+        return range(self.train_cases)
+
+    @property
+    def test_images(self) -> range:
+        return range(self.test_cases)
+
+
+def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(nodes)} of {n} SuperNodes connected within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _send(grid: Grid, kind: str, contents: dict[int, RecordDict], group: str, timeout: float):
+    messages = [
+        Message(content, dst_node_id=node, message_type=kind, group_id=group)
+        for node, content in contents.items()
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    return {reply.metadata.src_node_id: reply for reply in replies}
+
+
+def _discover(grid: Grid, context: Context) -> list[RemoteSite]:
+    rc = context.run_config
+    nodes = _wait_for_nodes(grid, int(rc["num-sites"]), float(rc["connect-timeout"]))
+    replies = _send(grid, MessageType.QUERY, {n: RecordDict() for n in nodes}, "0", 600.0)
+    sites = []
+    for node, reply in replies.items():
+        if reply.has_error():
+            raise RuntimeError(f"SuperNode {node} could not load its site: {reply.error.reason}")
+        info = reply.content["site"]
+        sites.append(
+            RemoteSite(
+                str(info["name"]),
+                int(info["index"]),
+                node,
+                int(info["train_cases"]),
+                int(info["test_cases"]),
+                float(info["sample_rate"]),
+                int(info["steps_per_epoch"]),
+                float(info["noise_multiplier"]),
+                int(info["num_classes"]),
+                json.loads(str(info["cases"])),
+            )  # fmt: skip
+        )
+    sites.sort(key=lambda s: s.index)
+    if len(sites) != len(nodes) or len({s.name for s in sites}) != len(sites):
+        raise RuntimeError(f"sites must be distinct, got {[s.name for s in sites]}")
+    return sites
+
+
+def _simulator(cfg: FederatedConfig, sites: list[RemoteSite], num_classes: int) -> Simulator:
+    """A Simulator over the remote sites: its sampler, strategy (with client-level DP),
+    server ledger and history, with the rounds run by ``_flower_round`` instead."""
+    model = _model_fn(cfg, num_classes)().to(cfg.device)
+    strategy = make_strategy(
+        cfg.strategy, mu=cfg.mu, server_lr=cfg.server_lr, beta1=cfg.beta1, beta2=cfg.beta2,
+        tau=cfg.tau,
+    )  # fmt: skip
+    client_dp = None
+    if cfg.client_clip is not None:
+        client_dp = {
+            "clip": cfg.client_clip, "noise_multiplier": cfg.client_noise, "delta": cfg.delta,
+            "accountant": "rdp",
+        }  # fmt: skip
+    return Simulator(
+        sites, model, strategy, local_steps=cfg.local_steps, local_epochs=cfg.local_epochs,
+        fraction=cfg.fraction, seed=cfg.seed, client_dp=client_dp, label=cfg.engines[0],
+    )  # fmt: skip
+
+
+def _flower_round(sim: Simulator, grid: Grid, timeout: float) -> dict:
+    """Simulator.run_round with the sites reached through Flower: the chosen sites train in
+    parallel, and their updates are aggregated in site order, as the simulator does."""
+    from dpseg.federated.strategies import SiteUpdate
+
+    r = sim.round + 1
+    chosen = sim.sample()
+    config = sim.strategy.configure_fit(r)
+    record: dict = {"round": r, "sampled": [s.name for s in chosen], "sites": {}}
+    start, cpu_start = time.perf_counter(), time.process_time()
+    weights = ArrayRecord({k: v.contiguous() for k, v in sim.weights.items()})
+    contents = {}
+    for s in chosen:
+        conf = {"round": r, "steps": s.steps_for(sim.local_steps, sim.local_epochs), **config}
+        contents[s.node_id] = RecordDict({"weights": weights, "config": ConfigRecord(conf)})
+    replies = _send(grid, MessageType.TRAIN, contents, str(r), timeout) if contents else {}
+    updates, site_cpu = [], 0.0
+    for site in sim.sites:
+        entry: dict = {"status": "idle", "seconds": 0.0, "steps": 0}
+        record["sites"][site.name] = entry
+        if site not in chosen:
+            if site.exhausted:
+                entry["status"] = "budget"
+            continue
+        reply = replies.get(site.node_id)
+        if reply is None or reply.has_error():
+            why = "no reply in time" if reply is None else reply.error.reason
+            entry.update(status="failed", error=why)
+            log.error("round %d: site %s failed: %s", r, site.name, why)
+            continue
+        res = reply.content["result"]
+        if res["status"] == "budget":
+            site.exhausted = str(res["message"])
+            entry.update(status="budget", message=site.exhausted)
+            continue
+        if res["status"] == "failed":
+            entry.update(status="failed", error=str(res["error"]))
+            continue
+        loss = float(res["loss"]) if "loss" in res else None
+        entry.update(
+            status="ok", seconds=float(res["seconds"]), steps=int(res["steps"]), loss=loss,
+            cpu_seconds=float(res["cpu_seconds"]),
+        )  # fmt: skip
+        site_cpu += float(res["cpu_seconds"])
+        delta = reply.content["delta"].to_torch_state_dict()
+        updates.append(SiteUpdate(site.name, delta, int(res["num_examples"]), int(res["steps"])))
+    agg_start = time.perf_counter()
+    if updates or sim.server_ledger is not None:
+        sim.weights = sim.strategy.aggregate(sim.weights, updates)
+    record["aggregate_seconds"] = time.perf_counter() - agg_start
+    record["seconds"] = time.perf_counter() - start
+    # The sites' training CPU time plus the server's: what the simulator's process time counts.
+    record["cpu_seconds"] = site_cpu + time.process_time() - cpu_start
+    record["update_norm"] = update_norm(
+        {k: sim.weights[k] - v for k, v in trainable_state(sim.model).items()}
+    )
+    sim.model.load_state_dict(sim.weights, strict=False)
+    if sim.server_ledger is not None:
+        sim.server_ledger.accountant.step(
+            noise_multiplier=sim.strategy.noise_multiplier, sample_rate=sim.fraction
+        )
+        record["client_epsilon"] = sim.server_ledger.record_round(r)["epsilon"]
+        record["clipped_sites"] = list(sim.strategy.last_clipped)
+    eval_start = time.perf_counter()
+    weights = ArrayRecord({k: v.contiguous() for k, v in sim.weights.items()})
+    contents = {
+        s.node_id: RecordDict({"weights": weights, "config": ConfigRecord({"round": r})})
+        for s in sim.sites
+    }
+    replies = _send(grid, MessageType.EVALUATE, contents, str(r), timeout)
+    dice, cases = [], []
+    for site in sim.sites:
+        entry = record["sites"][site.name]
+        reply = replies.get(site.node_id)
+        if reply is None or reply.has_error():
+            entry["epsilon"] = site.epsilon
+            continue
+        res = reply.content["result"]
+        if "epsilon" in res:
+            site.epsilon = float(res["epsilon"])
+        entry["epsilon"] = site.epsilon
+        if "dice" in res:
+            entry["dice"] = float(res["dice"])
+            dice.append(entry["dice"])
+            cases.append(int(res["test_cases"]))
+    # Pooled: each held-out case counts once, as evaluate_dice pools them.
+    total = sum(cases)
+    pooled = sum(d * n for d, n in zip(dice, cases, strict=True))
+    record["pooled_dice"] = pooled / total if total else None
+    record["eval_seconds"] = time.perf_counter() - eval_start
+    sim.round = r
+    sim.history.append(record)
+    return record
+
+
+def _server_main(grid: Grid, context: Context) -> None:
+    cfg = _config(context)
+    rc = context.run_config
+    out = Path(str(rc["out"]))
+    out.mkdir(parents=True, exist_ok=True)
+    sites = _discover(grid, context)
+    num_classes = sites[0].num_classes
+    sim = _simulator(cfg, sites, num_classes)
+    sigmas = {s.name: s.noise_multiplier for s in sites}
+    env = {**_environment(cfg.device), "runtime": "flower", "flwr": _flwr_version()}
+    engine = cfg.engines[0]
+
+    def report() -> dict:
+        return build_report(cfg, {engine: sim}, sites, sigmas, env)
+
+    timeout = float(rc["round-timeout"])
+    while sim.round < cfg.rounds:
+        if sim.done:
+            print(f"{engine}: every site has spent its privacy budget; stopping", flush=True)
+            break
+        record = _flower_round(sim, grid, timeout)
+        print(_round_line(engine, record, cfg.rounds), flush=True)
+        (out / "report.json").write_text(json.dumps(report(), indent=1))
+    final = report()
+    write_report(final, out, plots=bool(rc["plots"]))
+    # Written last and renamed into place: the launcher takes the file as "the run is done".
+    tmp = out / f".flower_{engine}.pt.tmp"
+    torch.save({"weights": sim.weights, "round": sim.round}, tmp)
+    os.replace(tmp, out / f"flower_{engine}.pt")
+    print(f"wrote {out / 'report.json'} and {out / 'report.md'}", flush=True)
+
+
+def _flwr_version() -> str:
+    import flwr
+
+    return flwr.__version__
+
+
+def make_server_app() -> ServerApp:
+    """A ServerApp that runs dpseg's strategy over the connected sites and writes the report."""
+    app = ServerApp()
+    app.main()(_server_main)
+    return app
+
+
+client_app = make_client_app()
+server_app = make_server_app()
