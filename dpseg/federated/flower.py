@@ -45,11 +45,16 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from dpseg.federated.report import build_report, write_report
-from dpseg.federated.runner import FederatedConfig, _environment, _round_line, load_data
+from dpseg.federated.runner import (
+    FederatedConfig,
+    load_data,
+    round_line,
+    run_environment,
+    server_strategy,
+)
 from dpseg.federated.simulator import Simulator
 from dpseg.federated.site import BudgetExhausted, Site, SiteConfig, derive_seed, poisson_rate
 from dpseg.federated.sitedata import SiteData, evaluate_dice
-from dpseg.federated.strategies import make_strategy, trainable_state, update_norm
 
 __all__ = ["client_app", "make_client_app", "make_server_app", "run_config_for", "server_app"]
 
@@ -310,16 +315,7 @@ def _simulator(cfg: FederatedConfig, sites: list[RemoteSite], num_classes: int) 
     """A Simulator over the remote sites: its sampler, strategy (with client-level DP),
     server ledger and history, with the rounds run by ``_flower_round`` instead."""
     model = _model_fn(cfg, num_classes)().to(cfg.device)
-    strategy = make_strategy(
-        cfg.strategy, mu=cfg.mu, server_lr=cfg.server_lr, beta1=cfg.beta1, beta2=cfg.beta2,
-        tau=cfg.tau,
-    )  # fmt: skip
-    client_dp = None
-    if cfg.client_clip is not None:
-        client_dp = {
-            "clip": cfg.client_clip, "noise_multiplier": cfg.client_noise, "delta": cfg.delta,
-            "accountant": "rdp",
-        }  # fmt: skip
+    strategy, client_dp = server_strategy(cfg)
     return Simulator(
         sites, model, strategy, local_steps=cfg.local_steps, local_epochs=cfg.local_epochs,
         fraction=cfg.fraction, seed=cfg.seed, client_dp=client_dp, label=cfg.engines[0],
@@ -379,16 +375,7 @@ def _flower_round(sim: Simulator, grid: Grid, timeout: float) -> dict:
     record["seconds"] = time.perf_counter() - start
     # The sites' training CPU time plus the server's: what the simulator's process time counts.
     record["cpu_seconds"] = site_cpu + time.process_time() - cpu_start
-    record["update_norm"] = update_norm(
-        {k: sim.weights[k] - v for k, v in trainable_state(sim.model).items()}
-    )
-    sim.model.load_state_dict(sim.weights, strict=False)
-    if sim.server_ledger is not None:
-        sim.server_ledger.accountant.step(
-            noise_multiplier=sim.strategy.noise_multiplier, sample_rate=sim.fraction
-        )
-        record["client_epsilon"] = sim.server_ledger.record_round(r)["epsilon"]
-        record["clipped_sites"] = list(sim.strategy.last_clipped)
+    sim.close_round(record, r)
     eval_start = time.perf_counter()
     weights = ArrayRecord({k: v.contiguous() for k, v in sim.weights.items()})
     contents = {
@@ -430,7 +417,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     num_classes = sites[0].num_classes
     sim = _simulator(cfg, sites, num_classes)
     sigmas = {s.name: s.noise_multiplier for s in sites}
-    env = {**_environment(cfg.device), "runtime": "flower", "flwr": _flwr_version()}
+    env = {**run_environment(cfg.device), "runtime": "flower", "flwr": _flwr_version()}
     engine = cfg.engines[0]
 
     def report() -> dict:
@@ -442,7 +429,7 @@ def _server_main(grid: Grid, context: Context) -> None:
             print(f"{engine}: every site has spent its privacy budget; stopping", flush=True)
             break
         record = _flower_round(sim, grid, timeout)
-        print(_round_line(engine, record, cfg.rounds), flush=True)
+        print(round_line(engine, record, cfg.rounds), flush=True)
         (out / "report.json").write_text(json.dumps(report(), indent=1))
     final = report()
     write_report(final, out, plots=bool(rc["plots"]))

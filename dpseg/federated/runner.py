@@ -173,6 +173,22 @@ def noise_multipliers(cfg: FederatedConfig, sites: list[SiteData]) -> dict[str, 
     return out
 
 
+def server_strategy(cfg: FederatedConfig):
+    """(strategy, client-level DP settings or None): the server side of a run, shared by the
+    in-process simulator and the Flower ServerApp."""
+    strategy = make_strategy(
+        cfg.strategy, mu=cfg.mu, server_lr=cfg.server_lr, beta1=cfg.beta1, beta2=cfg.beta2,
+        tau=cfg.tau,
+    )  # fmt: skip
+    client_dp = None
+    if cfg.client_clip is not None:
+        client_dp = {
+            "clip": cfg.client_clip, "noise_multiplier": cfg.client_noise, "delta": cfg.delta,
+            "accountant": "rdp",
+        }  # fmt: skip
+    return strategy, client_dp
+
+
 def build_simulator(
     cfg: FederatedConfig,
     engine: str,
@@ -207,16 +223,7 @@ def build_simulator(
         for k, s in enumerate(sites)
     ]
     model = model_fn().to(cfg.device)
-    strategy = make_strategy(
-        cfg.strategy, mu=cfg.mu, server_lr=cfg.server_lr, beta1=cfg.beta1, beta2=cfg.beta2,
-        tau=cfg.tau,
-    )  # fmt: skip
-    client_dp = None
-    if cfg.client_clip is not None:
-        client_dp = {
-            "clip": cfg.client_clip, "noise_multiplier": cfg.client_noise, "delta": cfg.delta,
-            "accountant": "rdp",
-        }  # fmt: skip
+    strategy, client_dp = server_strategy(cfg)
 
     def evaluate(m):
         return evaluate_dice(m, sites, cfg.patch, num_classes, cfg.eval_overlap, cfg.device)
@@ -288,7 +295,7 @@ def run_federation(
             sim.load_state_dict(saved)
             echo(f"{engine}: resumed after round {sim.round} from {checkpoints[engine].name}")
 
-    env = _environment(cfg.device)
+    env = run_environment(cfg.device)
 
     def report() -> dict:
         return build_report(cfg, sims, sites, sigmas, env)
@@ -299,7 +306,7 @@ def run_federation(
                 continue
             record = sim.run_round(progress)
             sim.save(checkpoints[engine], extra={"config": cfg.resume_key()})
-            echo(_round_line(engine, record, cfg.rounds))
+            echo(round_line(engine, record, cfg.rounds))
         (out / "report.json").write_text(json.dumps(report(), indent=1))
     for engine, sim in sims.items():
         if sim.done:
@@ -315,7 +322,7 @@ def run_federation(
     return final
 
 
-def _round_line(engine: str, record: dict, rounds: int) -> str:
+def round_line(engine: str, record: dict, rounds: int) -> str:
     parts = []
     for name, e in record["sites"].items():
         eps = e.get("epsilon")
@@ -331,7 +338,7 @@ def _round_line(engine: str, record: dict, rounds: int) -> str:
     )
 
 
-def _environment(device: str) -> dict:
+def run_environment(device: str) -> dict:
     import os
 
     from dpseg.perf.harness import environment

@@ -100,6 +100,20 @@ class Simulator:
         chosen = sorted(self.sampler.choice(len(active), size=m, replace=False).tolist())
         return [active[i] for i in chosen]
 
+    def close_round(self, record: dict, r: int) -> None:
+        """After aggregation: the update's norm, the new global model, and the round's
+        client-level privacy cost (shared with the Flower ServerApp)."""
+        record["update_norm"] = update_norm(
+            {k: self.weights[k] - v for k, v in trainable_state(self.model).items()}
+        )
+        self.model.load_state_dict(self.weights, strict=False)
+        if self.server_ledger is not None:
+            self.server_ledger.accountant.step(
+                noise_multiplier=self.strategy.noise_multiplier, sample_rate=self.fraction
+            )
+            record["client_epsilon"] = self.server_ledger.record_round(r)["epsilon"]
+            record["clipped_sites"] = list(self.strategy.last_clipped)
+
     def run_round(self, progress: bool = False) -> dict:
         """One round; returns its record (also appended to ``history``)."""
         r = self.round + 1
@@ -151,16 +165,7 @@ class Simulator:
         # CPU seconds of this process: on a CPU shared with other jobs they measure the work
         # done rather than the time spent waiting for a core, so their ratios are steadier.
         record["cpu_seconds"] = time.process_time() - cpu_start
-        record["update_norm"] = update_norm(
-            {k: self.weights[k] - v for k, v in trainable_state(self.model).items()}
-        )
-        self.model.load_state_dict(self.weights, strict=False)
-        if self.server_ledger is not None:
-            self.server_ledger.accountant.step(
-                noise_multiplier=self.strategy.noise_multiplier, sample_rate=self.fraction
-            )
-            record["client_epsilon"] = self.server_ledger.record_round(r)["epsilon"]
-            record["clipped_sites"] = list(self.strategy.last_clipped)
+        self.close_round(record, r)
         for site in self.sites:
             entry = record["sites"][site.name]
             entry["epsilon"] = site.ledger.record_round(r)["epsilon"] if site.ledger else None
