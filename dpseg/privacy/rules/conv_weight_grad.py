@@ -13,7 +13,10 @@ Neither wins everywhere. Measured on the 2-core CPU (torch 2.13, fp32, B=2, 3x3x
    1->16 @ 64^3: loop 84 ms, grouped 54 ms   (batched: 20 ms; oneDNN is poor at Cin=1, N=1)
   32->32 @ 32^3: loop 25 ms, grouped 22 ms   (batched: 21 ms)
   64->64 @ 16^3: loop 45 ms, grouped 11 ms   (batched: 10 ms)
-so ``auto`` times both once per shape and power-of-two batch bucket (second call, after
+At small patches the best per-sample strategy still costs more than the batched gradient
+(B=8, idle CPU: 24->8 @ 16^3 grouped 13.5 ms vs batched 8.5 ms; 48->16 @ 8^3 2.1 vs 1.3 ms),
+which is most of the 1.29x DP step of the 16^3 federated demo (0.97x at 64^3).
+``auto`` times both once per shape and power-of-two batch bucket (second call, after
 oneDNN built its primitive) and caches the winner for the process. Small problems skip
 the timing and take ``grouped``.
 
