@@ -199,28 +199,21 @@ def trained_run(phantoms, tmp_path_factory):
     return run
 
 
+def _predict_on_own_grid(run, image, out):
+    """Runs `dpseg predict` and checks the mask lies on the image's own shape and affine."""
+    argv = ["predict", "--checkpoint", str(run / "checkpoint.pt"), "--image", str(image)]
+    assert main([*argv, "--out", str(out)]) == 0
+    src, mask = nib.load(str(image)), nib.load(str(out))
+    assert mask.shape == src.shape
+    np.testing.assert_array_equal(mask.affine, src.affine)
+    return src, mask
+
+
 @pytest.mark.real_data
 @pytest.mark.parametrize("case", ["liver_0", "liver_1"])  # RAS int32 3 mm; LAS int16 0.98 mm
 def test_predict_real_ct_keeps_shape_and_affine(trained_run, shared_data, tmp_path, case):
     image = shared_data / "liver_ct_mini" / "imagesTr" / f"{case}.nii.gz"
-    out = tmp_path / "mask.nii.gz"
-    assert (
-        main(
-            [
-                "predict",
-                "--checkpoint",
-                str(trained_run / "checkpoint.pt"),
-                "--image",
-                str(image),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    src, mask = nib.load(str(image)), nib.load(str(out))
-    assert mask.shape == src.shape
-    np.testing.assert_array_equal(mask.affine, src.affine)
+    src, mask = _predict_on_own_grid(trained_run, image, tmp_path / "mask.nii.gz")
     assert nib.aff2axcodes(mask.affine) == nib.aff2axcodes(src.affine)
     data = np.asanyarray(mask.dataobj)
     assert np.issubdtype(data.dtype, np.integer) and set(np.unique(data)) <= {0, 1}
@@ -228,21 +221,4 @@ def test_predict_real_ct_keeps_shape_and_affine(trained_run, shared_data, tmp_pa
 
 def test_predict_phantom_round_trip(trained_run, phantoms, tmp_path):
     image = phantoms / "imagesTr" / "phantom_0000.nii.gz"
-    out = tmp_path / "sub" / "mask.nii.gz"
-    assert (
-        main(
-            [
-                "predict",
-                "--checkpoint",
-                str(trained_run / "checkpoint.pt"),
-                "--image",
-                str(image),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    src, mask = nib.load(str(image)), nib.load(str(out))
-    assert mask.shape == src.shape
-    np.testing.assert_array_equal(mask.affine, src.affine)
+    _predict_on_own_grid(trained_run, image, tmp_path / "sub" / "mask.nii.gz")

@@ -276,9 +276,8 @@ def test_noise_is_the_philox_noise_scaled_by_sigma_C_over_batch():
     torch.manual_seed(2)
     x = torch.randn(2, 1, 4, 4, 4, dtype=torch.float64)
     y = torch.randint(0, 2, (2, 4, 4, 4))
-    a, b = SmallSegNet().double(), None
+    a = SmallSegNet().double()
     b = copy.deepcopy(a)
-    start = copy.deepcopy(a)
     sigma, C = 0.7, 0.3
     _private_step(a, x, y, seg_loss_mean, "mean", sigma=sigma, C=C, seed=11)
     _private_step(b, x, y, seg_loss_mean, "mean", sigma=0.0, C=C, seed=11)
@@ -292,7 +291,6 @@ def test_noise_is_the_philox_noise_scaled_by_sigma_C_over_batch():
         noise.numel(), seed=11, step=0, dtype=torch.float64, backend="torch"
     )
     torch.testing.assert_close(noise, sigma * C / 4 * z, rtol=1e-9, atol=1e-15)
-    del start
 
 
 def test_empty_batch_is_a_noise_only_step():
