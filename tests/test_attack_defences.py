@@ -136,9 +136,12 @@ def test_cli_writes_the_run_folder(phantom_data, tmp_path):
     assert [d["name"] for d in report["defences"]] == ["none", "clip", "dp:1.0"]
     for row in [*report["defences"], report["baseline"]]:
         assert {"name", "noise_multiplier", "ssim", "psnr", "mse"} <= set(row)
-    assert (out / "attack.png").stat().st_size > 0 and "| dp:1.0 |" in (
-        out / "report.md"
-    ).read_text()
+    text = (out / "report.md").read_text()
+    assert (out / "attack.png").stat().st_size > 0 and "| dp:1.0 |" in text
+    # The floor: an image 1% away from the original has an update near, not at, the original's.
+    floor = report["matching_floor"]
+    assert floor["noise_std"] == 0.01 and 0.0 < floor["grad_distance"] < 0.5
+    assert 0.8 < floor["ssim"] < 1.0 and "Matching floor" in text
 
 
 @pytest.mark.parametrize(

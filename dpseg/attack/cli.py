@@ -98,7 +98,7 @@ def add_attack_parser(sub) -> None:
     extra.add_argument(
         "--lr", type=float, default=0.03, help="attack step size (signed Adam, image in [0, 1])"
     )
-    extra.add_argument("--tv", type=float, default=0.03, help="total-variation weight")
+    extra.add_argument("--tv", type=float, default=0.1, help="total-variation weight")
     extra.add_argument("--seed", type=int, default=0, help="model init, noise and restart seed")
     extra.add_argument(
         "--threads",

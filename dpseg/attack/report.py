@@ -110,6 +110,31 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _floor_lines(report: dict) -> list[str]:
+    """One paragraph: how well the undefended update was matched, against how well the
+    update of an image indistinguishable from the original matches it."""
+    floor = report.get("matching_floor")
+    plain = next((r for r in report["defences"] if r["name"] == "none"), None)
+    if floor is None:
+        return []
+    reached = (
+        f" The undefended reconstruction reached {plain['grad_distance']:.4f}"
+        + (
+            ": below the floor, so the update does not determine what it still gets wrong."
+            if plain["grad_distance"] <= floor["grad_distance"]
+            else ": above the floor, so a better optimiser could still gain."
+        )
+        if plain is not None
+        else ""
+    )
+    return [
+        f"Matching floor: the original plus Gaussian noise of std {floor['noise_std']} "
+        f"(SSIM {floor['ssim']:.3f}) is at gradient distance {floor['grad_distance']:.4f} "
+        f"from the undefended update.{reached}",
+        "",
+    ]
+
+
 def write_report(out: Path, report: dict, command: str) -> None:
     out = Path(out)
     # JSON has no infinity: an exact reconstruction's PSNR is written as null.
@@ -133,6 +158,7 @@ def write_report(out: Path, report: dict, command: str) -> None:
         f"'no better' = SSIM within {report['baseline_margin']} of the attack fed a random "
         "gradient with the undefended update's per-layer norms.",
         "",
+        *_floor_lines(report),
         "![reconstructions](attack.png)",
         "",
     ]
