@@ -176,3 +176,21 @@ def test_cli_usage_errors(phantom_data, tmp_path, argv, match):
     args = _parse(base + argv)
     with pytest.raises(UsageError, match=match):
         args.func(args)
+
+
+def test_mask_reference_paints_the_mask_with_the_originals_means():
+    from dpseg.attack.experiment import mask_reference
+    from dpseg.attack.metrics import ssim
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 1, 16, 16, generator=g)
+    y = (torch.rand(2, 16, 16, generator=g) > 0.6).long()
+    expected = []
+    for b in range(2):
+        m = y[b] > 0
+        painted = torch.where(m, x[b, 0][m].mean(), x[b, 0][~m].mean())
+        expected.append(ssim(painted, x[b, 0], 1.0))
+    assert mask_reference(x, y)["ssim"] == pytest.approx(sum(expected) / 2, abs=1e-9)
+    # An image that is exactly two-valued on its mask is its own reference.
+    flat = (0.2 + 0.5 * y.float()).unsqueeze(1)
+    assert mask_reference(flat, y)["ssim"] == pytest.approx(1.0, abs=1e-9)

@@ -169,6 +169,18 @@ def matching_floor(
     }
 
 
+def mask_reference(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """SSIM of the mask painted with the original's mean intensity inside and outside it:
+    what knowing the mask and two intensities gives. An attack that scores near this has
+    shown the mask (which a known-mask attacker was given), not the image."""
+    fg = (y > 0).unsqueeze(1).to(x.dtype)
+    inside = (x * fg).flatten(1).sum(1) / fg.flatten(1).sum(1).clamp_min(1)
+    outside = (x * (1 - fg)).flatten(1).sum(1) / (1 - fg).flatten(1).sum(1).clamp_min(1)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    painted = fg * inside.view(view) + (1 - fg) * outside.view(view)
+    return {"ssim": _scores(x, painted, x.dim() - 2, match=False)["ssim"]}
+
+
 def run_experiment(
     cfg: ExperimentConfig, progress: Callable[[str, int], None] | None = None
 ) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor]:
@@ -279,6 +291,7 @@ def run_experiment(
         "defences": rows,
         "baseline": baseline,
         "matching_floor": floor,
+        "mask_reference": mask_reference(x, y),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return report, recs, x

@@ -120,7 +120,9 @@ def _floor_lines(report: dict) -> list[str]:
     reached = (
         f" The undefended reconstruction reached {plain['grad_distance']:.4f}"
         + (
-            ": below the floor, so the update does not determine what it still gets wrong."
+            ": at or below the floor, so the update is matched as closely as an image "
+            "indistinguishable from the original matches it, and what the reconstruction still "
+            "gets wrong is not pinned down at that distance."
             if plain["grad_distance"] <= floor["grad_distance"]
             else ": above the floor, so a better optimiser could still gain."
         )
@@ -132,6 +134,15 @@ def _floor_lines(report: dict) -> list[str]:
         f"(SSIM {floor['ssim']:.3f}) is at gradient distance {floor['grad_distance']:.4f} "
         f"from the undefended update.{reached}",
         "",
+        *(
+            [
+                f"Mask-only reference: the mask painted with the original's mean intensity "
+                f"inside and outside it scores SSIM {report['mask_reference']['ssim']:.3f}.",
+                "",
+            ]
+            if "mask_reference" in report
+            else []
+        ),
     ]
 
 
