@@ -78,10 +78,15 @@ def test_dp_noise_has_the_expected_std(sigma, b):
 
 def test_random_update_keeps_norms():
     ref = [torch.randn(4, 3) * 5, torch.randn(7) * 0.1]
-    per_layer = dfn.random_update(ref, seed=0)
+    per_layer = dfn.random_update(ref, seed=0, per_layer=True)
     assert [float(t.norm()) for t in per_layer] == pytest.approx([float(t.norm()) for t in ref])
-    total = dfn.random_update(ref, seed=0, per_layer=False)
+    total = dfn.random_update(ref, seed=0)  # the default: isotropic, like DP's noise
     assert _norm(total) == pytest.approx(_norm(ref))
+    # Isotropic: the layers' shares of the squared norm follow their sizes (400 vs 100
+    # entries: 0.8), not the reference's (almost all of it in the first).
+    big = [torch.randn(400) * 5, torch.randn(100) * 0.1]
+    iso = dfn.random_update(big, seed=1)
+    assert float(iso[0].norm()) ** 2 / _norm(iso) ** 2 == pytest.approx(0.8, abs=0.05)
 
 
 # --- the CLI --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
   undefended or through dpseg's engine (``clip``, ``dp:SIGMA``).
 - ``reconstruct``: gradient matching (cosine over all layers, TV prior, signed Adam, box,
   restarts; mask known or optimised jointly), for gradients and local updates.
-- ``random_update``: the baseline update (same per-layer norms, random directions).
+- ``random_update``: the baseline update (an isotropic random direction, the same norm).
 - ``ssim`` / ``psnr`` / ``mse``: how close a reconstruction is to the original.
 """
 

@@ -154,11 +154,12 @@ def shared_update(
 
 
 def random_update(
-    reference: Sequence[torch.Tensor], seed: int = 0, per_layer: bool = True
+    reference: Sequence[torch.Tensor], seed: int = 0, per_layer: bool = False
 ) -> list[torch.Tensor]:
-    """Gaussian tensors shaped like ``reference``, rescaled to its norm per layer (or in
-    total): what the attack is fed for the baseline. An attack on a defended update that
-    scores no better than on this one has learned nothing from the update."""
+    """Gaussian tensors shaped like ``reference``, rescaled to its total norm (isotropic,
+    like DP's noise; or to its norm per layer): what the attack is fed for the baseline. An
+    attack on a defended update that scores no better than on this one has learned nothing
+    from the update."""
     gen = torch.Generator().manual_seed(seed)
     out = [torch.randn(r.shape, generator=gen, dtype=r.dtype) for r in reference]
     if per_layer:

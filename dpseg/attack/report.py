@@ -167,7 +167,7 @@ def write_report(out: Path, report: dict, command: str) -> None:
         "",
         f"SSIM/PSNR on the intensity window [0, 1] (data range {report['data_range']}). "
         f"'no better' = SSIM within {report['baseline_margin']} of the attack fed a random "
-        "gradient with the undefended update's per-layer norms.",
+        "gradient (isotropic Gaussian, the undefended update's norm).",
         "",
         *_floor_lines(report),
         "![reconstructions](attack.png)",
