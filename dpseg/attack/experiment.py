@@ -38,9 +38,8 @@ BASELINE_MARGIN = 0.05
 # How finely the undefended update pins the image down: its distance to the update of the
 # original plus Gaussian noise of this std (PSNR 40 dB, SSIM ~0.98 on the window). A
 # reconstruction at or below that distance matches the update as well as images that are
-# indistinguishable from the original do, so what it still gets wrong is what the update
-# does not determine (an attack without a stronger prior cannot recover it), not what the
-# optimiser failed to find.
+# indistinguishable from the original do, so what it still gets wrong is not pinned down by
+# the update at that distance; one above it has not been matched that well yet.
 FLOOR_NOISE = 0.01
 
 
@@ -256,8 +255,8 @@ def run_experiment(
         )
         recs[d.name] = rec
     # The baseline: an isotropic Gaussian direction with the undefended update's norm. DP's
-    # noise is isotropic and, at batch 1 and C = 1, thousands of times the clipped signal, so
-    # this is the null that isolates what a defended update's signal adds. Per-layer norms
+    # noise is isotropic and, at batch 1 and C = 1, tens to hundreds of times the clipped
+    # signal, so this is the null that isolates what a defended update's signal adds. Per-layer norms
     # copied from the undefended update would carry that update's layer profile, which DP's
     # noise does not have.
     base_row, base_rec = attack("baseline", random_update(plain, seed=cfg.seed + 7), None)

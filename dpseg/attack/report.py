@@ -124,7 +124,8 @@ def _floor_lines(report: dict) -> list[str]:
             "indistinguishable from the original matches it, and what the reconstruction still "
             "gets wrong is not pinned down at that distance."
             if plain["grad_distance"] <= floor["grad_distance"]
-            else ": above the floor, so a better optimiser could still gain."
+            else ": above the floor, so it is not yet matched as closely as a near-copy of the "
+            "original matches it."
         )
         if plain is not None
         else ""
