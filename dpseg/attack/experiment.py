@@ -256,9 +256,9 @@ def run_experiment(
         recs[d.name] = rec
     # The baseline: an isotropic Gaussian direction with the undefended update's norm. DP's
     # noise is isotropic and, at batch 1 and C = 1, tens to hundreds of times the clipped
-    # signal, so this is the null that isolates what a defended update's signal adds. Per-layer norms
-    # copied from the undefended update would carry that update's layer profile, which DP's
-    # noise does not have.
+    # signal, so this is the null that isolates what a defended update's signal adds.
+    # Per-layer norms copied from the undefended update would carry that update's layer
+    # profile, which DP's noise does not have.
     base_row, base_rec = attack("baseline", random_update(plain, seed=cfg.seed + 7), None)
     baseline = {
         "name": "random-gradient",
