@@ -13,16 +13,13 @@ from pathlib import Path
 import tomllib
 
 from dpseg.attack.cli import add_attack_parser
+from dpseg.cli_types import csv_list
 from dpseg.federated.cli import add_demo_parser, add_federate_parser
 from dpseg.train.cli import add_phantoms_parser, add_predict_parser, add_train_parser
 
 
 class UsageError(Exception):
     """A problem the user can fix; printed without a traceback, exit code 2."""
-
-
-def _csv(kind):
-    return lambda text: tuple(kind(t) for t in text.split(",") if t.strip())
 
 
 # --- bench --------------------------------------------------------------------------------
@@ -40,17 +37,21 @@ def _add_bench(sub):
     p.add_argument(
         "--size", type=int, default=None, help="patch edge (default 64 on cpu, 128 on cuda)"
     )
-    p.add_argument("--batch", type=_csv(int), default=(2,), help="batch size(s), e.g. 2,4")
+    p.add_argument("--batch", type=csv_list(int), default=(2,), help="batch size(s), e.g. 2,4")
     p.add_argument(
         "--channels",
-        type=_csv(int),
+        type=csv_list(int),
         default=None,
         help="U-Net widths (default 16,32,64 cpu; 32,64,128,256 cuda)",
     )
     p.add_argument(
-        "--engines", type=_csv(str), default=("none", "dpseg", "opacus-hooks", "opacus-functorch")
+        "--engines",
+        type=csv_list(str),
+        default=("none", "dpseg", "opacus-hooks", "opacus-functorch"),
     )
-    p.add_argument("--amp", type=_csv(str), default=("none",), help="none, bf16, fp16 (comma list)")
+    p.add_argument(
+        "--amp", type=csv_list(str), default=("none",), help="none, bf16, fp16 (comma list)"
+    )
     p.add_argument("--backend", default="auto", help="dpseg fused-op backend")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -115,7 +116,7 @@ def _add_profile(sub):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", type=int, default=None, help="patch edge (64 cpu, 128 cuda)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--channels", type=_csv(int), default=None)
+    p.add_argument("--channels", type=csv_list(int), default=None)
     p.add_argument("--steps", type=int, default=2, help="profiled steps (after 2 warm-up)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--nvtx", action="store_true", help="also emit NVTX ranges (for nsys)")

@@ -176,3 +176,28 @@ def test_predict_bad_input(tmp_path, capsys):
     blocker.write_text("x")
     _expect_usage_error(capsys, predict(ckpt, image, blocker / "m.nii.gz"), "blocker")
     assert main(predict(ckpt, image, tmp_path / "ok.nii.gz")) == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--batch", "2,x"],
+        ["federate", "--channels", "8,sixteen"],
+        ["train", "--data", "d", "--out", "o", "--spacing", "3,3,mm"],
+        ["attack", "--data", "d", "--case", "c", "--out", "o", "--channels", "4,8.5"],
+    ],
+)
+def test_every_comma_list_rejects_a_bad_item_as_a_usage_error(capsys, argv):
+    """One parser for every comma list: a bad item exits 2 naming the value, no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "comma-separated list" in err and argv[-1] in err and "Traceback" not in err
+
+
+def test_comma_list_takes_strings_and_toml_lists():
+    from dpseg.cli_types import csv_list
+
+    assert csv_list(int)("8, 16,32,") == (8, 16, 32)
+    assert csv_list(float)([3, "1.5"]) == (3.0, 1.5)

@@ -6,23 +6,13 @@ become ``UsageError``: one paragraph, exit code 2, no traceback.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 from pathlib import Path
 
+from dpseg.cli_types import csv_list
+
 __all__ = ["add_attack_parser", "run_attack"]
-
-
-def _csv_int(text) -> tuple[int, ...]:
-    if isinstance(text, list | tuple):
-        return tuple(int(t) for t in text)
-    try:
-        return tuple(int(t) for t in str(text).split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
 
 
 def add_attack_parser(sub) -> None:
@@ -76,7 +66,7 @@ def add_attack_parser(sub) -> None:
     )
     extra.add_argument(
         "--channels",
-        type=_csv_int,
+        type=csv_list(int),
         default=(8, 16, 32),
         help="U-Net widths per level (default 8,16,32)",
     )

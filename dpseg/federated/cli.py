@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dpseg.cli_types import csv_list
 from dpseg.federated.partition import PARTITIONS
 from dpseg.federated.site import ENGINES
 from dpseg.federated.strategies import STRATEGIES
@@ -30,12 +31,8 @@ DEMO = {
 }  # fmt: skip
 
 
-def _csv(kind):
-    return lambda text: tuple(kind(t) for t in str(text).split(",") if t.strip())
-
-
 def _engines(text: str) -> tuple[str, ...]:
-    names = _csv(str)(text)
+    names = csv_list(str)(text)
     bad = [n for n in names if n not in ENGINES]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"engines must be from {','.join(ENGINES)}, got {text!r}")
@@ -105,7 +102,7 @@ def add_federate_parser(sub) -> argparse.ArgumentParser:
 
     model = p.add_argument_group("model and local training")
     model.add_argument(
-        "--channels", type=_csv(int), default=(8, 16, 32), help="U-Net widths, e.g. 8,16,32"
+        "--channels", type=csv_list(int), default=(8, 16, 32), help="U-Net widths, e.g. 8,16,32"
     )
     model.add_argument(
         "--upsample",

@@ -8,27 +8,14 @@ paragraph naming the file, exit code 2, no traceback.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from dpseg.cli_types import csv_list
 
 __all__ = ["add_train_parser", "add_predict_parser", "add_phantoms_parser"]
 
 # Options a resumed run may change; every other one is fixed by the checkpoint.
 RESUMABLE = ("steps", "epochs", "device", "eval_every", "checkpoint_every", "epsilon_every")
-
-
-def _csv(kind):
-    def parse(text):
-        if isinstance(text, list | tuple):
-            return tuple(kind(t) for t in text)
-        try:
-            return tuple(kind(t) for t in str(text).split(",") if t.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list, got {text!r}"
-            ) from None
-
-    return parse
 
 
 def _usage_errors(fn):
@@ -91,14 +78,16 @@ def add_train_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None)
     p.add_argument(
-        "--channels", type=_csv(int), default=None, help="U-Net widths (default 8,16,32)"
+        "--channels", type=csv_list(int), default=None, help="U-Net widths (default 8,16,32)"
     )
     p.add_argument("--spatial-dims", type=int, choices=[2, 3], default=None)
     p.add_argument("--norm", choices=["group", "instance"], default=None)
     p.add_argument("--upsample", choices=["transpose", "interp"], default=None)
     p.add_argument("--channel", type=int, default=None, help="channel of 4-D images")
     p.add_argument("--site", default=None, help="train on this site's cases only")
-    p.add_argument("--spacing", type=_csv(float), default=None, help="resample to mm, e.g. 3,3,3")
+    p.add_argument(
+        "--spacing", type=csv_list(float), default=None, help="resample to mm, e.g. 3,3,3"
+    )
     p.add_argument("--val-fraction", type=float, default=None, help="held-out share (default 0.2)")
     p.add_argument("--p-foreground", type=float, default=None, help="foreground patch share (0.5)")
     p.add_argument("--seed", type=int, default=None)
