@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,6 +148,18 @@ def test_cli_writes_the_run_folder(phantom_data, tmp_path):
     floor = report["matching_floor"]
     assert floor["noise_std"] == 0.01 and 0.0 < floor["grad_distance"] < 0.5
     assert 0.8 < floor["ssim"] < 1.0 and "Matching floor" in text
+    # The undefended row carries the path from the original to its reconstruction.
+    path = report["defences"][0]["path"]
+    assert path["t"][0] == 0.0 and path["t"][-1] == 1.0
+    assert path["grad_distance"][0] == pytest.approx(0.0, abs=1e-5)
+    assert path["grad_distance"][-1] == pytest.approx(
+        report["defences"][0]["grad_distance"], abs=1e-5
+    )
+    assert "path" not in report["defences"][1] and "Path from the original" in text
+    # Every image of the figure is saved, at the original's shape.
+    saved = np.load(out / "reconstructions.npz")
+    assert sorted(saved.files) == sorted(["original", "none", "clip", "dp:1.0", "random-gradient"])
+    assert all(saved[k].shape == (2, 1, 16, 16) for k in saved.files)
 
 
 @pytest.mark.parametrize(
@@ -199,3 +212,33 @@ def test_mask_reference_paints_the_mask_with_the_originals_means():
     # An image that is exactly two-valued on its mask is its own reference.
     flat = (0.2 + 0.5 * y.float()).unsqueeze(1)
     assert mask_reference(flat, y)["ssim"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_path_profile_from_the_original_to_a_reconstruction():
+    from dpseg.attack.experiment import path_profile
+    from dpseg.attack.inversion import ThreatModel, gradient_distance, simulate_update
+    from dpseg.attack.metrics import ssim
+
+    model, loss, x, y = _setup(b=1)
+    target = dfn.shared_update(model, loss, x, y, dfn.parse_defence("none"))
+    g = torch.Generator().manual_seed(5)
+    rec = torch.rand(x.shape, generator=g)
+    prof = path_profile(model, loss, x, y, rec, target, ThreatModel())
+    probs = torch.nn.functional.one_hot(y, 2).movedim(-1, 1).float()
+    for k in (3, -1):  # any point, recomputed directly
+        xt = x + prof["t"][k] * (rec - x)
+        direct = gradient_distance(
+            [u.detach() for u in simulate_update(model, xt, probs, loss)], target
+        )
+        assert prof["grad_distance"][k] == pytest.approx(float(direct), abs=1e-6)
+        assert prof["ssim"][k] == pytest.approx(ssim(xt[0, 0], x[0, 0], 1.0), abs=1e-9)
+    assert prof["grad_distance"][0] == pytest.approx(0.0, abs=1e-5) and prof["ssim"][0] == 1.0
+    # The basin: every point up to basin_t matches at least as well as the reconstruction,
+    # and the next one (if any) does not.
+    end, i = prof["grad_distance"][-1], prof["t"].index(prof["basin_t"])
+    assert all(d <= end + 1e-6 for d in prof["grad_distance"][: i + 1])
+    assert i == len(prof["t"]) - 1 or prof["grad_distance"][i + 1] > end
+    assert prof["barrier"] == pytest.approx(max(prof["grad_distance"]) - end)
+    # The original itself: no barrier, and the basin is the whole (zero-length) path.
+    same = path_profile(model, loss, x, y, x.clone(), target, ThreatModel())
+    assert same["barrier"] == pytest.approx(0.0, abs=1e-6) and same["basin_t"] == 1.0

@@ -26,7 +26,8 @@ def add_attack_parser(sub) -> None:
             "Gaussian noise of std SIGMA*C, via dpseg's engine), reconstructs the input from "
             "each by gradient matching (cosine distance, TV prior, signed Adam, box = the CT "
             "window, restarts) and scores it against the original (SSIM, PSNR, MSE) beside the "
-            "same attack fed a random gradient. Writes OUT/report.json, report.md, attack.png."
+            "same attack fed a random gradient. Writes OUT/report.json, report.md, attack.png and "
+            "reconstructions.npz (the original and every reconstruction)."
         ),
         epilog=(
             "example: dpseg attack --data ../shared/data/liver_ct_mini --case liver_0 --dims 2 "
@@ -122,6 +123,7 @@ def _check(args) -> None:
 
 
 def run_attack(args) -> int:
+    import numpy as np
     import torch
     from tqdm import tqdm
 
@@ -194,11 +196,18 @@ def run_attack(args) -> int:
         f"{args.case} {args.dims}D patch {args.patch}, batch {args.batch}, model at {state}",
     )
     report["figure"] = "attack.png"
+    # The images themselves, for any later analysis: the original and each reconstruction.
+    np.savez_compressed(
+        args.out / "reconstructions.npz",
+        original=original.numpy(),
+        **{name: rec.numpy() for name, rec in recs.items()},
+    )
+    report["reconstructions"] = "reconstructions.npz"
     command = _reconstruct_command(args)
     report["command"] = command
     write_report(args.out, report, command)
     print(markdown_table(report))
-    print(f"wrote {args.out / 'report.json'}, report.md and attack.png")
+    print(f"wrote {args.out / 'report.json'}, report.md, attack.png and reconstructions.npz")
     return 0
 
 

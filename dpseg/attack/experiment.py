@@ -29,7 +29,15 @@ from .defences import Defence, random_update, shared_update
 from .inversion import InversionConfig, ThreatModel, gradient_distance, reconstruct, simulate_update
 from .metrics import mse, psnr, ssim
 
-__all__ = ["ExperimentConfig", "load_target", "run_experiment", "train_model"]
+__all__ = [
+    "ExperimentConfig",
+    "load_target",
+    "mask_reference",
+    "matching_floor",
+    "path_profile",
+    "run_experiment",
+    "train_model",
+]
 
 DATA_RANGE = 1.0  # the liver window [-200, 300] HU mapped to [0, 1]: the attack's box
 # An SSIM within this of the baseline's is reported as "no better than the baseline"; the
@@ -41,6 +49,9 @@ BASELINE_MARGIN = 0.05
 # indistinguishable from the original do, so what it still gets wrong is not pinned down by
 # the update at that distance; one above it has not been matched that well yet.
 FLOOR_NOISE = 0.01
+# Points on the straight path from the original (t = 0) to the reconstruction (t = 1) at
+# which the gradient distance is measured: dense near the original, where it rises fastest.
+PATH_POINTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass
@@ -168,6 +179,46 @@ def matching_floor(
     }
 
 
+def path_profile(
+    model: UNet,
+    loss: DiceCELoss,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rec: torch.Tensor,
+    target: list[torch.Tensor],
+    threat: ThreatModel,
+    points: tuple[float, ...] = PATH_POINTS,
+) -> dict:
+    """The gradient distance and SSIM along the straight path x + t (rec - x), t in ``points``.
+
+    Tells a reconstruction stuck in a spurious local minimum of the matching objective from
+    one the update cannot tell apart from the original. If the distance rises on the way
+    above the reconstruction's (``barrier`` > 0), the reconstruction sits in a basin of its
+    own, and images near the original match the update better than it does: the attack's
+    optimiser, not the update, is what stopped short. ``basin_ssim`` is the SSIM of the
+    point farthest from the original, before that rise, that still matches at least as well
+    as the reconstruction (on this path; the basin may reach farther in other directions).
+    """
+    probs = torch.nn.functional.one_hot(y.long(), model.out_channels).movedim(-1, 1).float()
+    dist, scores = [], []
+    for t in points:
+        xt = x + t * (rec - x)
+        update = [u.detach() for u in simulate_update(model, xt, probs, loss, threat)]
+        dist.append(float(gradient_distance(update, target)))
+        scores.append(_scores(x, xt, x.dim() - 2, match=False)["ssim"])
+    end = dist[-1]
+    above = [i for i, d in enumerate(dist) if d > end + 1e-6]  # 1e-6: float32 round-off
+    basin = max(above[0] - 1, 0) if above else len(points) - 1
+    return {
+        "t": list(points),
+        "grad_distance": dist,
+        "ssim": scores,
+        "barrier": max(dist) - end,
+        "basin_t": points[basin],
+        "basin_ssim": scores[basin],
+    }
+
+
 def mask_reference(x: torch.Tensor, y: torch.Tensor) -> dict:
     """SSIM of the mask painted with the original's mean intensity inside and outside it:
     what knowing the mask and two intensities gives. An attack that scores near this has
@@ -221,6 +272,8 @@ def run_experiment(
             )
         row.update(grad_distance=res.distance, seconds=round(time.perf_counter() - start, 1))
         row.pop("order")
+        if name == "none" and not joint:  # (a joint batch comes back permuted)
+            row["path"] = path_profile(model, loss, x, y, res.images, update, threat)
         return row, res.images
 
     rows, recs = [], {}

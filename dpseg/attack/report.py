@@ -147,6 +147,36 @@ def _floor_lines(report: dict) -> list[str]:
     ]
 
 
+def _path_lines(report: dict) -> list[str]:
+    """One paragraph on the straight path from the original to the undefended
+    reconstruction (``experiment.path_profile``)."""
+    plain = next((r for r in report["defences"] if r["name"] == "none"), None)
+    path = plain.get("path") if plain is not None else None
+    if path is None:
+        return []
+    top = max(range(len(path["t"])), key=lambda i: path["grad_distance"][i])
+    if path["barrier"] <= 1e-6:
+        verdict = (
+            "The distance does not rise above the reconstruction's on the way: on this path "
+            "the reconstruction is in the original's basin."
+        )
+    else:
+        verdict = (
+            f"It peaks at {path['grad_distance'][top]:.4f} (t = {path['t'][top]}) and falls "
+            f"back to {path['grad_distance'][-1]:.4f} at the reconstruction: a separate local "
+            "minimum of the matching objective. Images on the path up to "
+            f"t = {path['basin_t']} match the update at least as well and score SSIM "
+            f">= {path['basin_ssim']:.3f}, so the optimiser stopped short, not the update."
+        )
+    return [
+        "Path from the original (t = 0) to the undefended reconstruction (t = 1), gradient "
+        "distance: "
+        + ", ".join(f"{t}: {d:.4f}" for t, d in zip(path["t"], path["grad_distance"], strict=True))
+        + f". {verdict}",
+        "",
+    ]
+
+
 def write_report(out: Path, report: dict, command: str) -> None:
     out = Path(out)
     # JSON has no infinity: an exact reconstruction's PSNR is written as null.
@@ -171,6 +201,7 @@ def write_report(out: Path, report: dict, command: str) -> None:
         "gradient (isotropic Gaussian, the undefended update's norm).",
         "",
         *_floor_lines(report),
+        *_path_lines(report),
         "![reconstructions](attack.png)",
         "",
     ]
