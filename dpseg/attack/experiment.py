@@ -26,7 +26,14 @@ from dpseg.models import UNet
 from dpseg.train.losses import DiceCELoss
 
 from .defences import Defence, random_update, shared_update
-from .inversion import InversionConfig, ThreatModel, gradient_distance, reconstruct, simulate_update
+from .inversion import (
+    InversionConfig,
+    ThreatModel,
+    gradient_distance,
+    one_hot,
+    reconstruct,
+    simulate_update,
+)
 from .metrics import mse, psnr, ssim
 
 __all__ = [
@@ -170,7 +177,7 @@ def matching_floor(
     """The gradient distance and SSIM of the original plus ``FLOOR_NOISE`` noise (see there)."""
     gen = torch.Generator().manual_seed(seed)
     noisy = (x + FLOOR_NOISE * torch.randn(x.shape, generator=gen)).clamp(0.0, 1.0)
-    probs = torch.nn.functional.one_hot(y.long(), model.out_channels).movedim(-1, 1).float()
+    probs = one_hot(y, model.out_channels)
     update = [u.detach() for u in simulate_update(model, noisy, probs, loss, threat)]
     return {
         "noise_std": FLOOR_NOISE,
@@ -199,7 +206,7 @@ def path_profile(
     point farthest from the original, before that rise, that still matches at least as well
     as the reconstruction (on this path; the basin may reach farther in other directions).
     """
-    probs = torch.nn.functional.one_hot(y.long(), model.out_channels).movedim(-1, 1).float()
+    probs = one_hot(y, model.out_channels)
     dist, scores = [], []
     for t in points:
         xt = x + t * (rec - x)

@@ -37,6 +37,7 @@ __all__ = [
     "InversionResult",
     "ThreatModel",
     "gradient_distance",
+    "one_hot",
     "reconstruct",
     "simulate_update",
     "soft_dice_ce",
@@ -102,6 +103,11 @@ class InversionResult:
 def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """Name -> parameter, in the order the engine and ``shared_update`` list gradients."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, *S) class indices -> (B, C, *S) float one-hot: the soft-label form of a known mask."""
+    return F.one_hot(labels.long(), num_classes).movedim(-1, 1).float()
 
 
 def gradient_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -216,7 +222,7 @@ def _one_restart(
         label_logits.requires_grad_(True)
         variables.append(label_logits)
     else:
-        known = F.one_hot(labels.long(), num_classes).movedim(-1, 1).float()
+        known = one_hot(labels, num_classes)
     opt = torch.optim.Adam(variables, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, _milestones(cfg.iterations), gamma=0.1)
     for _ in range(cfg.iterations):
