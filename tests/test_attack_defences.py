@@ -156,6 +156,7 @@ def test_cli_writes_the_run_folder(phantom_data, tmp_path):
         report["defences"][0]["grad_distance"], abs=1e-5
     )
     assert "path" not in report["defences"][1] and "Path from the original" in text
+    assert report["path_figure"] == "path.png" and (out / "path.png").stat().st_size > 0
     # Every image of the figure is saved, at the original's shape.
     saved = np.load(out / "reconstructions.npz")
     assert sorted(saved.files) == sorted(["original", "none", "clip", "dp:1.0", "random-gradient"])

@@ -26,8 +26,9 @@ def add_attack_parser(sub) -> None:
             "Gaussian noise of std SIGMA*C, via dpseg's engine), reconstructs the input from "
             "each by gradient matching (cosine distance, TV prior, signed Adam, box = the CT "
             "window, restarts) and scores it against the original (SSIM, PSNR, MSE) beside the "
-            "same attack fed a random gradient. Writes OUT/report.json, report.md, attack.png and "
-            "reconstructions.npz (the original and every reconstruction)."
+            "same attack fed a random gradient. Writes OUT/report.json, report.md, attack.png, "
+            "path.png (the gradient distance from the original to the undefended "
+            "reconstruction) and reconstructions.npz (the original and every reconstruction)."
         ),
         epilog=(
             "example: dpseg attack --data ../shared/data/liver_ct_mini --case liver_0 --dims 2 "
@@ -133,7 +134,7 @@ def run_attack(args) -> int:
     from .defences import parse_defences
     from .experiment import ExperimentConfig, run_experiment
     from .inversion import InversionConfig
-    from .report import markdown_table, save_figure, write_report
+    from .report import markdown_table, save_figure, save_path_figure, write_report
 
     _check(args)
     try:
@@ -203,11 +204,14 @@ def run_attack(args) -> int:
         **{name: rec.numpy() for name, rec in recs.items()},
     )
     report["reconstructions"] = "reconstructions.npz"
+    if save_path_figure(args.out / "path.png", report) is not None:
+        report["path_figure"] = "path.png"
     command = _reconstruct_command(args)
     report["command"] = command
     write_report(args.out, report, command)
     print(markdown_table(report))
-    print(f"wrote {args.out / 'report.json'}, report.md, attack.png and reconstructions.npz")
+    written = ["report.md", "attack.png", report.get("path_figure"), "reconstructions.npz"]
+    print(f"wrote {args.out / 'report.json'}, " + ", ".join(n for n in written if n))
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["save_figure", "write_report"]
+__all__ = ["save_figure", "save_path_figure", "write_report"]
 
 _VIEWS = ("axial", "coronal", "sagittal")
 
@@ -63,6 +63,38 @@ def save_figure(
             if c == 0:
                 ax.set_ylabel(row_name, fontsize=7)
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_path_figure(path: Path, report: dict) -> Path | None:
+    """Gradient distance and SSIM along the path from the original to the undefended
+    reconstruction (``experiment.path_profile``); None when the report has no path."""
+    plain = next((r for r in report["defences"] if r["name"] == "none"), None)
+    prof = plain.get("path") if plain is not None else None
+    if prof is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    ax.plot(prof["t"], prof["grad_distance"], "o-", color="C0", label="gradient distance")
+    ax.axhline(prof["grad_distance"][-1], color="C0", ls=":", lw=1)
+    ax.set_xlabel("t  (image = original + t (reconstruction - original))")
+    ax.set_ylabel("gradient distance (1 - cosine)", color="C0")
+    twin = ax.twinx()
+    twin.plot(prof["t"], prof["ssim"], "s--", color="C1", label="SSIM to the original")
+    twin.set_ylabel("SSIM to the original", color="C1")
+    twin.set_ylim(0.0, 1.02)
+    ax.set_title(
+        f"{report['case']} {report['dims']}D: from the original to the undefended reconstruction",
+        fontsize=8,
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -171,7 +203,10 @@ def _path_lines(report: dict) -> list[str]:
     return [
         "Path from the original (t = 0) to the undefended reconstruction (t = 1), gradient "
         "distance: "
-        + ", ".join(f"{t}: {d:.4f}" for t, d in zip(path["t"], path["grad_distance"], strict=True))
+        + ", ".join(
+            f"{t}: {max(d, 0.0):.4f}"  # 1 - cosine is >= 0; float32 can give -1e-8
+            for t, d in zip(path["t"], path["grad_distance"], strict=True)
+        )
         + f". {verdict}",
         "",
     ]
@@ -203,6 +238,7 @@ def write_report(out: Path, report: dict, command: str) -> None:
         *_floor_lines(report),
         *_path_lines(report),
         "![reconstructions](attack.png)",
+        *(["", "![path](path.png)"] if "path_figure" in report else []),
         "",
     ]
     (out / "report.md").write_text("\n".join(text))
