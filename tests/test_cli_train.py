@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from dpseg.cli import main
 from dpseg.data import write_phantom_dataset
@@ -78,6 +79,9 @@ def test_train_no_dp_writes_every_output(phantoms, tmp_path):
     assert len(rep["per_case"]) == rep["val_cases"] >= 1
     assert len(rep["history"]["loss"]) == 3 and [s for s, _ in rep["history"]["dice"]] == [2, 3]
     assert "hd95_mm" in rep["per_case"][0]
+    kept = [r["largest_component"]["dice"] for r in rep["per_case"]]
+    assert rep["dice_largest_component"] == pytest.approx(sum(kept) / len(kept))
+    assert "largest component kept" in (run / "report.md").read_text()
 
 
 def test_train_dp_resume_continues_the_ledger_and_the_run(phantoms, tmp_path):
@@ -221,4 +225,16 @@ def test_predict_real_ct_keeps_shape_and_affine(trained_run, shared_data, tmp_pa
 
 def test_predict_phantom_round_trip(trained_run, phantoms, tmp_path):
     image = phantoms / "imagesTr" / "phantom_0000.nii.gz"
-    _predict_on_own_grid(trained_run, image, tmp_path / "sub" / "mask.nii.gz")
+    _, mask = _predict_on_own_grid(trained_run, image, tmp_path / "sub" / "mask.nii.gz")
+    # --largest-component: the same mask with every island of a class removed (compared
+    # by component sizes: which of two equal largest pieces is kept depends on the order).
+    argv = ["predict", "--checkpoint", str(trained_run / "checkpoint.pt"), "--image", str(image)]
+    out = tmp_path / "kept.nii.gz"
+    assert main([*argv, "--out", str(out), "--largest-component"]) == 0
+    raw, kept = np.asanyarray(mask.dataobj), np.asanyarray(nib.load(str(out)).dataobj)
+    assert np.array_equal(kept > 0, (raw > 0) & (kept > 0))  # only removes
+    full = np.ones((3, 3, 3), dtype=bool)
+    pieces, n = ndimage.label(raw == 1, structure=full)
+    left, m = ndimage.label(kept == 1, structure=full)
+    sizes = np.bincount(pieces.ravel())[1:]
+    assert m == min(n, 1) and (n == 0 or (kept == 1).sum() == sizes.max())

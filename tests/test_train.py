@@ -20,8 +20,10 @@ from dpseg.train import (
     save_checkpoint,
     split_cases,
 )
-from dpseg.train.loop import lr_at
+from dpseg.train.loop import lr_at, predict_volume
 from dpseg.train.losses import DiceCELoss
+from dpseg.train.metrics import dice_per_class
+from dpseg.train.postprocess import keep_largest_component
 
 
 def _volumes(n=6, size=16, seed=0):
@@ -110,6 +112,13 @@ def test_evaluate_gives_per_case_dice_and_hd95():
     rows = evaluate(model, images, labels, cfg, 2, names=["a", "b"], hd95=True)
     assert [r["case"] for r in rows] == ["a", "b"]
     assert all(0.0 <= r["dice"] <= 1.0 and len(r["hd95_mm"]) == 1 for r in rows)
+    # The same scores after keeping the largest component, computed from the same prediction.
+    for row, image, label in zip(rows, images, labels, strict=True):
+        scores = predict_volume(model, image, cfg.patch, cfg.spatial_dims, cfg.overlap, "cpu")
+        kept = keep_largest_component(scores.argmax(0).numpy(), 2)
+        expected = float(dice_per_class(kept, label, 2).mean())
+        assert row["largest_component"]["dice"] == pytest.approx(expected, abs=1e-12)
+        assert len(row["largest_component"]["hd95_mm"]) == 1
 
 
 def test_checkpoint_is_atomic_and_validated(tmp_path):

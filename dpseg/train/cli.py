@@ -161,6 +161,12 @@ def add_predict_parser(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (run's)")
     p.add_argument("--channel", type=int, default=None, help="channel of a 4-D image")
+    p.add_argument(
+        "--largest-component",
+        action="store_true",
+        help="keep only each organ's largest connected component (removes false-positive "
+        "islands; the training report shows the validation Dice with and without it)",
+    )
     p.set_defaults(func=_usage_errors(_run_predict))
 
 
@@ -174,7 +180,13 @@ def _run_predict(args) -> int:
             "--device cuda was asked for but torch sees no CUDA device; use --device cpu"
         )
     path = predict_file(
-        args.checkpoint, args.image, args.out, args.device, args.overlap, args.channel
+        args.checkpoint,
+        args.image,
+        args.out,
+        args.device,
+        args.overlap,
+        args.channel,
+        largest_component=args.largest_component,
     )
     print(f"wrote {path}")
     return 0

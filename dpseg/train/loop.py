@@ -45,6 +45,7 @@ from dpseg.privacy import DPDataLoader
 from dpseg.train.config import DEFAULT_STEPS, TrainConfig
 from dpseg.train.inference import sliding_window_inference
 from dpseg.train.metrics import dice_per_class, hausdorff95
+from dpseg.train.postprocess import keep_largest_component
 
 
 # --- building blocks -----------------------------------------------------------------------
@@ -363,6 +364,24 @@ def predict_volume(
         model.train(was_training)
 
 
+def _scores(
+    pred: np.ndarray,
+    label: np.ndarray,
+    num_classes: int,
+    spacing: Sequence[float] | None,
+    hd95: bool,
+) -> dict[str, Any]:
+    per_class = dice_per_class(pred, label, num_classes)
+    row: dict[str, Any] = {
+        "dice": float(per_class.mean()),
+        "dice_per_class": [float(d) for d in per_class],
+    }
+    if hd95:
+        dists = [hausdorff95(pred == c, label == c, spacing) for c in range(1, num_classes)]
+        row["hd95_mm"] = [float(d) if math.isfinite(d) else None for d in dists]
+    return row
+
+
 def evaluate(
     model: nn.Module,
     images: Sequence[np.ndarray],
@@ -375,21 +394,20 @@ def evaluate(
     hd95: bool = False,
 ) -> list[dict[str, Any]]:
     """Per-case validation: {"case", "dice" (mean over foreground classes), "dice_per_class",
-    and with hd95=True "hd95_mm" per class (None where infinite)}."""
+    and with hd95=True "hd95_mm" per class (None where infinite) and "largest_component":
+    the same three after `keep_largest_component` (the final report shows both)}."""
     results = []
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         scores = predict_volume(model, image, cfg.patch, cfg.spatial_dims, cfg.overlap, device)
         pred = scores.argmax(0).numpy()
-        per_class = dice_per_class(pred, label, num_classes)
+        spacing = spacings[i] if spacings is not None else None
         row: dict[str, Any] = {
             "case": names[i] if names is not None else str(i),
-            "dice": float(per_class.mean()),
-            "dice_per_class": [float(d) for d in per_class],
+            **_scores(pred, label, num_classes, spacing, hd95),
         }
         if hd95:
-            spacing = spacings[i] if spacings is not None else None
-            dists = [hausdorff95(pred == c, label == c, spacing) for c in range(1, num_classes)]
-            row["hd95_mm"] = [float(d) if math.isfinite(d) else None for d in dists]
+            kept = keep_largest_component(pred, num_classes)
+            row["largest_component"] = _scores(kept, label, num_classes, spacing, hd95)
         results.append(row)
     return results
 

@@ -13,6 +13,7 @@ from dpseg.models import UNet
 from dpseg.train.checkpoint import load_checkpoint
 from dpseg.train.config import TrainConfig
 from dpseg.train.loop import predict_volume
+from dpseg.train.postprocess import keep_largest_component
 from dpseg.train.run import _check_out
 
 
@@ -34,12 +35,15 @@ def predict_file(
     overlap: float | None = None,
     channel: int | None = None,
     progress: bool = False,
+    largest_component: bool = False,
 ) -> Path:
     """Segment one NIfTI image and write the mask on the image's own shape and affine.
 
     The image gets the run's preprocessing (canonical orientation, intensity window and, if
     the run resampled, its voxel spacing); the class probabilities are resampled back to the
     canonical grid (linear) before the argmax, and `save_like` undoes the reorientation.
+    ``largest_component`` keeps only each organ's largest connected component
+    (`keep_largest_component`), removing false-positive islands.
     """
     from dpseg.data import load_nifti, save_like
 
@@ -61,4 +65,6 @@ def predict_file(
             np.stack([resample_to_shape(s.numpy(), volume.shape, order=1) for s in scores])
         )
     mask = scores.argmax(0).numpy().astype(np.uint8)
+    if largest_component:
+        mask = keep_largest_component(mask, scores.shape[0])
     return save_like(mask, volume, out)

@@ -121,6 +121,11 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
+def _hd_text(row: dict[str, Any]) -> str:
+    hd = row.get("hd95_mm") or []
+    return ", ".join("inf" if h is None else f"{h:.1f}" for h in hd) or "n/a"
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     cfg = report["config"]
     eps = "infinite (no DP)" if not report["dp"] else f"{report['epsilon']:.2f}"
@@ -130,6 +135,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         "| | |",
         "| --- | --- |",
         f"| validation Dice (mean over {report['val_cases']} cases) | {_fmt(report['dice'])} |",
+        f"| the same, each organ's largest component kept | "
+        f"{_fmt(report.get('dice_largest_component'))} |",
         f"| epsilon | {eps} |",
         f"| delta | {_fmt(report['delta'], 'g')} |",
         f"| steps | {report['steps']} |",
@@ -165,11 +172,21 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| note | {note} |")
     lines += ["", "![loss](loss.png) ![Dice](dice.png) ![epsilon](epsilon.png)", ""]
     if report["per_case"]:
-        lines += ["## Validation cases", "", "| case | Dice | HD95 (mm) |", "| --- | --- | --- |"]
+        lines += [
+            "## Validation cases",
+            "",
+            "Largest component: each organ's largest connected component kept "
+            "(`dpseg predict --largest-component`).",
+            "",
+            "| case | Dice | HD95 (mm) | Dice, largest component | HD95, largest component |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for row in report["per_case"]:
-            hd = row.get("hd95_mm") or []
-            hd_txt = ", ".join("inf" if h is None else f"{h:.1f}" for h in hd) or "n/a"
-            lines.append(f"| {row['case']} | {row['dice']:.3f} | {hd_txt} |")
+            kept = row.get("largest_component") or {}
+            lines.append(
+                f"| {row['case']} | {row['dice']:.3f} | {_hd_text(row)} | "
+                f"{_fmt(kept.get('dice'))} | {_hd_text(kept)} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -291,6 +291,9 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
     wall = time.perf_counter() - t0
     report = {
         "dice": float(np.mean([r["dice"] for r in rows])) if rows else None,
+        "dice_largest_component": (
+            float(np.mean([r["largest_component"]["dice"] for r in rows])) if rows else None
+        ),
         "epsilon": privacy.epsilon(cfg.delta) if cfg.dp else None,
         "delta": cfg.delta if cfg.dp else None,
         "steps": step,
