@@ -239,7 +239,14 @@ def test_path_profile_from_the_original_to_a_reconstruction():
     end, i = prof["grad_distance"][-1], prof["t"].index(prof["basin_t"])
     assert all(d <= end + 1e-6 for d in prof["grad_distance"][: i + 1])
     assert i == len(prof["t"]) - 1 or prof["grad_distance"][i + 1] > end
+    assert prof["basin_ssim"] == min(prof["ssim"][: i + 1])
     assert prof["barrier"] == pytest.approx(max(prof["grad_distance"]) - end)
     # The original itself: no barrier, and the basin is the whole (zero-length) path.
     same = path_profile(model, loss, x, y, x.clone(), target, ThreatModel())
     assert same["barrier"] == pytest.approx(0.0, abs=1e-6) and same["basin_t"] == 1.0
+    # A target the reconstruction matches exactly and the original does not: no valley of
+    # the original to speak of.
+    own = dfn.shared_update(model, loss, rec, y, dfn.parse_defence("none"))
+    flipped = path_profile(model, loss, x, y, rec, own, ThreatModel())
+    assert flipped["basin_t"] is None and flipped["basin_ssim"] is None
+    assert flipped["grad_distance"][0] > flipped["grad_distance"][-1] + 1e-3

@@ -81,7 +81,8 @@ def test_train_no_dp_writes_every_output(phantoms, tmp_path):
     assert "hd95_mm" in rep["per_case"][0]
     kept = [r["largest_component"]["dice"] for r in rep["per_case"]]
     assert rep["dice_largest_component"] == pytest.approx(sum(kept) / len(kept))
-    assert "largest component kept" in (run / "report.md").read_text()
+    text = (run / "report.md").read_text()
+    assert f"largest component kept | {rep['dice_largest_component']:.3f} |" in text
 
 
 def test_train_dp_resume_continues_the_ledger_and_the_run(phantoms, tmp_path):

@@ -8,6 +8,8 @@
   restarts; mask known or optimised jointly), for gradients and local updates.
 - ``random_update``: the baseline update (an isotropic random direction, the same norm).
 - ``ssim`` / ``psnr`` / ``mse``: how close a reconstruction is to the original.
+- ``experiment.path_profile`` / ``identifiability``: why a reconstruction falls short (the
+  gradient distance on the line to the original; the update's Jacobian at the original).
 """
 
 from .defences import Defence, parse_defence, parse_defences, random_update, shared_update

@@ -27,8 +27,9 @@ def add_attack_parser(sub) -> None:
             "each by gradient matching (cosine distance, TV prior, signed Adam, box = the CT "
             "window, restarts) and scores it against the original (SSIM, PSNR, MSE) beside the "
             "same attack fed a random gradient. Writes OUT/report.json, report.md, attack.png, "
-            "path.png (the gradient distance from the original to the undefended "
-            "reconstruction) and reconstructions.npz (the original and every reconstruction)."
+            "reconstructions.npz (the original and every reconstruction) and, with 'none' "
+            "among the defences and a known mask, path.png (the gradient distance on the "
+            "line from the original to the undefended reconstruction)."
         ),
         epilog=(
             "example: dpseg attack --data ../shared/data/liver_ct_mini --case liver_0 --dims 2 "

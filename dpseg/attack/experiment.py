@@ -165,6 +165,19 @@ def _mask_dice(true: torch.Tensor, found: torch.Tensor) -> float:
     return 1.0 if denom == 0 else 2.0 * int((t & f).sum()) / denom
 
 
+def _distance_to(
+    model: UNet,
+    loss: DiceCELoss,
+    image: torch.Tensor,
+    probs: torch.Tensor,
+    target: list[torch.Tensor],
+    threat: ThreatModel,
+) -> float:
+    """Gradient distance between the update ``image`` would produce and ``target``."""
+    update = [u.detach() for u in simulate_update(model, image, probs, loss, threat)]
+    return float(gradient_distance(update, target))
+
+
 def matching_floor(
     model: UNet,
     loss: DiceCELoss,
@@ -178,10 +191,9 @@ def matching_floor(
     gen = torch.Generator().manual_seed(seed)
     noisy = (x + FLOOR_NOISE * torch.randn(x.shape, generator=gen)).clamp(0.0, 1.0)
     probs = one_hot(y, model.out_channels)
-    update = [u.detach() for u in simulate_update(model, noisy, probs, loss, threat)]
     return {
         "noise_std": FLOOR_NOISE,
-        "grad_distance": float(gradient_distance(update, plain)),
+        "grad_distance": _distance_to(model, loss, noisy, probs, plain, threat),
         "ssim": _scores(x, noisy, x.dim() - 2, match=False)["ssim"],
     }
 
@@ -198,31 +210,37 @@ def path_profile(
 ) -> dict:
     """The gradient distance and SSIM along the straight path x + t (rec - x), t in ``points``.
 
-    Tells a reconstruction stuck in a spurious local minimum of the matching objective from
-    one the update cannot tell apart from the original. If the distance rises on the way
-    above the reconstruction's (``barrier`` > 0), the reconstruction sits in a basin of its
-    own, and images near the original match the update better than it does: the attack's
-    optimiser, not the update, is what stopped short. ``basin_ssim`` is the SSIM of the
-    point farthest from the original, before that rise, that still matches at least as well
-    as the reconstruction (on this path; the basin may reach farther in other directions).
+    Tells a reconstruction stuck in another valley of the gradient distance from one the
+    update cannot tell apart from the original. If the distance rises on the way above the
+    reconstruction's (``barrier`` > 0), images near the original match the update better
+    than the reconstruction does, and the two are separated by a ridge along this line:
+    the attack's optimiser, not the update, stopped short. ``basin_t`` is the farthest point
+    from the original, before that rise, that still matches at least as well as the
+    reconstruction, and ``basin_ssim`` the lowest SSIM up to it (on this line; the
+    original's valley may reach farther in other directions). Both are None when the
+    reconstruction matches better than the original itself (a defended or noisy target).
     """
     probs = one_hot(y, model.out_channels)
     dist, scores = [], []
     for t in points:
         xt = x + t * (rec - x)
-        update = [u.detach() for u in simulate_update(model, xt, probs, loss, threat)]
-        dist.append(float(gradient_distance(update, target)))
+        dist.append(_distance_to(model, loss, xt, probs, target, threat))
         scores.append(_scores(x, xt, x.dim() - 2, match=False)["ssim"])
     end = dist[-1]
     above = [i for i, d in enumerate(dist) if d > end + 1e-6]  # 1e-6: float32 round-off
-    basin = max(above[0] - 1, 0) if above else len(points) - 1
+    if not above:  # never worse than the reconstruction: all of the line is in the valley
+        basin: int | None = len(points) - 1
+    elif above[0] == 0:  # the original itself matches worse
+        basin = None
+    else:
+        basin = above[0] - 1
     return {
         "t": list(points),
         "grad_distance": dist,
         "ssim": scores,
         "barrier": max(dist) - end,
-        "basin_t": points[basin],
-        "basin_ssim": scores[basin],
+        "basin_t": points[basin] if basin is not None else None,
+        "basin_ssim": min(scores[: basin + 1]) if basin is not None else None,
     }
 
 
@@ -278,10 +296,12 @@ def run_experiment(
                 np.mean([_mask_dice(y[i], res.labels[order[i]]) for i in range(len(order))])
             )
         row.update(grad_distance=res.distance, seconds=round(time.perf_counter() - start, 1))
-        row.pop("order")
-        if name == "none" and not joint:  # (a joint batch comes back permuted)
-            row["path"] = path_profile(model, loss, x, y, res.images, update, threat)
-        return row, res.images
+        # A jointly optimised batch comes back in no particular order: item i of what is
+        # returned (figure, saved arrays) is the one paired with original item i.
+        images = res.images[row.pop("order")]
+        if name == "none" and not joint:  # (the path needs the known mask)
+            row["path"] = path_profile(model, loss, x, y, images, update, threat)
+        return row, images
 
     rows, recs = [], {}
     plain = shared_update(

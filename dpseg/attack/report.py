@@ -187,16 +187,21 @@ def _path_lines(report: dict) -> list[str]:
     if path is None:
         return []
     top = max(range(len(path["t"])), key=lambda i: path["grad_distance"][i])
-    if path["barrier"] <= 1e-6:
+    if path["basin_t"] is None:
         verdict = (
-            "The distance does not rise above the reconstruction's on the way: on this path "
-            "the reconstruction is in the original's basin."
+            "The reconstruction matches the update better than the original does (a defended "
+            "or noisy update)."
+        )
+    elif path["barrier"] <= 1e-6:
+        verdict = (
+            "The distance does not rise above the reconstruction's on the way: along this "
+            "line the reconstruction and the original lie in one valley."
         )
     else:
         verdict = (
             f"It peaks at {path['grad_distance'][top]:.4f} (t = {path['t'][top]}) and falls "
-            f"back to {path['grad_distance'][-1]:.4f} at the reconstruction: a separate local "
-            "minimum of the matching objective. Images on the path up to "
+            f"back to {path['grad_distance'][-1]:.4f} at the reconstruction: a ridge "
+            "separates the reconstruction from the original. Images on the line up to "
             f"t = {path['basin_t']} match the update at least as well and score SSIM "
             f">= {path['basin_ssim']:.3f}, so the optimiser stopped short, not the update."
         )

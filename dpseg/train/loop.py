@@ -394,8 +394,8 @@ def evaluate(
     hd95: bool = False,
 ) -> list[dict[str, Any]]:
     """Per-case validation: {"case", "dice" (mean over foreground classes), "dice_per_class",
-    and with hd95=True "hd95_mm" per class (None where infinite) and "largest_component":
-    the same three after `keep_largest_component` (the final report shows both)}."""
+    with hd95=True "hd95_mm" per class (None where infinite), and "largest_component": the
+    same scores after `keep_largest_component` (the final report shows both)}."""
     results = []
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         scores = predict_volume(model, image, cfg.patch, cfg.spatial_dims, cfg.overlap, device)
@@ -405,9 +405,8 @@ def evaluate(
             "case": names[i] if names is not None else str(i),
             **_scores(pred, label, num_classes, spacing, hd95),
         }
-        if hd95:
-            kept = keep_largest_component(pred, num_classes)
-            row["largest_component"] = _scores(kept, label, num_classes, spacing, hd95)
+        kept = keep_largest_component(pred, num_classes)
+        row["largest_component"] = _scores(kept, label, num_classes, spacing, hd95)
         results.append(row)
     return results
 
