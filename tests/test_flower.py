@@ -93,6 +93,9 @@ def test_loopback_deployment_matches_the_simulator(tmp_path, strategy):
     ref = load_checkpoint(tmp_path / "sim" / "checkpoint_dpseg.pt")["weights"]
     assert set(ours) == set(ref)
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    # The per-round copy a killed run keeps holds the same last round.
+    latest = torch.load(tmp_path / "flwr" / "flower_dpseg_latest.pt", weights_only=True)
+    assert latest["round"] == 2 and all(torch.equal(latest["weights"][k], ref[k]) for k in ref)
     written = json.loads((tmp_path / "flwr" / "report.json").read_text())
     assert written["environment"]["runtime"] == "flower"
 

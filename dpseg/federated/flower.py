@@ -423,6 +423,12 @@ def _server_main(grid: Grid, context: Context) -> None:
     def report() -> dict:
         return build_report(cfg, {engine: sim}, sites, sigmas, env)
 
+    def save_weights(name: str) -> None:
+        # Renamed into place: a kill leaves the previous file or the new one, never a torn one.
+        tmp = out / f".{name}.tmp"
+        torch.save({"weights": sim.weights, "round": sim.round}, tmp)
+        os.replace(tmp, out / name)
+
     timeout = float(rc["round-timeout"])
     while sim.round < cfg.rounds:
         if sim.done:
@@ -431,12 +437,12 @@ def _server_main(grid: Grid, context: Context) -> None:
         record = _flower_round(sim, grid, timeout)
         print(round_line(engine, record, cfg.rounds), flush=True)
         (out / "report.json").write_text(json.dumps(report(), indent=1))
+        # The global model of the last finished round: a run killed later does not lose it
+        # (there is no --resume on Flower; the sites' state lives on their nodes).
+        save_weights(f"flower_{engine}_latest.pt")
     final = report()
     write_report(final, out, plots=bool(rc["plots"]))
-    # Written last and renamed into place: the launcher takes the file as "the run is done".
-    tmp = out / f".flower_{engine}.pt.tmp"
-    torch.save({"weights": sim.weights, "round": sim.round}, tmp)
-    os.replace(tmp, out / f"flower_{engine}.pt")
+    save_weights(f"flower_{engine}.pt")  # last: the launcher takes it as "the run is done"
     print(f"wrote {out / 'report.json'} and {out / 'report.md'}", flush=True)
 
 
