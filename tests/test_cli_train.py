@@ -236,6 +236,6 @@ def test_predict_phantom_round_trip(trained_run, phantoms, tmp_path):
     assert np.array_equal(kept > 0, (raw > 0) & (kept > 0))  # only removes
     full = np.ones((3, 3, 3), dtype=bool)
     pieces, n = ndimage.label(raw == 1, structure=full)
-    left, m = ndimage.label(kept == 1, structure=full)
+    _, m = ndimage.label(kept == 1, structure=full)
     sizes = np.bincount(pieces.ravel())[1:]
     assert m == min(n, 1) and (n == 0 or (kept == 1).sum() == sizes.max())

@@ -6,7 +6,7 @@ the component along U (which only rescales it). The singular values of that map 
 direction of image space, how strongly the update responds: a zero singular value is a
 change the update cannot see at all (the first conv of dpseg's U-Net feeds a GroupNorm, so
 U(a x) = U(x) and x0 itself is such a direction), a small one a change it barely sees.
-Large singular values everywhere else mean that locally the update identifies the image,
+Nonzero singular values everywhere else mean that locally the update identifies the image,
 and a reconstruction that still misses it was stopped by the optimisation, not by the
 update (docs/results/attack). Exact but costly: one forward-mode pass per input voxel.
 """
@@ -45,10 +45,17 @@ def update_jacobian(
 
     x0 = x.detach().flatten()
     u = update(x0)
-    basis = torch.eye(x0.numel(), dtype=x.dtype)
+    n = x0.numel()
+
+    def unit_vectors(start: int) -> torch.Tensor:
+        # One chunk of the identity at a time: the whole of it is n^2 (8 GiB at 32^3).
+        idx = torch.arange(start, min(start + chunk, n))
+        return torch.zeros(len(idx), n, dtype=x.dtype).index_put_(
+            (torch.arange(len(idx)), idx), torch.ones((), dtype=x.dtype)
+        )
+
     columns = [
-        vmap(lambda v: jvp(update, (x0,), (v,))[1])(basis[s : s + chunk])
-        for s in range(0, x0.numel(), chunk)
+        vmap(lambda v: jvp(update, (x0,), (v,))[1])(unit_vectors(s)) for s in range(0, n, chunk)
     ]
     return u, torch.cat(columns).T
 

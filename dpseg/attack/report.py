@@ -70,10 +70,15 @@ def save_figure(
     return path
 
 
+def _undefended(report: dict) -> dict | None:
+    """The report's row for the undefended update ("none"), if it was attacked."""
+    return next((r for r in report["defences"] if r["name"] == "none"), None)
+
+
 def save_path_figure(path: Path, report: dict) -> Path | None:
     """Gradient distance and SSIM along the path from the original to the undefended
     reconstruction (``experiment.path_profile``); None when the report has no path."""
-    plain = next((r for r in report["defences"] if r["name"] == "none"), None)
+    plain = _undefended(report)
     prof = plain.get("path") if plain is not None else None
     if prof is None:
         return None
@@ -146,7 +151,7 @@ def _floor_lines(report: dict) -> list[str]:
     """One paragraph: how well the undefended update was matched, against how well the
     update of an image indistinguishable from the original matches it."""
     floor = report.get("matching_floor")
-    plain = next((r for r in report["defences"] if r["name"] == "none"), None)
+    plain = _undefended(report)
     if floor is None:
         return []
     reached = (
@@ -182,7 +187,7 @@ def _floor_lines(report: dict) -> list[str]:
 def _path_lines(report: dict) -> list[str]:
     """One paragraph on the straight path from the original to the undefended
     reconstruction (``experiment.path_profile``)."""
-    plain = next((r for r in report["defences"] if r["name"] == "none"), None)
+    plain = _undefended(report)
     path = plain.get("path") if plain is not None else None
     if path is None:
         return []

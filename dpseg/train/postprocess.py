@@ -2,11 +2,10 @@
 
 An organ is one piece, so anything a model predicts for it away from the main piece is a
 false positive. Models trained with DP make such islands far more often than non-private
-ones (the added noise leaves the decision boundary ragged far from the organ): on the 50
-validation phantoms of docs/results/single_site, HD95 was above 50 mm on 27 cases with DP
-and on 1 without. This is the standard remedy (nnU-Net applies it per class when it helps
-on validation), so dpseg reports validation with and without it and `dpseg predict` offers
-it as a flag.
+ones: on the 50 validation phantoms of docs/results/single_site, HD95 was above 50 mm on
+27 cases with DP and on 1 without. This is the standard remedy (nnU-Net applies it per
+class when it helps on validation), so dpseg reports validation with and without it and
+`dpseg predict` offers it as a flag.
 """
 
 from __future__ import annotations
