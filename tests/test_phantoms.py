@@ -134,3 +134,21 @@ def test_speed_100_cases_64(tmp_path):
     print(f"\n100 phantoms of 64^3 written in {seconds:.2f} s")
     assert seconds < 60.0
     assert len(MSDDataset(tmp_path)) == 100
+
+
+def test_an_existing_complete_folder_is_reused_and_writes_leave_no_temporaries(tmp_path):
+    # Each Flower ClientApp loads the phantoms itself; rewriting files another process is
+    # reading gave it an empty file. The same dataset is now left alone, and a new one is
+    # written through a temporary file and a rename.
+    meta = write_phantom_dataset(tmp_path, cases=2, sites=1, size=16, seed=3, progress=False)
+    image = tmp_path / "imagesTr" / "phantom_0000.nii.gz"
+    before = image.stat().st_mtime_ns, meta.stat().st_mtime_ns
+    write_phantom_dataset(tmp_path, cases=2, sites=1, size=16, seed=3, progress=False)
+    assert (image.stat().st_mtime_ns, meta.stat().st_mtime_ns) == before
+    data = image.read_bytes()
+    write_phantom_dataset(tmp_path, cases=2, sites=1, size=16, seed=4, progress=False)
+    assert image.read_bytes() != data  # other parameters: written again
+    image.unlink()
+    write_phantom_dataset(tmp_path, cases=2, sites=1, size=16, seed=4, progress=False)
+    assert image.is_file()  # a missing file: written again
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]

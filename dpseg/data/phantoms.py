@@ -185,7 +185,26 @@ def _write_gz(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    path.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
+    _write_atomically(path, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
+
+
+def _is_complete(out: Path, meta: dict, cases: int, sites: int, size: int, seed: int) -> bool:
+    same = meta.get("phantom") == {"seed": seed, "size": size, "sites": sites}
+    entries = meta.get("training", [])
+    return (
+        same
+        and len(entries) == cases
+        and all((out / e[k]).is_file() for e in entries for k in ("image", "label"))
+    )
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    # Several processes may write the same folder at once (each Flower ClientApp of a
+    # loopback deployment loads the phantoms): a reader must never see a half-written file.
+    # The bytes are a function of the seed, so whichever writer lands last changes nothing.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def write_phantom_dataset(
@@ -212,9 +231,12 @@ def write_phantom_dataset(
     meta_path = out / "dataset.json"
     if meta_path.exists():
         try:
-            ours = json.loads(meta_path.read_text()).get("name") == "dpseg-phantoms"
+            existing = json.loads(meta_path.read_text())
+            ours = existing.get("name") == "dpseg-phantoms"
         except (OSError, ValueError):
-            ours = False
+            existing, ours = {}, False
+        if ours and _is_complete(out, existing, cases, sites, size, seed):
+            return meta_path  # the same phantoms: nothing to write
         if not ours:
             raise DataError(
                 f"{meta_path}: already holds a dataset that dpseg phantoms did not write. "
@@ -258,7 +280,5 @@ def write_phantom_dataset(
         "training": entries,
         "test": [],
     }
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)
+    _write_atomically(meta_path, json.dumps(meta, indent=1).encode())
     return meta_path
