@@ -13,13 +13,9 @@ from pathlib import Path
 import tomllib
 
 from dpseg.attack.cli import add_attack_parser
-from dpseg.cli_types import csv_list
+from dpseg.cli_types import UsageError, csv_list
 from dpseg.federated.cli import add_demo_parser, add_federate_parser
 from dpseg.train.cli import add_phantoms_parser, add_predict_parser, add_train_parser
-
-
-class UsageError(Exception):
-    """A problem the user can fix; printed without a traceback, exit code 2."""
 
 
 # --- bench --------------------------------------------------------------------------------
@@ -52,6 +48,14 @@ def _add_bench(sub):
     p.add_argument(
         "--amp", type=csv_list(str), default=("none",), help="none, bf16, fp16 (comma list)"
     )
+    p.add_argument(
+        "--physical-batch",
+        type=int,
+        default=None,
+        metavar="P",
+        help="virtual steps: each --batch is one logical batch run in physical batches of at "
+        "most P (BatchMemoryManager for dpseg and Opacus, gradient accumulation without DP)",
+    )
     p.add_argument("--backend", default="auto", help="dpseg fused-op backend")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -77,6 +81,8 @@ def _run_bench(args) -> int:
             f"--size {size} must be divisible by {2 ** (len(channels) - 1)} "
             f"for {len(channels)} U-Net levels"
         )
+    if args.physical_batch is not None and args.physical_batch < 1:
+        raise UsageError(f"--physical-batch must be >= 1, got {args.physical_batch}")
     reports = []
     for batch in args.batch:
         for amp in args.amp:
@@ -90,6 +96,7 @@ def _run_bench(args) -> int:
                 repeats=args.repeats,
                 warmup=args.warmup,
                 backend=args.backend,
+                physical_batch=args.physical_batch,
             )
             report = run_step_benchmark(
                 cfg, progress=lambda e: print(f"  running {e} ...", file=sys.stderr, flush=True)

@@ -1,10 +1,17 @@
-"""Argument types shared by every ``dpseg`` subcommand's parser."""
+"""What every ``dpseg`` subcommand's parser shares: argument types and the usage error.
+
+Here rather than in dpseg/cli.py, which imports the subcommands: they import this module,
+never the command that imports them."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
 from typing import Any
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed without a traceback, exit code 2."""
 
 
 def csv_list(kind: Callable[[str], Any]) -> Callable[[Any], tuple]:

@@ -10,7 +10,7 @@ import torch
 
 from dpseg.attack import defences as dfn
 from dpseg.attack.cli import add_attack_parser
-from dpseg.cli import UsageError
+from dpseg.cli_types import UsageError
 from dpseg.models import UNet
 from dpseg.train.losses import DiceCELoss
 

@@ -76,3 +76,17 @@ def test_profile_cli_writes_traces(tmp_path, capsys):
     assert "dpseg::clip_accumulate_noise" in ranges
     assert (out / "trace_dpseg.json").stat().st_size > 0
     assert "extra" in capsys.readouterr().out
+
+
+def test_step_benchmark_with_physical_batches(tmp_path, capsys):
+    cfg = StepBenchConfig(
+        channels=(4, 8), size=8, batch=5, physical_batch=2, repeats=1, warmup=0,
+        engines=("none", "dpseg", "opacus-functorch"),
+    )  # fmt: skip
+    report = run_step_benchmark(cfg)
+    for r in report.results:
+        assert r.error is None, (r.engine, r.error)
+        assert r.median_s > 0 and r.time_ratio > 0
+    assert "in physical batches of 2" in format_table(report)
+    assert main(["bench", "--physical-batch", "0", "--size", "8", "--channels", "4,8"]) == 2
+    assert "--physical-batch must be >= 1" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from dpseg.cli_types import csv_list
+from dpseg.cli_types import UsageError, csv_list
 
 __all__ = ["add_attack_parser", "run_attack"]
 
@@ -104,7 +104,6 @@ def add_attack_parser(sub) -> None:
 
 
 def _check(args) -> None:
-    from dpseg.cli import UsageError
 
     for name in ("patch", "batch", "iterations", "restarts", "threads"):
         if getattr(args, name) < 1:
@@ -129,7 +128,6 @@ def run_attack(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from dpseg.cli import UsageError
     from dpseg.data import DataError, MSDDataset
 
     from .defences import parse_defences

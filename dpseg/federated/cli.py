@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dpseg.cli_types import csv_list
+from dpseg.cli_types import UsageError, csv_list
 from dpseg.federated.partition import PARTITIONS
 from dpseg.federated.site import ENGINES
 from dpseg.federated.strategies import STRATEGIES
@@ -200,7 +200,6 @@ def config_from_args(args):
 
 
 def _run(cfg, out: Path, resume: bool, plots: bool) -> int:
-    from dpseg.cli import UsageError
     from dpseg.data import DataError
     from dpseg.federated.runner import SetupError, run_federation
 
@@ -216,7 +215,6 @@ def _run(cfg, out: Path, resume: bool, plots: bool) -> int:
 
 
 def run_federate(args) -> int:
-    from dpseg.cli import UsageError
 
     if args.out is None:
         raise UsageError("--out RUN is required: the folder for the report and checkpoints")
@@ -230,7 +228,6 @@ def run_federate(args) -> int:
 def _run_flower(cfg, out: Path, resume: bool, plots: bool) -> int:
     import importlib.util
 
-    from dpseg.cli import UsageError
     from dpseg.data import DataError
 
     if importlib.util.find_spec("flwr") is None:
@@ -286,7 +283,6 @@ def add_demo_parser(sub) -> argparse.ArgumentParser:
 
 
 def run_demo(args) -> int:
-    from dpseg.cli import UsageError
     from dpseg.federated.runner import FederatedConfig
 
     if args.single_site:

@@ -13,18 +13,11 @@ from __future__ import annotations
 import functools
 import math
 
-from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 
+from dpseg.privacy.accountants import ACCOUNTANTS, make_accountant
+
 __all__ = ["ACCOUNTANTS", "PrivacyLedger", "make_accountant"]
-
-ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
-
-
-def make_accountant(name: str) -> IAccountant:
-    if name not in ACCOUNTANTS:
-        raise ValueError(f"unknown accountant {name!r}; use one of {sorted(ACCOUNTANTS)}")
-    return ACCOUNTANTS[name]()
 
 
 @functools.lru_cache(maxsize=4096)

@@ -16,6 +16,12 @@ from .dispatch import (
     per_sample_sq_norms,
     register_backend,
 )
+from .triton_backend import register as _register_compiled_backends
+
+# "triton" where Triton can run (a GPU, or TRITON_INTERPRET=1), "cuda" where dpseg._C was
+# built with its CUDA kernels. Done here, not in dispatch.py: triton_backend imports
+# dispatch, and a module must not import the module that imports it.
+_register_compiled_backends()
 
 __all__ = [
     "BACKENDS",

@@ -223,14 +223,3 @@ def gaussian_noise(
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     device = torch.device(device)
     return _select(backend, device).gaussian_noise(numel, seed, step, offset, draws, dtype, device)
-
-
-def _register_compiled_backends() -> None:
-    # "triton" where Triton can run (a GPU, or TRITON_INTERPRET=1), "cuda" where dpseg._C
-    # was built with its CUDA kernels. Last in this module: it imports register_backend.
-    from . import triton_backend
-
-    triton_backend.register()
-
-
-_register_compiled_backends()

@@ -4,6 +4,12 @@ Engines: ``none`` (the floor: an ordinary step), ``dpseg``, ``opacus-hooks`` and
 ``opacus-functorch`` (Opacus's two per-sample modes). Each runs the same training step
 (forward, cross-entropy, backward, optimizer step) on a fresh copy of the same model and the
 same data; the report gives medians and ratios to ``none``.
+
+With ``physical_batch`` the step is one logical batch of ``batch`` samples drawn from a
+DataLoader in physical batches of at most ``physical_batch``: BatchMemoryManager for dpseg
+and for Opacus, ordinary gradient accumulation for ``none``. Every engine then pays the
+same collation, so ``--batch 4,64 --physical-batch 4`` compares a logical batch of 64 with a
+plain batch of 4 on equal terms.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class StepBenchConfig:
     max_grad_norm: float = 1.0
     backend: str = "auto"
     seed: int = 0
+    physical_batch: int | None = None  # virtual steps: physical batches of at most this
 
 
 @dataclass
@@ -75,12 +82,15 @@ def make_step(engine: str, model, x, y, cfg: StepBenchConfig) -> Callable[[], No
     """Builds the engine's training step around a private copy of the model."""
     model = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    # make_private needs a loader to derive the sample rate; the step reuses the fixed batch.
-    loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=cfg.batch)
+    # make_private needs a loader to derive the sample rate; the plain step reuses the fixed
+    # batch, the virtual one draws it from this loader (one logical batch per pass).
+    virtual = cfg.physical_batch is not None
+    data = TensorDataset(x, y) if virtual else TensorDataset(x.cpu(), y.cpu())
+    loader = DataLoader(data, batch_size=cfg.batch)
     if engine == "dpseg":
         import dpseg
 
-        model, optimizer, _ = dpseg.PrivacyEngine(accountant="rdp").make_private(
+        model, optimizer, loader = dpseg.PrivacyEngine(accountant="rdp").make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
@@ -89,12 +99,14 @@ def make_step(engine: str, model, x, y, cfg: StepBenchConfig) -> Callable[[], No
             poisson_sampling=False,
             backend=cfg.backend,
         )
+        manager = dpseg.BatchMemoryManager
     elif engine.startswith("opacus"):
         import opacus
+        from opacus.utils.batch_memory_manager import BatchMemoryManager
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model, optimizer, _ = opacus.PrivacyEngine(accountant="rdp").make_private(
+            model, optimizer, loader = opacus.PrivacyEngine(accountant="rdp").make_private(
                 module=model,
                 optimizer=optimizer,
                 data_loader=loader,
@@ -103,24 +115,44 @@ def make_step(engine: str, model, x, y, cfg: StepBenchConfig) -> Callable[[], No
                 poisson_sampling=False,
                 grad_sample_mode=engine.split("-", 1)[1],
             )
-    elif engine != "none":
+        manager = BatchMemoryManager
+    elif engine == "none":
+        manager = None
+    else:
         raise ValueError(f"unknown engine {engine!r}; use one of {ENGINES}")
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
+    def loss_of(xb, yb):
         ctx = (
-            torch.autocast(x.device.type, dtype=amp_dtype)
+            torch.autocast(xb.device.type, dtype=amp_dtype)
             if amp_dtype
             else contextlib.nullcontext()
         )
         with ctx:
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
+            return F.cross_entropy(model(xb), yb)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_of(x, y).backward()
         optimizer.step()
 
-    return step
+    def virtual_step() -> None:
+        if manager is None:  # the floor: ordinary accumulation over the physical batches
+            optimizer.zero_grad(set_to_none=True)
+            for xb, yb in DataLoader(data, batch_size=cfg.physical_batch):
+                (loss_of(xb, yb) * (len(xb) / len(data))).backward()
+            optimizer.step()
+            return
+        with manager(
+            data_loader=loader, max_physical_batch_size=cfg.physical_batch, optimizer=optimizer
+        ) as physical:
+            for xb, yb in physical:
+                optimizer.zero_grad(set_to_none=True)
+                loss_of(xb, yb).backward()
+                optimizer.step()
+
+    return virtual_step if virtual else step
 
 
 def build_workload(cfg: StepBenchConfig):
@@ -199,7 +231,9 @@ def format_table(report: StepBenchReport) -> str:
     cfg = report.config
     lines = [
         f"DP step, UNet{tuple(cfg['channels'])} ({cfg['parameters']:,} params), "
-        f"batch {cfg['batch']}, "
+        f"batch {cfg['batch']}"
+        + (f" in physical batches of {cfg['physical_batch']}" if cfg.get("physical_batch") else "")
+        + ", "
         f"{cfg['size']}^3, {cfg['device']} ({report.environment['device']}), amp={cfg['amp']}",
         f"{'engine':<18}{'median ms':>11}{'p20-p80 ms':>16}"
         f"{'peak MiB':>10}{'time x':>8}{'mem x':>7}",

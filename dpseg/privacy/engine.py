@@ -2,54 +2,34 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from typing import Any
 
 import torch
-from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from dpseg import ops
-from dpseg.privacy.capture import capture_layers, release_layers
+from dpseg.privacy.accountants import make_accountant, steps_accounted
+from dpseg.privacy.criterion import DPCriterion
 from dpseg.privacy.data_loader import DPDataLoader
 from dpseg.privacy.optimizer import DPOptimizer
+from dpseg.privacy.private_module import PrivateModule
 from dpseg.privacy.validate import validate
 
-ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
 BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
 LOSS_REDUCTIONS = ("mean", "sum")
-
-
-class PrivateModule(nn.Module):
-    """The user's model with per-sample capture installed (``_module`` is the original, as in
-    Opacus's GradSampleModule, so state_dict keys carry the ``_module.`` prefix)."""
-
-    def __init__(
-        self, module: nn.Module, allow_fallback: bool = True, conv_strategy: str | None = None
-    ):
-        super().__init__()
-        self._module = module
-        self._layers = capture_layers(
-            module, allow_fallback=allow_fallback, conv_strategy=conv_strategy
-        )
-
-    def forward(self, *args, **kwargs):
-        return self._module(*args, **kwargs)
-
-    def release(self) -> nn.Module:
-        """Removes the capture and returns the plain model (for export or evaluation)."""
-        release_layers(self._layers)
-        self._layers = []
-        return self._module
+# Opacus's per-sample modes. dpseg has one capture, exact for all of them; "ghost" also
+# hands back the criterion, as Opacus's ghost clipping does.
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 
 
 class PrivacyEngine:
     def __init__(self, accountant: str = "prv", secure_mode: bool = False):
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"unknown accountant {accountant!r}; use one of {sorted(ACCOUNTANTS)}")
-        self.accountant = ACCOUNTANTS[accountant]()
+        self.accountant = make_accountant(accountant)
         self.accountant_name = accountant
         self.secure_mode = secure_mode
         self.sample_rate: float | None = None
@@ -82,6 +62,23 @@ class PrivacyEngine:
         if noise_seed is not None and self.secure_mode:
             raise ValueError("noise_seed makes the noise predictable; it is refused in secure_mode")
 
+    @staticmethod
+    def _check_mode(grad_sample_mode: str | None) -> None:
+        if grad_sample_mode is None:
+            return
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(
+                f"grad_sample_mode={grad_sample_mode!r} is not supported by dpseg; use one of "
+                f"{GRAD_SAMPLE_MODES} (all run dpseg's own exact per-sample capture)"
+            )
+        warnings.warn(
+            f"grad_sample_mode={grad_sample_mode!r}: dpseg computes per-sample gradients with "
+            "its own capture (one autograd Function per layer), exact for every Opacus mode; "
+            "the argument is accepted so that Opacus code runs unchanged.",
+            UserWarning,
+            stacklevel=3,
+        )
+
     def make_private(
         self,
         *,
@@ -97,9 +94,24 @@ class PrivacyEngine:
         batch_first: bool = True,
         clipping: str = "flat",
         allow_fallback: bool = True,
-    ) -> tuple[PrivateModule, DPOptimizer, DataLoader]:
-        """Returns (module, optimizer, data_loader) ready for an ordinary training loop."""
+        grad_sample_mode: str | None = None,
+        criterion: Any = None,
+        noise_generator: torch.Generator | None = None,
+    ):
+        """Returns (module, optimizer, data_loader) ready for an ordinary training loop;
+        with ``grad_sample_mode="ghost"``, (module, optimizer, criterion, data_loader), as
+        Opacus does (the criterion defaults to CrossEntropyLoss, as Opacus's)."""
+        if noise_generator is not None:
+            if noise_seed is not None or self.secure_mode:
+                raise ValueError(
+                    "noise_generator: give either it or noise_seed, and neither in secure_mode"
+                )
+            noise_seed = int(torch.randint(0, 2**63 - 1, (1,), generator=noise_generator))
         self._check(noise_multiplier, max_grad_norm, loss_reduction, backend, noise_seed)
+        self._check_mode(grad_sample_mode)
+        if grad_sample_mode == "ghost" and criterion is None:
+            criterion = nn.CrossEntropyLoss()
+        dp_criterion = DPCriterion(criterion, loss_reduction) if criterion is not None else None
         if not batch_first:
             raise ValueError("dpseg needs the batch in dimension 0 (batch_first=True)")
         if clipping != "flat":
@@ -153,6 +165,8 @@ class PrivacyEngine:
         dp_optimizer.step_hook = lambda opt: self.accountant.step(
             noise_multiplier=opt.noise_multiplier, sample_rate=sample_rate
         )
+        if grad_sample_mode == "ghost":
+            return private, dp_optimizer, dp_criterion, data_loader
         return private, dp_optimizer, data_loader
 
     def make_private_with_epsilon(
@@ -167,7 +181,7 @@ class PrivacyEngine:
         max_grad_norm: float,
         epsilon_tolerance: float = 0.01,
         **kwargs,
-    ) -> tuple[PrivateModule, DPOptimizer, DataLoader]:
+    ):
         """Finds the smallest noise multiplier that spends ``target_epsilon`` in ``epochs``."""
         if not target_epsilon > 0:
             raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
@@ -204,10 +218,75 @@ class PrivacyEngine:
         return {"accountant": self.accountant_name, "history": list(self.accountant.history)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("accountant") != self.accountant_name:
+        """Takes dpseg's state_dict() or an Opacus accountant's ({"history", "mechanism"})."""
+        name = state.get("accountant", state.get("mechanism"))
+        if name != self.accountant_name:
             raise ValueError(
-                f"checkpoint was accounted with {state.get('accountant')!r}, this engine uses "
-                f"{self.accountant_name!r}; create "
-                f"PrivacyEngine(accountant={state.get('accountant')!r})"
+                f"checkpoint was accounted with {name!r}, this engine uses "
+                f"{self.accountant_name!r}; create PrivacyEngine(accountant={name!r})"
             )
         self.accountant.history = [tuple(h) for h in state["history"]]
+
+    # --- Opacus's checkpoint calls ---------------------------------------------------------
+    def save_checkpoint(
+        self,
+        *,
+        path: str | os.PathLike,
+        module: nn.Module,
+        optimizer: DPOptimizer,
+        checkpoint_dict: dict | None = None,
+        module_state_dict_kwargs: dict | None = None,
+        torch_save_kwargs: dict | None = None,
+    ) -> None:
+        """Saves module, optimizer and accountant under Opacus's keys (module_state_dict,
+        optimizer_state_dict, privacy_accountant_state_dict), plus ``checkpoint_dict``.
+
+        The optimizer is required, unlike Opacus: its state holds the step counter that
+        keys the Philox noise, and a run resumed without it would draw the same noise again.
+        """
+        _require_dp_optimizer(optimizer, "save_checkpoint")
+        checkpoint = dict(checkpoint_dict or {})
+        checkpoint["module_state_dict"] = module.state_dict(**(module_state_dict_kwargs or {}))
+        checkpoint["optimizer_state_dict"] = optimizer.state_dict()
+        checkpoint["privacy_accountant_state_dict"] = {
+            "history": list(self.accountant.history),
+            "mechanism": self.accountant_name,
+        }
+        torch.save(checkpoint, path, **(torch_save_kwargs or {}))
+
+    def load_checkpoint(
+        self,
+        *,
+        path: str | os.PathLike,
+        module: nn.Module,
+        optimizer: DPOptimizer,
+        module_load_dict_kwargs: dict | None = None,
+        torch_load_kwargs: dict | None = None,
+    ) -> dict:
+        """Restores what save_checkpoint wrote; returns the rest of the checkpoint (what was
+        passed as ``checkpoint_dict``). Epsilon and the noise counter continue: the next
+        step draws noise no earlier step drew."""
+        _require_dp_optimizer(optimizer, "load_checkpoint")
+        checkpoint = torch.load(path, **{"weights_only": True, **(torch_load_kwargs or {})})
+        missing = {"module_state_dict", "privacy_accountant_state_dict"} - set(checkpoint)
+        if missing:
+            raise ValueError(f"{path}: not a PrivacyEngine checkpoint (no {sorted(missing)})")
+        module.load_state_dict(
+            checkpoint.pop("module_state_dict"), **(module_load_dict_kwargs or {})
+        )
+        self.load_state_dict(checkpoint.pop("privacy_accountant_state_dict"))
+        optimizer_state = checkpoint.pop("optimizer_state_dict", None)
+        if optimizer_state:
+            optimizer.load_state_dict(optimizer_state)
+        # A checkpoint from elsewhere may lack dpseg's counter: never behind the ledger.
+        optimizer.steps_taken = max(optimizer.steps_taken, steps_accounted(self.accountant))
+        return checkpoint
+
+
+def _require_dp_optimizer(optimizer, call: str) -> None:
+    if not isinstance(optimizer, DPOptimizer):
+        raise TypeError(
+            f"{call} needs the DPOptimizer that make_private returned (optimizer=...), got "
+            f"{type(optimizer).__name__}: its step counter keys the noise, and without it a "
+            "resumed run would draw the same noise twice"
+        )

@@ -11,6 +11,14 @@ and calls the wrapped optimizer. With loss_reduction="mean" autograd hands over 
 the actual batch), so the factor B is folded into c_b rather than into a copy of the grads.
 Noise is Philox keyed by (seed, step, element): reproducible with ``noise_seed``, and each
 step's noise is new because the step counter is part of the key.
+
+Virtual steps (:class:`dpseg.BatchMemoryManager`): after ``signal_skip_step()``, ``step()``
+clips the physical batch's samples and adds them to a running clipped sum (one
+parameter-sized buffer) instead of updating; ``zero_grad()`` keeps that sum. The step that
+ends the logical batch adds its own clipped samples, then draws the noise once, scales once
+by the logical expected batch size, updates once and tells the accountant once:
+
+    p.grad = scale * (sum over the logical batch of c_b g_b + N(0, sigma^2 C^2))
 """
 
 from __future__ import annotations
@@ -55,6 +63,12 @@ class DPOptimizer(Optimizer):
         self.step_hook: Callable[[DPOptimizer], None] | None = None
         self.last_per_sample_norms: torch.Tensor | None = None
         self.last_clipped_fraction: float | None = None
+        # Virtual steps: whether the next step() only accumulates, and what has been
+        # accumulated of the logical batch so far.
+        self._skip_next_step = False
+        self._is_last_step_skipped = False
+        self._clipped_sum: list[torch.Tensor] | None = None
+        self._logical_norms: list[torch.Tensor] = []
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -101,10 +115,28 @@ class DPOptimizer(Optimizer):
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     # --- the DP step -----------------------------------------------------------------------
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """The next step() ends a physical batch but not the logical one (Opacus's call;
+        BatchMemoryManager makes it): clip and accumulate, do not update."""
+        self._skip_next_step = bool(do_skip)
+
+    @property
+    def accumulating(self) -> bool:
+        """True while a logical batch is partly accumulated (between skipped steps)."""
+        return self._clipped_sum is not None
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad_sample = None
+        if not self._is_last_step_skipped:
+            self.discard_accumulated()
         self.original_optimizer.zero_grad(set_to_none)
+
+    def discard_accumulated(self) -> None:
+        """Drops a partly accumulated logical batch (nothing of it was released)."""
+        self._clipped_sum = None
+        self._logical_norms = []
+        self._is_last_step_skipped = False
 
     def _per_sample_grads(self) -> list[torch.Tensor]:
         params = self.params
@@ -128,11 +160,11 @@ class DPOptimizer(Optimizer):
             for p, g in zip(params, grads, strict=True)
         ]
 
-    def pre_step(self) -> None:
-        """Clip, accumulate and noise into p.grad; raises before touching anything on a
-        non-finite per-sample norm."""
-        params = self.params
-        grads = self._per_sample_grads()
+    def _clip_factors(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample norms, factors to apply to the grads as autograd handed them over).
+
+        With loss_reduction="mean" autograd hands over g_b / B (B this physical batch), so
+        the norm is B times the grad's and the factor B is folded into the clip factor."""
         batch = grads[0].shape[0] if grads else 0
         scale_in = float(batch) if self.loss_reduction == "mean" else 1.0
         with record_function("dpseg::per_sample_norms"):
@@ -146,30 +178,71 @@ class DPOptimizer(Optimizer):
                 "learning rate, check the inputs for NaN/inf, or use a smaller loss scale."
             )
         factors = (self.max_grad_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
-        self.last_per_sample_norms = norms
-        self.last_clipped_fraction = float((factors < 1).float().mean()) if batch else 0.0
-        scale_out = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
-        seed = secrets.randbits(64) if self.secure_mode else self.noise_seed
-        with record_function("dpseg::clip_accumulate_noise"):
-            summed = ops.clip_accumulate_noise(
-                grads,
-                factors * scale_in,
-                noise_std=self.noise_multiplier * self.max_grad_norm,
-                scale=scale_out,
-                seed=seed,
-                step=self.steps_taken,
-                draws=4 if self.secure_mode else 1,
-                backend=self.backend,
-            )
-        for p, g in zip(params, summed, strict=True):
-            p.grad = g
+        return norms, factors * scale_in
+
+    def _noise_args(self) -> dict:
+        return dict(
+            noise_std=self.noise_multiplier * self.max_grad_norm,
+            scale=1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0,
+            seed=secrets.randbits(64) if self.secure_mode else self.noise_seed,
+            step=self.steps_taken,
+            draws=4 if self.secure_mode else 1,
+            backend=self.backend,
+        )
+
+    def pre_step(self) -> bool:
+        """Clips this physical batch; returns True when the update is to be applied (p.grad
+        holds the noised, scaled sum of the logical batch), False after a skipped step.
+        Raises before touching anything on a non-finite per-sample norm."""
+        params = self.params
+        grads = self._per_sample_grads()
+        norms, factors = self._clip_factors(grads)
+        skip, self._skip_next_step = self._skip_next_step, False
+        self._is_last_step_skipped = skip
+        if not skip and self._clipped_sum is None:
+            # One physical batch per step: clip, sum and noise in one fused pass.
+            with record_function("dpseg::clip_accumulate_noise"):
+                summed = ops.clip_accumulate_noise(grads, factors, **self._noise_args())
+            self._record_norms([norms])
+        else:
+            with record_function("dpseg::clip_accumulate"):
+                part = ops.clip_accumulate_noise(
+                    grads, factors, noise_std=0.0, scale=1.0, seed=0, step=0, backend=self.backend
+                )
+            if self._clipped_sum is None:
+                self._clipped_sum = part
+            else:
+                for acc, g in zip(self._clipped_sum, part, strict=True):
+                    acc.add_(g)
+            self._logical_norms.append(norms)
+            summed = None
+            if not skip:  # the logical batch ends: one noise draw over its clipped sum
+                with record_function("dpseg::noise"):
+                    summed = ops.clip_accumulate_noise(
+                        [acc.unsqueeze(0) for acc in self._clipped_sum],
+                        torch.ones(1, dtype=torch.float64, device=self._clipped_sum[0].device),
+                        **self._noise_args(),
+                    )
+                self._record_norms(self._logical_norms)
+                self.discard_accumulated()
+        for i, p in enumerate(params):
             p.grad_sample = None
+            if summed is not None:
+                p.grad = summed[i]
+        return summed is not None
+
+    def _record_norms(self, norms: list[torch.Tensor]) -> None:
+        norms = torch.cat(norms) if norms else torch.zeros(0, dtype=torch.float64)
+        self.last_per_sample_norms = norms
+        clipped = (self.max_grad_norm / (norms + _CLIP_EPS)) < 1  # the clip factor acted
+        self.last_clipped_fraction = float(clipped.float().mean()) if norms.numel() else 0.0
 
     def step(self, closure: Callable[[], float] | None = None):
         if closure is not None:
             with torch.enable_grad():
                 closure()
-        self.pre_step()
+        if not self.pre_step():
+            return None
         with record_function("dpseg::optimizer_update"):
             result = self.original_optimizer.step()
         self.steps_taken += 1

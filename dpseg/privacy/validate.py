@@ -1,4 +1,14 @@
-"""Which models DP-SGD can train, and ``fix`` for the common offender (BatchNorm)."""
+"""Which models DP-SGD can train, and ``fix`` for the common offenders.
+
+- BatchNorm normalises over the batch: each sample's gradient depends on the others, so
+  per-sample clipping no longer bounds one patient's influence. ``fix`` swaps it for
+  GroupNorm.
+- InstanceNorm with ``track_running_stats=True`` keeps running means and variances of the
+  training data in its buffers, released with the model and never noised. ``fix`` turns
+  the tracking off (each sample is normalised by its own statistics, in training as now).
+- A module that owns trainable parameters and also has submodules: the capture works per
+  leaf layer. Not fixable automatically.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +16,7 @@ import copy
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 
 class PrivacyModelError(ValueError):
@@ -15,12 +26,26 @@ class PrivacyModelError(ValueError):
 def find_problems(model: nn.Module) -> list[str]:
     problems = []
     for name, module in model.named_modules():
+        where = f"{name or 'model'} ({type(module).__name__})"
         if isinstance(module, _BatchNorm):  # SyncBatchNorm included
             problems.append(
-                f"{name or 'model'} ({type(module).__name__}) normalises over the batch, so "
-                "each sample's gradient depends on the others and per-sample clipping no "
-                "longer bounds one patient's influence. Use dpseg.privacy.fix(model) to swap "
-                "it for GroupNorm, or use GroupNorm/InstanceNorm."
+                f"{where} normalises over the batch, so each sample's gradient depends on the "
+                "others and per-sample clipping no longer bounds one patient's influence. Use "
+                "dpseg.privacy.fix(model) to swap it for GroupNorm, or use "
+                "GroupNorm/InstanceNorm."
+            )
+        elif isinstance(module, _InstanceNorm) and module.track_running_stats:
+            problems.append(
+                f"{where} tracks running statistics of the training data, which would be "
+                "released with the model without noise. Use dpseg.privacy.fix(model), or "
+                "build it with track_running_stats=False."
+            )
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if own and any(True for _ in module.children()):
+            problems.append(
+                f"{where} owns trainable parameters {own} and also has submodules; dpseg "
+                "computes per-sample gradients per leaf layer. Move those parameters into a "
+                "leaf module (or freeze them)."
             )
     return problems
 
@@ -35,20 +60,34 @@ def _groups_for(channels: int, preferred: int = 32) -> int:
     return max(g for g in range(1, min(preferred, channels) + 1) if channels % g == 0)
 
 
+def _fixed(module: nn.Module) -> nn.Module | None:
+    """The replacement for a module ``find_problems`` flags and ``fix`` can mend, else None."""
+    if isinstance(module, _BatchNorm):
+        c = module.num_features
+        return nn.GroupNorm(_groups_for(c), c, affine=module.affine)
+    if isinstance(module, _InstanceNorm) and module.track_running_stats:
+        module.track_running_stats = False
+        for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+            module.register_buffer(buffer, None)
+        return module
+    return None
+
+
 def fix(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replaces every BatchNorm with GroupNorm (largest group count <= 32 dividing C)."""
+    """Replaces every BatchNorm with GroupNorm (largest group count <= 32 dividing C), and
+    stops InstanceNorm from tracking running statistics."""
     model = model if inplace else copy.deepcopy(model)
 
     def replace(parent: nn.Module) -> None:
         for child_name, child in parent.named_children():
-            if isinstance(child, _BatchNorm):
-                c = child.num_features
-                setattr(parent, child_name, nn.GroupNorm(_groups_for(c), c, affine=child.affine))
+            new = _fixed(child)
+            if new is not None:
+                setattr(parent, child_name, new)
             else:
                 replace(child)
 
-    if isinstance(model, _BatchNorm):
-        c = model.num_features
-        return nn.GroupNorm(_groups_for(c), c, affine=model.affine)
+    new = _fixed(model)
+    if new is not None:
+        return new
     replace(model)
     return model

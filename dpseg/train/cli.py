@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpseg.cli_types import csv_list
+from dpseg.cli_types import UsageError, csv_list
 
 __all__ = ["add_train_parser", "add_predict_parser", "add_phantoms_parser"]
 
@@ -22,7 +22,6 @@ def _usage_errors(fn):
     """Turns the data layer's DataError and ValueError into the CLI's UsageError."""
 
     def run(args) -> int:
-        from dpseg.cli import UsageError
         from dpseg.data import DataError
 
         try:
@@ -102,7 +101,6 @@ def add_train_parser(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from dpseg.cli import UsageError
     from dpseg.train.config import TrainConfig
     from dpseg.train.run import run_training
 

@@ -1,0 +1,65 @@
+"""PrivateModule: the user's model with per-sample capture installed.
+
+It is also where plain gradient accumulation is stopped. Two ``loss.backward()`` calls on two
+batches before one ``optimizer.step()`` would add the per-sample gradients of the two
+batches sample by sample (sample i of each, clipped as one patient), so a forward pass that
+starts while per-sample gradients of an earlier backward are still waiting for the step is
+refused. What stays exact, because the samples are the same: a layer used twice in one
+forward (weight sharing), and several backward passes from one forward. Virtual batches
+larger than memory go through :class:`dpseg.BatchMemoryManager`, whose skipped steps move
+each physical batch's clipped gradients out of ``grad_sample`` before the next forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dpseg.privacy.capture import ForwardPasses, capture_layers, release_layers
+
+
+class PendingGradientsError(RuntimeError):
+    """A new forward pass while per-sample gradients of an earlier one wait for step()."""
+
+
+class PrivateModule(nn.Module):
+    """``_module`` is the original, as in Opacus's GradSampleModule, so state_dict keys carry
+    the ``_module.`` prefix."""
+
+    def __init__(
+        self, module: nn.Module, allow_fallback: bool = True, conv_strategy: str | None = None
+    ):
+        super().__init__()
+        self._module = module
+        self._passes = ForwardPasses(strict=True)
+        self._layers = capture_layers(
+            module, allow_fallback=allow_fallback, conv_strategy=conv_strategy, passes=self._passes
+        )
+
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():  # without grad no per-sample gradient can be made
+            self._refuse_pending_gradients()
+        with self._passes.running():
+            return self._module(*args, **kwargs)
+
+    def _refuse_pending_gradients(self) -> None:
+        for layer in self._layers:
+            for name, p in layer.module.named_parameters(recurse=False):
+                if getattr(p, "grad_sample", None) is not None:
+                    where = f"{layer.name}.{name}" if layer.name else name
+                    raise PendingGradientsError(
+                        "a new forward pass started while per-sample gradients of an earlier "
+                        f"backward are waiting for optimizer.step() ({where}). DP-SGD clips "
+                        "each sample of one batch; accumulating a second batch would add "
+                        "sample i of both batches and clip them as one patient. To train a "
+                        "logical batch larger than memory, wrap the loader in "
+                        "dpseg.BatchMemoryManager(data_loader=..., max_physical_batch_size=..., "
+                        "optimizer=...); otherwise call optimizer.step() or "
+                        "optimizer.zero_grad() before the next forward."
+                    )
+
+    def release(self) -> nn.Module:
+        """Removes the capture and returns the plain model (for export or evaluation)."""
+        release_layers(self._layers)
+        self._layers = []
+        return self._module

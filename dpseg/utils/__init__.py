@@ -1,0 +1,1 @@
+"""Opacus's import paths for the utilities (``opacus.utils.batch_memory_manager``)."""
