@@ -13,6 +13,7 @@ from pathlib import Path
 import tomllib
 
 from dpseg.attack.cli import add_attack_parser
+from dpseg.audit.cli import add_audit_parser
 from dpseg.cli_types import UsageError, csv_list
 from dpseg.federated.cli import add_demo_parser, add_federate_parser
 from dpseg.train.cli import add_phantoms_parser, add_predict_parser, add_train_parser
@@ -156,7 +157,7 @@ def _run_profile(args) -> int:
 # --- entry point --------------------------------------------------------------------------
 COMMANDS = [
     add_phantoms_parser, add_train_parser, add_predict_parser, _add_bench, _add_profile,
-    add_federate_parser, add_demo_parser, add_attack_parser,
+    add_federate_parser, add_demo_parser, add_attack_parser, add_audit_parser,
 ]  # fmt: skip
 
 

@@ -251,3 +251,15 @@ def test_per_sample_norms_agree_with_opacus():
             )
             norms[name] = per.norm(dim=1)
     torch.testing.assert_close(norms["dpseg"], norms["opacus"], rtol=1e-9, atol=0)
+
+
+def test_a_poisson_loader_keeps_its_own_sample_rate():
+    # A DPDataLoader built by hand (rate 0.1, 3 steps) is accounted at its rate, not 1/3.
+    data = TensorDataset(torch.randn(20, 1, 6, 6), torch.randint(0, 2, (20, 6, 6)))
+    loader = DPDataLoader(data, sample_rate=0.1, steps=3)
+    model, opt, _ = _setup()
+    engine = dpseg.PrivacyEngine(accountant="rdp")
+    _, dp_opt, same = engine.make_private(
+        module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0
+    )
+    assert same is loader and engine.sample_rate == 0.1 and dp_opt.expected_batch_size == 2

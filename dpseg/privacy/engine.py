@@ -139,7 +139,7 @@ class PrivacyEngine:
                 "the data loader yields no batches (a batch larger than the dataset "
                 "with drop_last=True?)"
             )
-        self.sample_rate = 1 / len(data_loader)
+        self.sample_rate = _sample_rate_of(data_loader)
         expected_batch_size = max(1, int(dataset_size * self.sample_rate))
         if poisson_sampling:
             generator = None
@@ -192,7 +192,7 @@ class PrivacyEngine:
         sigma = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=target_delta,
-            sample_rate=1 / len(data_loader),
+            sample_rate=_sample_rate_of(data_loader),
             epochs=epochs,
             accountant=self.accountant.mechanism(),
             epsilon_tolerance=epsilon_tolerance,
@@ -281,6 +281,14 @@ class PrivacyEngine:
         # A checkpoint from elsewhere may lack dpseg's counter: never behind the ledger.
         optimizer.steps_taken = max(optimizer.steps_taken, steps_accounted(self.accountant))
         return checkpoint
+
+
+def _sample_rate_of(loader: DataLoader) -> float:
+    """q: a Poisson loader's own rate (any steps per epoch), else one batch in len(loader),
+    the rate make_private's Poisson loader will sample at."""
+    if isinstance(loader, DPDataLoader):
+        return loader.sample_rate
+    return 1 / len(loader)
 
 
 def _require_dp_optimizer(optimizer, call: str) -> None:
