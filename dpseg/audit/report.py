@@ -35,8 +35,9 @@ def markdown(results: list[AuditResult], command: str, environment: dict) -> str
         "stated confidence (Clopper-Pearson on the false positive and negative rates, "
         "threshold chosen on a held-out quarter of the trials); epsilon_claimed is the "
         "engine's own accountant for the same noise, sample rate and steps. A lower bound "
-        "above the claim means the engine leaks more than it says. The Gaussian-DP estimate (Nasr et al. 2023) assumes a "
-        "Gaussian trade-off curve (exact for one step without subsampling).",
+        "above the claim means the engine leaks more than it says. The Gaussian-DP "
+        "estimate (Nasr et al. 2023) assumes a Gaussian trade-off curve (exact for one step "
+        "without subsampling).",
         "",
         "| sigma | steps | q | backend | path | trials / world | epsilon claimed | "
         "epsilon lower (95%) | lower / claimed | GDP estimate | seconds | verdict |",
