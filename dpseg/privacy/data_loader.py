@@ -46,6 +46,23 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return self.steps
 
 
+class DistributedPoissonBatchSampler(PoissonBatchSampler):
+    """Rank ``rank``'s share of one global Poisson draw over ``num_samples`` items."""
+
+    def __init__(
+        self, num_samples, sample_rate, steps, rank, world_size, generator=None, secure=False
+    ):
+        super().__init__(num_samples, sample_rate, steps, generator, secure)
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        mine = torch.arange(self.num_samples) % self.world_size == self.rank
+        for _ in range(self.steps):
+            # Every rank draws all N uniforms (the same ones from a shared seed), so the
+            # split of one global draw, not W independent draws over overlapping data.
+            yield ((self._uniform() < self.sample_rate) & mine).nonzero().flatten().tolist()
+
+
 def _empty_like_example(example):
     if isinstance(example, torch.Tensor):
         return example.new_empty((0, *example.shape))
@@ -83,14 +100,23 @@ class DPDataLoader(DataLoader):
         collate_fn=None,
         generator: torch.Generator | None = None,
         secure: bool = False,
+        distributed: tuple[int, int] | None = None,
         **kwargs,
     ):
+        """``distributed=(rank, world_size)``: this rank's share of one global Poisson draw
+        (dpseg.privacy.distributed)."""
         n = len(dataset)
         steps = steps if steps is not None else int(round(1 / sample_rate))
         self.sample_rate = sample_rate
+        if distributed is None:
+            sampler = PoissonBatchSampler(n, sample_rate, steps, generator, secure)
+        else:
+            sampler = DistributedPoissonBatchSampler(
+                n, sample_rate, steps, *distributed, generator=generator, secure=secure
+            )
         super().__init__(
             dataset,
-            batch_sampler=PoissonBatchSampler(n, sample_rate, steps, generator, secure),
+            batch_sampler=sampler,
             collate_fn=_CollateAllowingEmpty(dataset, collate_fn or default_collate),
             generator=generator,
             **kwargs,
@@ -98,10 +124,21 @@ class DPDataLoader(DataLoader):
 
     @classmethod
     def from_data_loader(
-        cls, loader: DataLoader, generator: torch.Generator | None = None, secure: bool = False
+        cls,
+        loader: DataLoader,
+        generator: torch.Generator | None = None,
+        secure: bool = False,
+        distributed: tuple[int, int] | None = None,
     ) -> DPDataLoader:
         """Same dataset, workers and collate; q = 1 / len(loader), as many steps an epoch."""
         if isinstance(loader, DPDataLoader):
+            sampler = loader.batch_sampler
+            shard = getattr(sampler, "rank", None), getattr(sampler, "world_size", None)
+            if distributed is not None and shard != tuple(distributed):
+                raise ValueError(
+                    "under DistributedDataParallel pass an ordinary DataLoader over the whole "
+                    "dataset (dpseg splits each Poisson draw by rank), not a DPDataLoader"
+                )
             return loader
         steps = len(loader)
         return cls(
@@ -111,6 +148,7 @@ class DPDataLoader(DataLoader):
             collate_fn=loader.collate_fn,
             generator=generator if generator is not None else loader.generator,
             secure=secure,
+            distributed=distributed,
             num_workers=loader.num_workers,
             pin_memory=loader.pin_memory,
             worker_init_fn=loader.worker_init_fn,

@@ -16,6 +16,7 @@ from dpseg import ops
 from dpseg.privacy.accountants import make_accountant, steps_accounted
 from dpseg.privacy.criterion import DPCriterion
 from dpseg.privacy.data_loader import DPDataLoader
+from dpseg.privacy.distributed import DistributedContext, check_wrapper, take_reduction_from_ddp
 from dpseg.privacy.optimizer import DPOptimizer
 from dpseg.privacy.private_module import PrivateModule
 from dpseg.privacy.validate import validate
@@ -118,7 +119,8 @@ class PrivacyEngine:
             raise ValueError(f"clipping={clipping!r}: dpseg implements flat clipping only")
         if isinstance(module, PrivateModule):
             raise ValueError("this module was already made private; pass the original model")
-        validate(module)
+        ddp = check_wrapper(module)  # refuses wrappers it cannot run exactly
+        validate(ddp.module if ddp is not None else module)
         model_params = {id(p) for p in module.parameters()}
         stray = [
             tuple(p.shape)
@@ -139,18 +141,29 @@ class PrivacyEngine:
                 "the data loader yields no batches (a batch larger than the dataset "
                 "with drop_last=True?)"
             )
+        distributed = DistributedContext(ddp.process_group) if ddp is not None else None
+        if distributed is not None and not distributed.all_equal(dataset_size):
+            raise ValueError(
+                "under DistributedDataParallel every rank's loader must hold the same, whole "
+                f"dataset (this rank has {dataset_size} items): dpseg splits each Poisson draw "
+                "by rank, as a DistributedSampler would"
+            )
         self.sample_rate = _sample_rate_of(data_loader)
+        # q and the expected batch are global: q N over all ranks' samples.
         expected_batch_size = max(1, int(dataset_size * self.sample_rate))
         if poisson_sampling:
             generator = None
             if noise_seed is not None:
                 generator = torch.Generator().manual_seed(noise_seed)
+            shard = (distributed.rank, distributed.world_size) if distributed else None
             data_loader = DPDataLoader.from_data_loader(
-                data_loader, generator=generator, secure=self.secure_mode
+                data_loader, generator=generator, secure=self.secure_mode, distributed=shard
             )
         # backend="triton" means Triton end to end: the per-sample conv kernel too.
         conv_strategy = "triton" if backend == "triton" else None
         private = PrivateModule(module, allow_fallback=allow_fallback, conv_strategy=conv_strategy)
+        if ddp is not None:
+            take_reduction_from_ddp(ddp)
         dp_optimizer = DPOptimizer(
             optimizer,
             noise_multiplier=noise_multiplier,
@@ -160,6 +173,7 @@ class PrivacyEngine:
             backend=backend,
             noise_seed=noise_seed,
             secure_mode=self.secure_mode,
+            distributed=distributed,
         )
         sample_rate = self.sample_rate
         dp_optimizer.step_hook = lambda opt: self.accountant.step(

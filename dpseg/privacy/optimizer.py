@@ -48,6 +48,7 @@ class DPOptimizer(Optimizer):
         backend: str = "auto",
         noise_seed: int | None = None,
         secure_mode: bool = False,
+        distributed=None,
     ):
         # Not Optimizer.__init__: param_groups/state/defaults stay the wrapped optimizer's own
         # objects (below), so schedulers and checkpoints see one set of hyper-parameters.
@@ -58,6 +59,8 @@ class DPOptimizer(Optimizer):
         self.loss_reduction = loss_reduction
         self.backend = backend
         self.secure_mode = secure_mode
+        # A DistributedContext: the clipped sums are all-reduced, rank 0 adds the noise.
+        self.distributed = distributed
         self.noise_seed = noise_seed if noise_seed is not None else secrets.randbits(64)
         self.steps_taken = 0
         self.step_hook: Callable[[DPOptimizer], None] | None = None
@@ -199,7 +202,7 @@ class DPOptimizer(Optimizer):
         norms, factors = self._clip_factors(grads)
         skip, self._skip_next_step = self._skip_next_step, False
         self._is_last_step_skipped = skip
-        if not skip and self._clipped_sum is None:
+        if not skip and self._clipped_sum is None and self.distributed is None:
             # One physical batch per step: clip, sum and noise in one fused pass.
             with record_function("dpseg::clip_accumulate_noise"):
                 summed = ops.clip_accumulate_noise(grads, factors, **self._noise_args())
@@ -217,12 +220,7 @@ class DPOptimizer(Optimizer):
             self._logical_norms.append(norms)
             summed = None
             if not skip:  # the logical batch ends: one noise draw over its clipped sum
-                with record_function("dpseg::noise"):
-                    summed = ops.clip_accumulate_noise(
-                        [acc.unsqueeze(0) for acc in self._clipped_sum],
-                        torch.ones(1, dtype=torch.float64, device=self._clipped_sum[0].device),
-                        **self._noise_args(),
-                    )
+                summed = self._release(self._clipped_sum)
                 self._record_norms(self._logical_norms)
                 self.discard_accumulated()
         for i, p in enumerate(params):
@@ -230,6 +228,25 @@ class DPOptimizer(Optimizer):
             if summed is not None:
                 p.grad = summed[i]
         return summed is not None
+
+    def _release(self, sums: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The logical batch's clipped sums -> the gradient released: noised once, scaled
+        once; under torch.distributed, rank 0 noises its own sum and one all-reduce adds
+        every rank's (dpseg.privacy.distributed)."""
+        args = self._noise_args()
+        ones = torch.ones(1, dtype=torch.float64, device=sums[0].device)
+        rows = [s.unsqueeze(0) for s in sums]
+        if self.distributed is None:
+            with record_function("dpseg::noise"):
+                return ops.clip_accumulate_noise(rows, ones, **args)
+        scale = args.pop("scale")
+        if self.distributed.rank != 0:
+            args["noise_std"] = 0.0
+        with record_function("dpseg::noise"):
+            noised = ops.clip_accumulate_noise(rows, ones, scale=1.0, **args)
+        with record_function("dpseg::all_reduce"):
+            reduced = self.distributed.all_reduce_flat(noised)
+        return [r.mul_(scale) for r in reduced]
 
     def _record_norms(self, norms: list[torch.Tensor]) -> None:
         norms = torch.cat(norms) if norms else torch.zeros(0, dtype=torch.float64)
