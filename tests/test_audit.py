@@ -153,6 +153,16 @@ def test_batch_memory_manager_path_passes():
     assert 0.5 * r.epsilon_claimed <= r.epsilon_lower <= r.epsilon_claimed, r
 
 
+def test_ddp_path_passes():
+    # Two gloo processes, the canary model in DDP: each rank clips its share of the Poisson
+    # draw, rank 0 adds the noise, one all-reduce. The released updates are the plain path's
+    # (up to the order of the sum), so is the bound.
+    r = run_audit(AuditConfig(noise_multiplier=1.0, trials=200_000, path="ddp", seed=4))
+    plain = run_audit(AuditConfig(noise_multiplier=1.0, trials=200_000, seed=4))
+    assert 0.5 * r.epsilon_claimed <= r.epsilon_lower <= r.epsilon_claimed, r
+    assert r.epsilon_lower == pytest.approx(plain.epsilon_lower, abs=0.02)
+
+
 def test_multi_step_poisson_audit_stays_under_the_accountant():
     cfg = AuditConfig(noise_multiplier=1.0, steps=4, sample_rate=0.25, trials=40_000, seed=7)
     r = run_audit(cfg)

@@ -24,7 +24,8 @@ from dpseg.audit.canaries import CanaryDataset, canary_model, collate_batch, mak
 from dpseg.audit.statistics import epsilon_lower_bound, gdp_epsilon, log_likelihood_ratio
 from dpseg.privacy import BatchMemoryManager, DPDataLoader, PrivacyEngine
 
-PATHS = ("plain", "batch_memory_manager")
+PATHS = ("plain", "batch_memory_manager", "ddp")
+DDP_WORLD = 2  # the "ddp" path: two gloo processes, the model wrapped in DDP
 
 
 @dataclass
@@ -114,17 +115,25 @@ def _one_run(cfg: AuditConfig, run: int):
         world1, cfg.slots, cfg.data_dims, cfg.ordinary, cfg.max_grad_norm, cfg.magnitude, gen,
         device=cfg.device,
     )  # fmt: skip
+    distributed = torch.distributed.is_initialized()
+    shard = (torch.distributed.get_rank(), DDP_WORLD) if distributed else None
     loader = DPDataLoader(
         CanaryDataset(x),
         sample_rate=cfg.sample_rate,
         steps=cfg.steps,
         collate_fn=collate_batch,
         generator=torch.Generator().manual_seed(_seed(cfg.seed, run, 1)),
+        distributed=shard,  # each rank its share of one Poisson draw
     )
     model = canary_model(cfg.slots, cfg.data_dims, device=cfg.device)
     engine = PrivacyEngine(accountant=cfg.accountant)
+    wrapped = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model)
     pmodel, optimizer, loader = engine.make_private(
-        module=model,
+        module=wrapped,
         optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
         data_loader=loader,
         noise_multiplier=cfg.noise_multiplier,
@@ -146,7 +155,7 @@ def _one_run(cfg: AuditConfig, run: int):
             released.append(last - now)  # lr 1: the noised, clipped gradient itself
             last = now
 
-    if cfg.path == "plain":
+    if cfg.path in ("plain", "ddp"):
         for (xb,) in loader:
             train_on(xb)
     else:
@@ -173,6 +182,8 @@ def trial_scores(
     The scores are a function of (config, seed) alone: two backends or paths that release
     the same bits give the same scores, hence the same bound."""
     cfg.check()
+    if cfg.path == "ddp" and not torch.distributed.is_initialized():
+        return _scores_on_ranks(cfg, progress)
     scores0, scores1, history, claimed = [], [], None, None
     for run in range(cfg.runs):
         obs0, obs1, engine = _one_run(cfg, run)
@@ -187,6 +198,43 @@ def trial_scores(
         if progress:
             progress(run + 1, cfg.runs)
     return np.concatenate(scores0)[: cfg.trials], np.concatenate(scores1)[: cfg.trials], claimed
+
+
+def _scores_on_ranks(cfg: AuditConfig, progress) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """The "ddp" path: the same runs on DDP_WORLD gloo processes of this machine; every
+    replica releases the same update, and rank 0 scores it."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/scores.npz"
+        mp.spawn(_rank_worker, args=(port, asdict(cfg), out), nprocs=DDP_WORLD, join=True)
+        saved = np.load(out)
+        claimed = float(saved["claimed"][0]) if saved["claimed"].size else None
+        if progress:
+            progress(cfg.runs, cfg.runs)
+        return saved["s0"], saved["s1"], claimed
+
+
+def _rank_worker(rank: int, port: int, cfg_dict: dict, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=DDP_WORLD)
+    try:
+        s0, s1, claimed = trial_scores(AuditConfig(**cfg_dict))
+        if rank == 0:
+            np.savez(out, s0=s0, s1=s1, claimed=np.array([] if claimed is None else [claimed]))
+    finally:
+        dist.destroy_process_group()
 
 
 def run_audit(cfg: AuditConfig, progress: Callable[[int, int], None] | None = None) -> AuditResult:

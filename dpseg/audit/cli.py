@@ -67,7 +67,8 @@ def add_audit_parser(sub) -> None:
         "--path",
         type=csv_list(str),
         default=("plain",),
-        help="plain (one batch a step) and/or batch_memory_manager (physical batches)",
+        help="plain (one batch a step), batch_memory_manager (physical batches) and/or ddp (two "
+        "gloo processes, the model in DistributedDataParallel)",
     )
     p.add_argument("--out", type=Path, required=True, help="run folder (created)")
     extra = p.add_argument_group("details")

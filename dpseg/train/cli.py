@@ -15,7 +15,10 @@ from dpseg.cli_types import UsageError, csv_list
 __all__ = ["add_train_parser", "add_predict_parser", "add_phantoms_parser"]
 
 # Options a resumed run may change; every other one is fixed by the checkpoint.
-RESUMABLE = ("steps", "epochs", "device", "eval_every", "checkpoint_every", "epsilon_every")
+RESUMABLE = (
+    "steps", "epochs", "device", "eval_every", "checkpoint_every", "epsilon_every", "nproc",
+    "threads",
+)  # fmt: skip
 
 
 def _usage_errors(fn):
@@ -73,6 +76,17 @@ def add_train_parser(sub) -> None:
     p.add_argument("--accountant", choices=["prv", "rdp"], default=None)
     p.add_argument("--backend", default=None, help="dpseg fused-op backend (default auto)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes training this site together through torch.distributed (torchrun; "
+        "gloo on cpu, NCCL on cuda, one GPU each); the DP step and Poisson sampling stay "
+        "global (default 1)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads per process (default cores/nproc)"
+    )
     p.add_argument("--optimizer", choices=["adam", "sgd"], default=None)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None)

@@ -49,6 +49,8 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 50
     epsilon_every: int = 10
+    nproc: int = 1  # processes (torch.distributed) training this site together
+    threads: int | None = None  # torch threads per process (default: cores / nproc)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -97,5 +99,11 @@ class TrainConfig:
             )
         if self.dp and self.target_epsilon is not None and self.noise_multiplier is not None:
             raise ValueError("give either noise_multiplier or target_epsilon, not both")
+        if self.nproc < 1:
+            raise ValueError(f"nproc must be >= 1, got {self.nproc}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.nproc > 1 and self.dp and self.engine != "dpseg":
+            raise ValueError("nproc > 1 runs dpseg's distributed DP step; use engine 'dpseg'")
         if self.target_epsilon is not None and not self.target_epsilon > 0:
             raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")

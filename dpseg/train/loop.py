@@ -202,11 +202,16 @@ def privatize(
     overrides cfg (a resumed run keeps the sigma it started with)."""
     q = 1.0 / len(loader)
     if not cfg.dp:
+        from torch.nn.parallel import DistributedDataParallel
+
         gen = torch.Generator().manual_seed(cfg.seed)
+        shard = None
+        if isinstance(model, DistributedDataParallel):  # the same split as the DP engine's
+            shard = (torch.distributed.get_rank(), torch.distributed.get_world_size())
         return (
             model,
             optimizer,
-            DPDataLoader.from_data_loader(loader, generator=gen),
+            DPDataLoader.from_data_loader(loader, generator=gen, distributed=shard),
             Privacy(sample_rate=q),
         )
     sigma = noise_multiplier
@@ -252,8 +257,12 @@ def privatize(
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside a dpseg PrivateModule or an Opacus GradSampleModule."""
-    return getattr(model, "_module", model)
+    """The user's model inside a dpseg PrivateModule or an Opacus GradSampleModule, and
+    inside DistributedDataParallel."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = getattr(model, "_module", model)
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _seed_of(seed: int, step: int, stream: int) -> int:

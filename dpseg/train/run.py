@@ -109,15 +109,41 @@ def run_training(
     checkpoint_every, epsilon_every) are applied on top. Raises DataError / ValueError for
     input the user can fix.
     """
+    from dpseg.train import distributed
+
     out = Path(cfg.out)
+    nproc = _nproc(cfg, resume, overrides)
+    if nproc > 1 and distributed.world_size() == 1:  # the launcher: start the workers
+        if not resume:
+            cfg.check()  # here, not in N tracebacks
+            if (out / "checkpoint.pt").exists():
+                raise DataError(
+                    f"{out / 'checkpoint.pt'}: this run folder already holds a checkpoint. "
+                    "Continue it with --resume, or choose a new --out folder."
+                )
+        _check_out(out)
+        return distributed.launch(cfg, resume, overrides, progress, nproc)
+    if distributed.rank() != 0:  # rank 0 holds the lock and writes the run folder
+        return _run(cfg, resume, overrides, progress)
     if resume or not (out / "checkpoint.pt").exists():
         _check_out(out)
     with _RunLock(out):
         return _run(cfg, resume, overrides, progress)
 
 
+def _nproc(cfg: TrainConfig, resume: bool, overrides: dict | None) -> int:
+    if overrides and "nproc" in overrides:
+        return int(overrides["nproc"])
+    if resume:
+        return int(load_checkpoint(Path(cfg.out) / "checkpoint.pt")["config"].get("nproc", 1))
+    return cfg.nproc
+
+
 def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool) -> dict:
+    from dpseg.train.distributed import rank, world_size, wrap_for_ranks
     from dpseg.train.report import write_report
+
+    lead = rank() == 0  # the process that evaluates and writes (every process trains)
 
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
@@ -134,18 +160,23 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
             else:
                 saved.steps = None
         cfg = saved
-    elif ckpt_path.exists():
+    elif ckpt_path.exists() and lead:
         raise DataError(
             f"{ckpt_path}: this run folder already holds a checkpoint. Continue it with "
             "--resume, or choose a new --out folder; nothing was changed."
         )
     cfg.check()
-    _check_out(out)
+    if cfg.threads and world_size() == 1:  # (each worker of --nproc sets its own)
+        torch.set_num_threads(cfg.threads)
+    if lead:
+        _check_out(out)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             "--device cuda was asked for but torch sees no CUDA device; use --device cpu"
         )
     device = torch.device(cfg.device)
+    if device.type == "cuda" and world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
 
     dataset = MSDDataset(cfg.data, channel=cfg.channel)
     indices = _case_indices(dataset, cfg.site)
@@ -160,13 +191,16 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
     prep = Preprocessing(target_spacing=cfg.spacing)
     num_classes = dataset.num_classes
     tr_images, tr_labels, _ = load_cases(dataset, prep, train_idx, progress)
-    va_images, va_labels, va_volumes = load_cases(dataset, prep, val_idx, progress)
+    va_images, va_labels, va_volumes = load_cases(dataset, prep, val_idx, progress and lead)
+    if not lead:  # only rank 0 evaluates
+        va_images, va_labels, va_volumes = [], [], []
 
     model = build_model(cfg, num_classes)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     model.to(device)
     optimizer = build_optimizer(cfg, model.parameters())
+    model = wrap_for_ranks(model, device)
     loader = make_loader(tr_images, tr_labels, cfg)
     steps = total_steps(cfg, loader)
     sigma = ckpt["privacy"]["noise_multiplier"] if ckpt is not None and cfg.dp else None
@@ -196,14 +230,19 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
     spacings = [v.spacing for v in va_volumes]
 
     def validate(step: int, final: bool = False) -> list[dict]:
+        # The plain model (under no_grad the capture is bypassed): no DDP collective on a
+        # forward that rank 0 alone runs.
         rows = evaluate(
-            model, va_images, va_labels, cfg, num_classes, spacings, val_names, device, hd95=final
-        )
+            unwrap(model), va_images, va_labels, cfg, num_classes, spacings, val_names, device,
+            hd95=final,
+        )  # fmt: skip
         if rows:
             history["dice"].append([step, float(np.mean([r["dice"] for r in rows]))])
         return rows
 
     def checkpoint(step: int) -> None:
+        if not lead:
+            return
         save_checkpoint(
             ckpt_path,
             {
@@ -237,10 +276,12 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
 
     eps = privacy.epsilon(cfg.delta) if cfg.dp else None
     bar = tqdm(
-        total=steps, initial=min(start, steps), desc="training", unit="step", disable=not progress
-    )
+        total=steps, initial=min(start, steps), desc="training", unit="step",
+        disable=not (progress and lead),
+    )  # fmt: skip
     step = start
     t0 = time.perf_counter()
+    session_seconds = 0.0  # training only, this session
 
     def on_step(s: int, loss: float, batch: int) -> None:
         nonlocal eps, step
@@ -279,6 +320,7 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
                 lr=lambda k: lr_at(cfg, k, steps),
             )
             seconds += time.perf_counter() - t
+            session_seconds += time.perf_counter() - t
             if cfg.eval_every and mark % cfg.eval_every == 0 and mark != steps and va_images:
                 validate(mark)
             if mark == steps or (cfg.checkpoint_every and mark % cfg.checkpoint_every == 0):
@@ -289,6 +331,9 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
     if rows:
         checkpoint(step)  # again, with the final Dice in its history
     wall = time.perf_counter() - t0
+    trained = _global_sum(sum(history["batch"][len(history["batch"]) - (step - start) :]))
+    if not lead:
+        return {}
     report = {
         "dice": float(np.mean([r["dice"] for r in rows])) if rows else None,
         "dice_largest_component": (
@@ -300,6 +345,9 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
         "seconds": seconds,
         "minutes": seconds / 60.0,
         "wall_seconds_this_session": wall,
+        "nproc": world_size(),
+        "threads_per_process": torch.get_num_threads(),
+        "samples_per_second": trained / session_seconds if session_seconds > 0 else None,
         "device": device_name(device),
         "dp": cfg.dp,
         "engine": cfg.engine if cfg.dp else "none",
@@ -322,6 +370,19 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
     }
     write_report(out, report)
     return report
+
+
+def _global_sum(value: int) -> int:
+    """Summed over the processes training together (the samples of every rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:

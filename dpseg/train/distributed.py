@@ -1,0 +1,109 @@
+"""`dpseg train --nproc N`: one site's training on N processes through torch.distributed.
+
+The launcher writes the run's settings to RUN/.launch.json and starts N workers with
+torchrun (``python -m torch.distributed.run --standalone``), each pinned to a fixed number of
+threads (OMP_NUM_THREADS and torch.set_num_threads: by default the machine's cores shared
+evenly). Each worker joins the process group (gloo on CPU, NCCL on CUDA, one GPU per local
+rank) and runs the same `run_training`: the model is wrapped in DistributedDataParallel
+before make_private, so the engine's distributed DP step applies (dpseg.privacy.distributed).
+Rank 0 alone holds the run lock, evaluates, and writes checkpoints and reports; a resumed
+run continues from rank 0's checkpoint on every rank, with its privacy ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+LAUNCH_FILE = ".launch.json"
+
+
+def threads_per_process(nproc: int, threads: int | None) -> int:
+    return threads if threads else max(1, (os.cpu_count() or 1) // nproc)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def launch(cfg, resume: bool, overrides: dict | None, progress: bool, nproc: int) -> dict:
+    """Runs the workers; returns rank 0's report."""
+    from dpseg.data import DataError
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "config": cfg.as_dict(),
+        "resume": resume,
+        "overrides": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in (overrides or {}).items()
+        },
+        "progress": progress,
+    }
+    (out / LAUNCH_FILE).write_text(json.dumps(spec))
+    threads = threads_per_process(nproc, (overrides or {}).get("threads", cfg.threads))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DPSEG_THREADS": str(threads)}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", "-m", "dpseg.train.distributed", str(out / LAUNCH_FILE),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env)
+    if done.returncode != 0:
+        raise DataError(
+            f"the {nproc} training processes failed (exit code {done.returncode}); their "
+            "errors are printed above. Nothing after the last checkpoint was kept."
+        )
+    return json.loads((out / "report.json").read_text())
+
+
+def _worker(spec_path: str) -> int:
+    from dpseg.train.config import TrainConfig
+    from dpseg.train.run import run_training
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = TrainConfig.from_dict(spec["config"])
+    overrides = spec["overrides"] or None
+    if overrides and "channels" in overrides:
+        overrides["channels"] = tuple(overrides["channels"])
+    device = (overrides or {}).get("device", cfg.device)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    torch.set_num_threads(int(os.environ.get("DPSEG_THREADS", "1")))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    try:
+        run_training(
+            cfg,
+            resume=spec["resume"],
+            overrides=overrides,
+            progress=spec["progress"] and rank() == 0,
+        )
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def wrap_for_ranks(model: torch.nn.Module, device: torch.device) -> Any:
+    """DDP around the model when this process is one of several, else the model."""
+    if world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        return DistributedDataParallel(model, device_ids=[device.index])
+    return DistributedDataParallel(model)
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))
