@@ -35,7 +35,12 @@ def train(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
         model = SmallSegNet().double()
         x, y = data(cfg.get("n", 12))
         ddp = DistributedDataParallel(model)
-        engine = dpseg.PrivacyEngine(accountant="rdp")
+        secure = cfg.get("secure", False)
+        if secure:
+            import warnings
+
+            warnings.simplefilter("ignore")
+        engine = dpseg.PrivacyEngine(accountant="rdp", secure_mode=secure)
         loader = DataLoader(TensorDataset(x, y, torch.arange(len(x))), batch_size=cfg["batch"])
         pmodel, opt, loader = engine.make_private(
             module=ddp,
@@ -44,7 +49,7 @@ def train(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
             noise_multiplier=cfg["sigma"],
             max_grad_norm=cfg["C"],
             loss_reduction=cfg["reduction"],
-            noise_seed=cfg["seed"],
+            noise_seed=None if secure else cfg["seed"],
         )
         loss_fn = seg_loss_mean if cfg["reduction"] == "mean" else seg_loss_sum
         seen, states = [], [{k: v.clone() for k, v in model.state_dict().items()}]
@@ -75,7 +80,7 @@ def train(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
                 "history": list(engine.accountant.history),
                 "epsilon": engine.get_epsilon(1e-5),
                 "expected_batch": opt.expected_batch_size,
-                "noise_seed": opt.noise_seed,
+                "noise_seed": None if secure else opt.noise_seed,
                 "grad_sync": ddp.require_backward_grad_sync,
             },
             os.path.join(out, f"rank{rank}.pt"),

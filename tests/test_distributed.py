@@ -106,6 +106,20 @@ def test_noise_is_added_once_and_the_replicas_are_bit_identical(tmp_path):
     torch.testing.assert_close(noise, 0.7 * 0.5 / 4 * z, rtol=1e-9, atol=1e-14)
 
 
+def test_secure_mode_replicas_are_identical_with_rank_0s_entropy(tmp_path):
+    # No shared seed: rank 0 draws each step's noise from OS entropy; the all-reduce hands
+    # every replica the same noised sum.
+    runs = _spawn(
+        ddp_workers.train, tmp_path,
+        dict(reduction="mean", sigma=1.0, C=0.5, steps=2, batch=4, seed=0, secure=True),
+    )  # fmt: skip
+    for step_state in range(3):
+        assert torch.equal(*(_flat(r["states"][step_state]) for r in runs))
+    update = _flat(runs[0]["states"][0]) - _flat(runs[0]["states"][1])
+    # Clipped signal <= C / B per coordinate sum; the noise, sigma C / B = 0.125, dominates.
+    assert 0.8 * 0.125 < float(update.std()) < 1.2 * 0.125
+
+
 def test_epsilon_equals_a_single_process_run(tmp_path):
     runs = _spawn(
         ddp_workers.train, tmp_path,
