@@ -32,6 +32,20 @@ def _add_bench(sub):
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument(
+        "--model",
+        default=None,
+        metavar="PACKAGE.MODULE:CALLABLE",
+        help="benchmark your own network instead of dpseg's U-Net, e.g. "
+        "monai.networks.nets:SegResNet",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        default="{}",
+        metavar="JSON",
+        help='keyword arguments for --model, e.g. \'{"spatial_dims": 3, "in_channels": 1, '
+        '"out_channels": 2}\' (in_channels and spatial_dims also shape the input)',
+    )
+    p.add_argument(
         "--size", type=int, default=None, help="patch edge (default 64 on cpu, 128 on cuda)"
     )
     p.add_argument("--batch", type=csv_list(int), default=(2,), help="batch size(s), e.g. 2,4")
@@ -76,14 +90,16 @@ def _run_bench(args) -> int:
         )
     gpu = args.device == "cuda"
     size = args.size or (128 if gpu else 64)
+    if args.physical_batch is not None and args.physical_batch < 1:
+        raise UsageError(f"--physical-batch must be >= 1, got {args.physical_batch}")
+    if args.model is not None:
+        return _bench_user_model(args, size)
     channels = args.channels or ((32, 64, 128, 256) if gpu else (16, 32, 64))
     if size % 2 ** (len(channels) - 1):
         raise UsageError(
             f"--size {size} must be divisible by {2 ** (len(channels) - 1)} "
             f"for {len(channels)} U-Net levels"
         )
-    if args.physical_batch is not None and args.physical_batch < 1:
-        raise UsageError(f"--physical-batch must be >= 1, got {args.physical_batch}")
     reports = []
     for batch in args.batch:
         for amp in args.amp:
@@ -102,6 +118,48 @@ def _run_bench(args) -> int:
             report = run_step_benchmark(
                 cfg, progress=lambda e: print(f"  running {e} ...", file=sys.stderr, flush=True)
             )
+            print(format_table(report), flush=True)
+            print()
+            append_result(args.out / "history.jsonl", report.as_dict())
+            reports.append(report.as_dict())
+    latest = args.out / f"dp_step_{args.device}.json"
+    latest.write_text(json.dumps(reports, indent=2))
+    print(f"wrote {latest} and appended to {args.out / 'history.jsonl'}")
+    return 0
+
+
+def _bench_user_model(args, size: int) -> int:
+    import torch
+
+    from dpseg.perf import bench_step, example_batch, format_table, load_model
+    from dpseg.perf.harness import append_result
+
+    try:
+        model = load_model(args.model, args.model_kwargs or "{}")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    kwargs = json.loads(args.model_kwargs or "{}")
+    in_channels = int(kwargs.get("in_channels", 1))
+    spatial_dims = int(kwargs.get("spatial_dims", 3))
+    reports = []
+    for batch in args.batch:
+        torch.manual_seed(0)
+        try:
+            x, y = example_batch(model, batch, size, in_channels, spatial_dims, args.device)
+        except (ValueError, RuntimeError) as exc:
+            raise UsageError(
+                f"--model {args.model} did not run on a ({batch}, {in_channels}, "
+                f"{size}^{spatial_dims}) input: {str(exc).splitlines()[0]}. Change --size "
+                "or --model-kwargs."
+            ) from None
+        for amp in args.amp:
+            report = bench_step(
+                model, x, y, engines=tuple(args.engines), repeats=args.repeats,
+                warmup=args.warmup, backend=args.backend, physical_batch=args.physical_batch,
+                amp=amp, name=args.model,
+                progress=lambda e: print(f"  running {e} ...", file=sys.stderr, flush=True),
+            )  # fmt: skip
+            report.config["model_kwargs"] = kwargs
             print(format_table(report), flush=True)
             print()
             append_result(args.out / "history.jsonl", report.as_dict())

@@ -98,21 +98,58 @@ def test_non_finite_per_sample_norm_raises_with_index_and_applies_nothing():
     assert opt.steps_taken == 0
 
 
-def test_parameters_outside_captured_layers_are_refused():
+def test_parameters_beside_submodules_train_exactly_and_the_batch_must_stay_the_batch():
     class Owner(nn.Module):
+        """A parameter of its own beside a child layer (a position embedding, a scale)."""
+
         def __init__(self):
             super().__init__()
-            self.scale = nn.Parameter(torch.ones(1))
-            self.conv = nn.Conv2d(1, 2, 1)
+            self.scale = nn.Parameter(torch.full((1, 2, 1, 1), 1.5))
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
 
         def forward(self, x):
-            return self.conv(x) * self.scale
+            return torch.tanh(self.conv(x)) * self.scale + self.scale**2
 
-    model, opt, loader = _setup(model=Owner())
-    with pytest.raises(ValueError, match="Move those parameters into a leaf module"):
-        dpseg.PrivacyEngine().make_private(
-            module=model, optimizer=opt, data_loader=loader, noise_multiplier=1, max_grad_norm=1
-        )
+    torch.manual_seed(0)
+    model = Owner().double()
+    oracle = copy.deepcopy(model)
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 2, (3, 6, 6))
+    data = DataLoader(TensorDataset(x, y), batch_size=3)
+    with pytest.warns(UserWarning, match=r"\['Owner'\] \(parameters beside submodules\)"):
+        pmodel, opt, _ = dpseg.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=data, noise_multiplier=0.0, max_grad_norm=1e3,
+        )  # fmt: skip
+    F.cross_entropy(pmodel(x), y).backward()
+    per_sample = {n: p.grad_sample for n, p in model.named_parameters()}
+    from tests.oracle import per_sample_grads
+
+    def loss(pred, t):
+        return F.cross_entropy(pred, t)
+
+    want = per_sample_grads(oracle, loss, x, y)
+    for n, g in per_sample.items():
+        torch.testing.assert_close(g * 3, want[n], rtol=1e-9, atol=1e-12)  # mean over 3
+
+    class Windows(nn.Module):
+        """Reshapes the batch into rows that are not samples: refused, not run wrong."""
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.lin(x.reshape(-1, 4)).reshape(x.shape[0], -1)
+
+    model = Windows().double()
+    pmodel, opt, _ = dpseg.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=DataLoader(TensorDataset(torch.randn(4, 8)), batch_size=2),
+        noise_multiplier=0.0, max_grad_norm=1.0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="register_functional_block"):
+        pmodel(torch.randn(2, 8, dtype=torch.float64))
 
 
 def test_poisson_sampler_rate_and_empty_batches():
@@ -263,3 +300,25 @@ def test_a_poisson_loader_keeps_its_own_sample_rate():
         module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0
     )
     assert same is loader and engine.sample_rate == 0.1 and dp_opt.expected_batch_size == 2
+
+
+def test_a_unit_called_with_a_second_differentiable_input_is_refused():
+    # nn.MultiheadAttention owns in_proj_weight beside out_proj: a torch.func unit, which
+    # differentiates its first input only; attn(x, x, x) would lose the gradient through k, v.
+    class SelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = SelfAttention().double()
+    with pytest.warns(UserWarning, match="MultiheadAttention"):
+        pmodel, _, _ = dpseg.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=DataLoader(TensorDataset(torch.randn(4, 3, 4)), batch_size=2),
+            noise_multiplier=0.0, max_grad_norm=1.0,
+        )  # fmt: skip
+    with pytest.raises(TypeError, match="gradient through the others would be lost"):
+        pmodel(torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True))

@@ -159,14 +159,10 @@ def test_module_validator_on_a_valid_net_and_an_unfixable_one():
     assert ModuleValidator.validate(net) == [] and ModuleValidator.is_valid(net)
     assert ModuleValidator.fix(net) is not net
 
-    class Owner(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.scale = nn.Parameter(torch.ones(1))
-            self.conv = nn.Conv2d(1, 1, 1)
-
-    with pytest.raises(PrivacyModelError, match="also has submodules"):
-        ModuleValidator.fix_and_validate(Owner())
+    attention = nn.Sequential(nn.MultiheadAttention(8, 2))  # (sequence, batch, features)
+    with pytest.raises(PrivacyModelError, match="batch_first=True"):
+        ModuleValidator.fix_and_validate(attention)
+    assert ModuleValidator.is_valid(nn.MultiheadAttention(8, 2, batch_first=True))
 
 
 # ---------------------------------------------------------------------------------------

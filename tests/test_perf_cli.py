@@ -90,3 +90,45 @@ def test_step_benchmark_with_physical_batches(tmp_path, capsys):
     assert "in physical batches of 2" in format_table(report)
     assert main(["bench", "--physical-batch", "0", "--size", "8", "--channels", "4,8"]) == 2
     assert "--physical-batch must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_step_on_the_users_network_reports_failing_engines_by_their_first_line():
+    nets = pytest.importorskip("monai.networks.nets")
+    from dpseg.perf import bench_step, example_batch
+
+    model = nets.BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4))
+    x, y = example_batch(model, 2, 32)
+    assert x.shape == (2, 1, 32, 32, 32) and y.shape == (2, 32, 32, 32) and y.max() <= 1
+    report = bench_step(
+        model, x, y, engines=("none", "dpseg", "opacus-hooks"), repeats=1, warmup=0, name="tiny"
+    )
+    by = {r.engine: r for r in report.results}
+    assert by["dpseg"].error is None and by["dpseg"].time_ratio > 0
+    # Opacus 1.6 crashes on BasicUNet's in-place activations: reported, not raised.
+    assert by["opacus-hooks"].error.startswith("RuntimeError: Output 0 of BackwardHookFunction")
+    assert "\n" not in by["opacus-hooks"].error
+    table = format_table(report)
+    assert "tiny" in table and "(2, 1, 32, 32, 32)" in table
+
+
+def test_bench_cli_model_option(tmp_path, capsys):
+    pytest.importorskip("monai")
+    kwargs = '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_filters": 4, "norm": ["GROUP", {"num_groups": 2}]}'  # noqa: E501
+    argv = ["bench", "--model", "monai.networks.nets:SegResNet", "--model-kwargs", kwargs,
+            "--size", "16", "--engines", "none,dpseg", "--repeats", "1", "--warmup", "0",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    latest = json.loads((tmp_path / "dp_step_cpu.json").read_text())
+    assert latest[0]["config"]["model"] == "monai.networks.nets:SegResNet"
+    assert latest[0]["config"]["model_kwargs"]["init_filters"] == 4
+    capsys.readouterr()
+    for bad, message in [
+        (["--model", "monai.networks.nets"], "must look like package.module:Callable"),
+        (["--model", "nosuchpackage.x:Net"], "cannot import nosuchpackage.x"),
+        (["--model", "monai.networks.nets:NoSuchNet"], "has no NoSuchNet"),
+        (["--model", "monai.networks.nets:SegResNet", "--model-kwargs", "{oops"], "not valid JSON"),
+        (["--model", "monai.networks.nets:SegResNet", "--model-kwargs", '{"bogus": 1}'], "bogus"),
+    ]:
+        assert main(["bench", *bad, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

@@ -2,15 +2,20 @@
 
 from dpseg.perf.dp_step import (
     StepBenchConfig,
+    bench_step,
     build_workload,
     format_table,
     make_step,
     run_step_benchmark,
 )
 from dpseg.perf.harness import environment, peak_memory_call, time_call
+from dpseg.perf.user_model import example_batch, load_model
 
 __all__ = [
     "StepBenchConfig",
+    "bench_step",
+    "example_batch",
+    "load_model",
     "build_workload",
     "make_step",
     "environment",

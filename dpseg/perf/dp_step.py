@@ -2,8 +2,12 @@
 
 Engines: ``none`` (the floor: an ordinary step), ``dpseg``, ``opacus-hooks`` and
 ``opacus-functorch`` (Opacus's two per-sample modes). Each runs the same training step
-(forward, cross-entropy, backward, optimizer step) on a fresh copy of the same model and the
-same data; the report gives medians and ratios to ``none``.
+(forward, loss, backward, optimizer step) on a fresh copy of the same model and the same
+data; the report gives medians and ratios to ``none``. An engine that fails (Opacus on
+MONAI's in-place activations, say) is reported with the first line of its error.
+
+``run_step_benchmark`` measures dpseg's own benchmark U-Net; ``bench_step`` measures any
+model on the user's example batch (``dpseg bench --model PACKAGE.MODULE:CALLABLE``).
 
 With ``physical_batch`` the step is one logical batch of ``batch`` samples drawn from a
 DataLoader in physical batches of at most ``physical_batch``: BatchMemoryManager for dpseg
@@ -78,8 +82,12 @@ class StepBenchReport:
         }
 
 
-def make_step(engine: str, model, x, y, cfg: StepBenchConfig) -> Callable[[], None]:
-    """Builds the engine's training step around a private copy of the model."""
+def make_step(
+    engine: str, model, x, y, cfg: StepBenchConfig, loss_fn: Callable | None = None
+) -> Callable[[], None]:
+    """Builds the engine's training step around a private copy of the model (the loss
+    defaults to cross-entropy over the voxels)."""
+    loss_fn = loss_fn or F.cross_entropy
     model = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     # make_private needs a loader to derive the sample rate; the plain step reuses the fixed
@@ -130,7 +138,7 @@ def make_step(engine: str, model, x, y, cfg: StepBenchConfig) -> Callable[[], No
             else contextlib.nullcontext()
         )
         with ctx:
-            return F.cross_entropy(model(xb), yb)
+            return loss_fn(model(xb), yb)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -170,11 +178,75 @@ def build_workload(cfg: StepBenchConfig):
 def run_step_benchmark(
     cfg: StepBenchConfig, progress: Callable[[str], None] | None = None
 ) -> StepBenchReport:
+    """dpseg's benchmark U-Net (cfg.channels, cfg.size^3, cfg.batch) under every engine."""
     prepare_memory_measurement()
-    device = torch.device(cfg.device)
     model, x, y = build_workload(cfg)
+    return _run_engines(model, x, y, cfg, None, {}, progress)
+
+
+def bench_step(
+    model: torch.nn.Module,
+    example_input: torch.Tensor,
+    example_target: torch.Tensor,
+    loss_fn: Callable | None = None,
+    *,
+    engines: tuple[str, ...] = ENGINES,
+    repeats: int = 5,
+    warmup: int = 2,
+    noise_multiplier: float = 1.0,
+    max_grad_norm: float = 1.0,
+    backend: str = "auto",
+    physical_batch: int | None = None,
+    amp: str = "none",
+    name: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> StepBenchReport:
+    """The DP-step benchmark on the user's own network: non-private, dpseg and Opacus
+    (hooks, functorch) side by side in this process, on ``example_input`` (its leading
+    dimension is the batch) and ``example_target``, with ``loss_fn(output, target)``
+    (default cross-entropy). The model is copied for each engine, never trained itself."""
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+        raise ValueError("example_input must be a batched tensor (B, C, ...)")
+    if example_target.shape[0] != example_input.shape[0]:
+        raise ValueError(
+            f"example_target has {example_target.shape[0]} samples, example_input "
+            f"{example_input.shape[0]}"
+        )
+    prepare_memory_measurement()
+    cfg = StepBenchConfig(
+        size=int(example_input.shape[-1]),
+        batch=int(example_input.shape[0]),
+        device=str(example_input.device.type),
+        amp=amp,
+        engines=tuple(engines),
+        repeats=repeats,
+        warmup=warmup,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        backend=backend,
+        physical_batch=physical_batch,
+        channels=(),
+    )
+    extra = {
+        "model": name or type(model).__name__,
+        "input_shape": list(example_input.shape),
+    }
+    return _run_engines(model, example_input, example_target, cfg, loss_fn, extra, progress)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _run_engines(model, x, y, cfg, loss_fn, extra: dict, progress) -> StepBenchReport:
+    device = torch.device(cfg.device)
     report = StepBenchReport(
-        config={**asdict(cfg), "parameters": sum(p.numel() for p in model.parameters())},
+        config={
+            **asdict(cfg),
+            **extra,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
         environment=environment(device),
     )
     # Build and warm every engine first, then time them interleaved, one step each per
@@ -186,14 +258,14 @@ def run_step_benchmark(
             progress(f"{engine}: build and warm up")
         results[engine] = EngineResult(engine)
         try:
-            step = make_step(engine, model, x, y, cfg)
+            step = make_step(engine, model, x, y, cfg, loss_fn)
             for _ in range(cfg.warmup):
                 step()
             steps[engine] = step
         except torch.OutOfMemoryError:
             results[engine].error = "out of memory"
         except Exception as exc:  # a baseline that cannot run is reported, not fatal
-            results[engine].error = f"{type(exc).__name__}: {exc}"
+            results[engine].error = _first_line(exc)
     samples = {engine: [] for engine in steps}
     for round_ in range(cfg.repeats):
         if progress:
@@ -203,6 +275,9 @@ def run_step_benchmark(
                 samples[engine].append(time_call(step, repeats=1, warmup=0, device=device).median_s)
             except torch.OutOfMemoryError:
                 results[engine].error = "out of memory"
+                del steps[engine]
+            except Exception as exc:  # failed on its first run (no warm-up asked for)
+                results[engine].error = _first_line(exc)
                 del steps[engine]
     for engine, step in steps.items():
         if progress:
@@ -214,6 +289,8 @@ def run_step_benchmark(
             r.peak_bytes = peak_memory_call(step, device=device)
         except torch.OutOfMemoryError:
             r.error = "out of memory"
+        except Exception as exc:
+            r.error = _first_line(exc)
     steps.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -229,18 +306,21 @@ def run_step_benchmark(
 
 def format_table(report: StepBenchReport) -> str:
     cfg = report.config
+    if cfg.get("model"):
+        what = f"{cfg['model']} ({cfg['parameters']:,} params), input {tuple(cfg['input_shape'])}"
+    else:
+        what = f"UNet{tuple(cfg['channels'])} ({cfg['parameters']:,} params), {cfg['size']}^3"
     lines = [
-        f"DP step, UNet{tuple(cfg['channels'])} ({cfg['parameters']:,} params), "
-        f"batch {cfg['batch']}"
+        f"DP step, {what}, batch {cfg['batch']}"
         + (f" in physical batches of {cfg['physical_batch']}" if cfg.get("physical_batch") else "")
-        + ", "
-        f"{cfg['size']}^3, {cfg['device']} ({report.environment['device']}), amp={cfg['amp']}",
+        + f", {cfg['device']} ({report.environment['device']}), amp={cfg['amp']}",
         f"{'engine':<18}{'median ms':>11}{'p20-p80 ms':>16}"
         f"{'peak MiB':>10}{'time x':>8}{'mem x':>7}",
     ]
     for r in report.results:
-        if r.error:
-            lines.append(f"{r.engine:<18}{r.error}")
+        if r.error:  # the whole first line stays in the JSON report
+            error = r.error if len(r.error) <= 96 else r.error[:93] + "..."
+            lines.append(f"{r.engine:<18}{error}")
             continue
         peak = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes is not None else "n/a"
         tr = f"{r.time_ratio:.2f}" if r.time_ratio else "-"

@@ -1,6 +1,7 @@
 """The DP-SGD engine, model-agnostic: capture, per-layer rules, optimizer, accountant."""
 
 from dpseg.privacy.batch_memory_manager import BatchMemoryManager
+from dpseg.privacy.capture import register_functional_block
 from dpseg.privacy.criterion import DPCriterion
 from dpseg.privacy.data_loader import DPDataLoader, PoissonBatchSampler
 from dpseg.privacy.engine import PrivacyEngine
@@ -19,5 +20,6 @@ __all__ = [
     "PrivacyModelError",
     "PrivateModule",
     "fix",
+    "register_functional_block",
     "validate",
 ]

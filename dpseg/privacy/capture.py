@@ -23,8 +23,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
-from torch.autograd.profiler import record_function
 
+from dpseg.privacy.ranges import profiled
 from dpseg.privacy.rules import Rule, rule_for
 from dpseg.privacy.rules.conv_weight_grad import force_strategy
 from dpseg.privacy.rules.fallback import FuncFallbackRule
@@ -43,17 +43,19 @@ class ForwardPasses:
         self.strict = strict
         self._count = 0
         self._current: int | None = None
+        self.batch: int | None = None  # the running pass's batch size, when known
 
     @contextmanager
-    def running(self):
-        outer = self._current
+    def running(self, batch: int | None = None):
+        outer, outer_batch = self._current, self.batch
         if outer is None:  # a nested call (a model calling itself) stays in the outer pass
             self._count += 1
             self._current = self._count
+            self.batch = batch
         try:
             yield
         finally:
-            self._current = outer
+            self._current, self.batch = outer, outer_batch
 
     def id_for_call(self) -> int:
         if self._current is not None:
@@ -78,7 +80,7 @@ class _PerSampleFunction(torch.autograd.Function):
         layer = ctx.layer
         need_input_grad = ctx.needs_input_grad[4]
         strategy = force_strategy(layer.conv_strategy) if layer.conv_strategy else nullcontext()
-        with strategy, record_function(f"dpseg::backward[{type(layer.module).__name__}]"):
+        with strategy, profiled(f"dpseg::backward[{type(layer.module).__name__}]"):
             grad_input, grads = layer.rule.backward(
                 layer.module,
                 ctx.saved_tensors,
@@ -118,7 +120,9 @@ def _accumulate(param: torch.Tensor, g: torch.Tensor, name: str, pass_id: int) -
 
 
 class CapturedLayer:
-    """One trainable leaf module whose forward now goes through _PerSampleFunction."""
+    """One captured unit whose forward now goes through _PerSampleFunction: a trainable
+    leaf layer with its rule, or (``unit=True``) a module whose whole subtree's parameters
+    go through torch.func together (dpseg.privacy.rules.fallback)."""
 
     def __init__(
         self,
@@ -127,24 +131,50 @@ class CapturedLayer:
         rule: Rule | None,
         passes: ForwardPasses,
         conv_strategy: str | None = None,
+        unit: bool = False,
     ):
-        self.name, self.module, self.passes = name, module, passes
+        self.name, self.module, self.passes, self.unit = name, module, passes, unit
         self.rule = rule if rule is not None else FuncFallbackRule(self)
         self.bypass = False
         self.conv_strategy = conv_strategy  # e.g. "triton" when the engine runs backend="triton"
 
     def __call__(self, x, *args, **kwargs):
         module = self.module
-        params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        params = [(n, p) for n, p in module.named_parameters(recurse=self.unit) if p.requires_grad]
         if self.bypass or not params or not torch.is_grad_enabled():
             return type(module).forward(module, x, *args, **kwargs)
-        if args or not isinstance(x, torch.Tensor):
+        if not isinstance(x, torch.Tensor) or (args and not self.unit):
             raise TypeError(
                 f"layer {self.name!r} ({type(module).__name__}) was called with "
                 f"{1 + len(args)} positional inputs; dpseg's per-sample capture handles "
                 "layers called with one tensor. Wrap the extra inputs into the module."
             )
-        x, state = self.rule.prepare(module, x, **kwargs)
+        batch = self.passes.batch
+        if batch is not None and x.shape[0] != batch:
+            raise ValueError(
+                f"layer {self.name!r} ({type(module).__name__}) got an input of leading "
+                f"size {x.shape[0]} in a forward pass over a batch of {batch}: the model "
+                "reshapes the batch (into windows or tokens, say), so this layer's rows are "
+                "not samples and its per-sample gradients cannot be read off them. Register "
+                "the enclosing block that restores the batch with "
+                "dpseg.privacy.register_functional_block(BlockClass): its parameters then "
+                "go through torch.func per sample."
+            )
+        if self.unit:
+            differentiable = [
+                i for i, a in enumerate((*args, *kwargs.values()))
+                if isinstance(a, torch.Tensor) and a.requires_grad
+            ]  # fmt: skip
+            if differentiable:
+                raise TypeError(
+                    f"{self.name!r} ({type(module).__name__}) was called with more than one "
+                    "input that requires grad (self-attention as attn(x, x, x), say); dpseg's "
+                    "torch.func unit differentiates its first input only, and the gradient "
+                    "through the others would be lost. Call it with one tensor input."
+                )
+            state = (args, kwargs)  # constants of the call (a Swin block's attention mask)
+        else:
+            x, state = self.rule.prepare(module, x, **kwargs)
         names = tuple(n for n, _ in params)
         pass_id = self.passes.id_for_call()
         return _PerSampleFunction.apply(self, state, names, pass_id, x, *(p for _, p in params))
@@ -157,6 +187,38 @@ def _needs_fallback(module: nn.Module, rule: Rule | None) -> bool:
     return not names <= set(rule.param_names)
 
 
+# Blocks whose inside reshapes the batch (Swin's windows: its attention sees B x windows
+# rows): their parameters go through torch.func over the block, whose input and output
+# keep the batch. Keyed by "module.QualName", so no import of the library is needed.
+_FUNCTIONAL_BLOCKS: set[str] = {"monai.networks.nets.swin_unetr.SwinTransformerBlock"}
+
+
+def register_functional_block(block: type | str) -> None:
+    """Treat every module of this class as one unit whose subtree's per-sample gradients
+    come from torch.func (vmap over the block's input batch): for blocks that reshape the
+    batch inside. Extra positional inputs of the block are passed on as constants."""
+    key = block if isinstance(block, str) else f"{block.__module__}.{block.__qualname__}"
+    _FUNCTIONAL_BLOCKS.add(key)
+
+
+def _is_functional_block(module: nn.Module) -> bool:
+    return any(
+        f"{k.__module__}.{k.__qualname__}" in _FUNCTIONAL_BLOCKS for k in type(module).__mro__
+    )
+
+
+def _random_inside(module: nn.Module) -> list[str]:
+    """Modules under a torch.func unit that draw random numbers in training: the per-sample
+    recompute would draw other numbers than the forward did."""
+    found = []
+    for name, sub in module.named_modules():
+        p = getattr(sub, "p", None) if isinstance(sub, nn.modules.dropout._DropoutNd) else None
+        p = getattr(sub, "drop_prob", p)
+        if isinstance(p, int | float) and p > 0:
+            found.append(f"{name or '.'} ({type(sub).__name__}, p={p})")
+    return found
+
+
 def capture_layers(
     model: nn.Module,
     allow_fallback: bool = True,
@@ -165,37 +227,58 @@ def capture_layers(
 ) -> list[CapturedLayer]:
     """Installs the capture on every module that owns trainable parameters.
 
+    A leaf layer gets its rule (or the torch.func fallback). A module that owns trainable
+    parameters and also has submodules (a position embedding beside its patch conv, a
+    relative-position bias table beside its attention's linears), and every registered
+    functional block, becomes one unit: its subtree's parameters go through torch.func per
+    sample, exactly, at the cost of recomputing it.
+
     ``conv_strategy`` forces the per-sample conv weight-gradient strategy (default: the
     measured per-shape choice). ``passes`` numbers the forward passes (PrivateModule's own);
     without it every call counts as one pass, as for a single forward and backward."""
     passes = passes if passes is not None else ForwardPasses(strict=False)
-    layers, fallback_types = [], set()
+    layers, fallback_types, unit_types = [], set(), set()
+    units: list[str] = []
     for name, module in model.named_modules():
+        if any(name.startswith(f"{u}.") or u == "" for u in units):
+            continue  # inside a unit: its parameters are the unit's
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        if any(True for _ in module.children()):
-            raise ValueError(
-                f"module {name!r} ({type(module).__name__}) owns trainable parameters "
-                f"{own} and also has submodules; dpseg computes per-sample gradients per "
-                "leaf layer. Move those parameters into a leaf module (or freeze them)."
-            )
-        rule = rule_for(module)
-        if _needs_fallback(module, rule):
-            if not allow_fallback:
+        has_children = any(True for _ in module.children())
+        trainable = any(p.requires_grad for p in module.parameters())
+        if trainable and has_children and (own or _is_functional_block(module)):
+            random = _random_inside(module)
+            if random and module.training:
                 raise ValueError(
-                    f"layer {name!r} ({type(module).__name__}) has no per-sample rule in "
-                    "dpseg; pass allow_fallback=True to use the (slower) torch.func path."
+                    f"{name or 'model'} ({type(module).__name__}) is trained per sample "
+                    "through torch.func, which replays its forward; random layers inside it "
+                    f"would not replay the same draws: {random}. Set their drop rate to 0."
                 )
-            fallback_types.add(type(module).__name__)
-            rule = None
-        layer = CapturedLayer(name, module, rule, passes, conv_strategy)
+            layer = CapturedLayer(name, module, None, passes, conv_strategy, unit=True)
+            units.append(name)
+            unit_types.add(type(module).__name__)
+        elif own and not has_children:
+            rule = rule_for(module)
+            if _needs_fallback(module, rule):
+                if not allow_fallback:
+                    raise ValueError(
+                        f"layer {name!r} ({type(module).__name__}) has no per-sample rule in "
+                        "dpseg; pass allow_fallback=True to use the (slower) torch.func path."
+                    )
+                fallback_types.add(type(module).__name__)
+                rule = None
+            layer = CapturedLayer(name, module, rule, passes, conv_strategy)
+        else:
+            continue
         module.forward = layer  # instance attribute: nn.Module.__call__ (and hooks) still run
         layers.append(layer)
-    if fallback_types:
+    if fallback_types or unit_types:
         warnings.warn(
-            f"dpseg has no per-sample rule for {sorted(fallback_types)}; their per-sample "
-            "gradients go through torch.func (correct, but recomputes those layers).",
+            "dpseg computes the per-sample gradients of "
+            + ", ".join(
+                [f"{sorted(fallback_types)} (no per-sample rule)"] * bool(fallback_types)
+                + [f"{sorted(unit_types)} (parameters beside submodules)"] * bool(unit_types)
+            )
+            + " through torch.func: exact, but it recomputes those modules.",
             stacklevel=3,
         )
     return layers

@@ -28,10 +28,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
-from torch.autograd.profiler import record_function
 from torch.optim import Optimizer
 
 from dpseg import ops
+from dpseg.privacy.ranges import profiled
 
 _CLIP_EPS = 1e-6  # as Opacus: c_b = C / (n_b + 1e-6)
 
@@ -170,7 +170,7 @@ class DPOptimizer(Optimizer):
         the norm is B times the grad's and the factor B is folded into the clip factor."""
         batch = grads[0].shape[0] if grads else 0
         scale_in = float(batch) if self.loss_reduction == "mean" else 1.0
-        with record_function("dpseg::per_sample_norms"):
+        with profiled("dpseg::per_sample_norms"):
             sq_norms = ops.per_sample_sq_norms(grads, backend=self.backend)
         norms = sq_norms.sqrt() * scale_in
         bad = (~torch.isfinite(norms)).nonzero().flatten()
@@ -204,11 +204,11 @@ class DPOptimizer(Optimizer):
         self._is_last_step_skipped = skip
         if not skip and self._clipped_sum is None and self.distributed is None:
             # One physical batch per step: clip, sum and noise in one fused pass.
-            with record_function("dpseg::clip_accumulate_noise"):
+            with profiled("dpseg::clip_accumulate_noise"):
                 summed = ops.clip_accumulate_noise(grads, factors, **self._noise_args())
             self._record_norms([norms])
         else:
-            with record_function("dpseg::clip_accumulate"):
+            with profiled("dpseg::clip_accumulate"):
                 part = ops.clip_accumulate_noise(
                     grads, factors, noise_std=0.0, scale=1.0, seed=0, step=0, backend=self.backend
                 )
@@ -237,14 +237,14 @@ class DPOptimizer(Optimizer):
         ones = torch.ones(1, dtype=torch.float64, device=sums[0].device)
         rows = [s.unsqueeze(0) for s in sums]
         if self.distributed is None:
-            with record_function("dpseg::noise"):
+            with profiled("dpseg::noise"):
                 return ops.clip_accumulate_noise(rows, ones, **args)
         scale = args.pop("scale")
         if self.distributed.rank != 0:
             args["noise_std"] = 0.0
-        with record_function("dpseg::noise"):
+        with profiled("dpseg::noise"):
             noised = ops.clip_accumulate_noise(rows, ones, scale=1.0, **args)
-        with record_function("dpseg::all_reduce"):
+        with profiled("dpseg::all_reduce"):
             reduced = self.distributed.all_reduce_flat(noised)
         return [r.mul_(scale) for r in reduced]
 
@@ -260,7 +260,7 @@ class DPOptimizer(Optimizer):
                 closure()
         if not self.pre_step():
             return None
-        with record_function("dpseg::optimizer_update"):
+        with profiled("dpseg::optimizer_update"):
             result = self.original_optimizer.step()
         self.steps_taken += 1
         if self.step_hook is not None:

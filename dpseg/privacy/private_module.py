@@ -22,6 +22,14 @@ class PendingGradientsError(RuntimeError):
     """A new forward pass while per-sample gradients of an earlier one wait for step()."""
 
 
+def _batch_of(args, kwargs) -> int | None:
+    """The batch size of a forward call: the leading size of its first tensor input."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
 class PrivateModule(nn.Module):
     """``_module`` is the original, as in Opacus's GradSampleModule, so state_dict keys carry
     the ``_module.`` prefix."""
@@ -39,12 +47,12 @@ class PrivateModule(nn.Module):
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled():  # without grad no per-sample gradient can be made
             self._refuse_pending_gradients()
-        with self._passes.running():
+        with self._passes.running(batch=_batch_of(args, kwargs)):
             return self._module(*args, **kwargs)
 
     def _refuse_pending_gradients(self) -> None:
         for layer in self._layers:
-            for name, p in layer.module.named_parameters(recurse=False):
+            for name, p in layer.module.named_parameters(recurse=layer.unit):
                 if getattr(p, "grad_sample", None) is not None:
                     where = f"{layer.name}.{name}" if layer.name else name
                     raise PendingGradientsError(

@@ -6,8 +6,8 @@
 - InstanceNorm with ``track_running_stats=True`` keeps running means and variances of the
   training data in its buffers, released with the model and never noised. ``fix`` turns
   the tracking off (each sample is normalised by its own statistics, in training as now).
-- A module that owns trainable parameters and also has submodules: the capture works per
-  leaf layer. Not fixable automatically.
+- nn.MultiheadAttention with batch_first=False: its input's leading dimension is the
+  sequence, not the batch. Build it with batch_first=True.
 """
 
 from __future__ import annotations
@@ -40,12 +40,10 @@ def find_problems(model: nn.Module) -> list[str]:
                 "released with the model without noise. Use dpseg.privacy.fix(model), or "
                 "build it with track_running_stats=False."
             )
-        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if own and any(True for _ in module.children()):
+        elif isinstance(module, nn.MultiheadAttention) and not module.batch_first:
             problems.append(
-                f"{where} owns trainable parameters {own} and also has submodules; dpseg "
-                "computes per-sample gradients per leaf layer. Move those parameters into a "
-                "leaf module (or freeze them)."
+                f"{where} takes (sequence, batch, features): dpseg reads samples off the "
+                "leading dimension. Build it with batch_first=True."
             )
     return problems
 

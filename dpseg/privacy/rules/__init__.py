@@ -98,4 +98,4 @@ def registered_types() -> list[type]:
 
 
 # Importing the rule modules registers them.
-from dpseg.privacy.rules import conv, linear, norm  # noqa: E402, F401
+from dpseg.privacy.rules import activation, conv, linear, norm  # noqa: E402, F401

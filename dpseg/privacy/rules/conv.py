@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpseg.privacy.rules import Rule, autocast_dtype, register_rule
-from dpseg.privacy.rules.conv_weight_grad import per_sample_conv_weight_grad
+from dpseg.privacy.rules.conv_weight_grad import conv_backward_per_sample
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -72,17 +72,19 @@ class ConvRule(Rule):
     def backward(self, module, saved, geometry, grad_out, need_input_grad, names):
         (x,) = saved
         w = module.weight.to(x.dtype)  # no-op unless the forward ran under autocast
-        grad_input = None
-        if need_input_grad:
+        grad_input, weight_grad = None, None
+        if "weight" in names:
+            grad_input, weight_grad = conv_backward_per_sample(
+                grad_out, x, w, geometry, need_input_grad, strategy=self.strategy
+            )
+        elif need_input_grad:  # a frozen weight: the input gradient alone
             grad_input = torch.ops.aten.convolution_backward(
                 grad_out, x, w, None, *geometry, [True, False, False]
             )[0]
         grads = []
         for name in names:
             if name == "weight":
-                grads.append(
-                    per_sample_conv_weight_grad(grad_out, x, w, *geometry, strategy=self.strategy)
-                )
+                grads.append(weight_grad)
             else:  # bias: the output gradient summed over positions
                 grads.append(grad_out.sum(dim=tuple(range(2, grad_out.dim()))))
         return grad_input, grads

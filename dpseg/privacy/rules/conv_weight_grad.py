@@ -20,6 +20,11 @@ which is most of the 1.29x DP step of the 16^3 federated demo (0.97x at 64^3).
 oneDNN built its primitive) and caches the winner for the process. Small problems skip
 the timing and take ``grouped``.
 
+``fused``    the grouped call asked for the input gradient too: the repeated weight makes each
+             group sample b's own convolution, so its input gradient, reshaped, is the
+             batch's. One oneDNN call per layer instead of two: at small shapes the call, not
+             the arithmetic, is the cost (60 3x3x3 convs 4->4 at 8^3, B=2, 2 threads: 150 us a
+             convolution_backward call). Only when the input gradient is wanted.
 ``triton``   dpseg.kernels.conv_weight_grad: an implicit GEMM split over voxels, one launch
              for the whole batch. ``auto`` times it beside the other two on CUDA tensors; on
              CPU tensors (TRITON_INTERPRET=1) it runs only when forced -- by
@@ -35,9 +40,10 @@ import time
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.autograd.profiler import record_function
 
-STRATEGIES = ("loop", "grouped", "triton")
+from dpseg.privacy.ranges import profiled
+
+STRATEGIES = ("loop", "grouped", "fused", "triton")
 _aten_conv_backward = torch.ops.aten.convolution_backward
 _choice_cache: dict[tuple, str] = {}
 # Below this many grad_out elements the call costs microseconds; timing it costs more.
@@ -68,15 +74,32 @@ def _loop(go, x, w, *geometry):
 
 
 def _grouped(go, x, w, stride, padding, dilation, transposed, output_padding, groups):
+    return _grouped_both(
+        go, x, w, stride, padding, dilation, transposed, output_padding, groups, False
+    )[1]
+
+
+def _grouped_both(go, x, w, stride, padding, dilation, transposed, output_padding, groups, gi):
+    """(input gradient if ``gi``, per-sample weight gradient) from one grouped call."""
     batch = x.shape[0]
     x_g = x.reshape(1, batch * x.shape[1], *x.shape[2:])
     go_g = go.reshape(1, batch * go.shape[1], *go.shape[2:])
-    # Only the weight's shape matters to a weight-gradient call; B*P floats are cheap.
+    # The weight repeated per sample: group b is sample b's own convolution (B*P floats).
     w_g = w.repeat(batch, *([1] * (w.dim() - 1)))
-    g = _weight_grad(
-        go_g, x_g, w_g, stride, padding, dilation, transposed, output_padding, batch * groups
-    )
-    return g.view(batch, *w.shape)
+    grad_input, g, _ = _aten_conv_backward(
+        go_g, x_g, w_g, None, stride, padding, dilation, transposed, output_padding,
+        batch * groups, [gi, True, False],
+    )  # fmt: skip
+    if grad_input is not None:
+        grad_input = grad_input.view(x.shape)
+    return grad_input, g.view(batch, *w.shape)
+
+
+def _input_grad(go, x, w, stride, padding, dilation, transposed, output_padding, groups):
+    return _aten_conv_backward(
+        go, x, w, None, stride, padding, dilation, transposed, output_padding, groups,
+        [True, False, False],
+    )[0]  # fmt: skip
 
 
 def _triton(go, x, w, *geometry):
@@ -93,7 +116,7 @@ def _triton_usable(device: torch.device) -> bool:
     return triton_backend.triton_importable() and triton_backend.triton_runs_on(device)
 
 
-_IMPLS = {"loop": _loop, "grouped": _grouped, "triton": _triton}
+_IMPLS = {"loop": _loop, "grouped": _grouped, "triton": _triton}  # weight gradient only
 _forced: list[str] = []  # innermost force_strategy() last
 
 
@@ -117,32 +140,64 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def choose_strategy(go: torch.Tensor, x: torch.Tensor, w: torch.Tensor, *geometry) -> str:
+def choose_strategy(
+    go: torch.Tensor, x: torch.Tensor, w: torch.Tensor, *geometry, need_input_grad: bool = False
+) -> str:
     forced = _forced[-1] if _forced else os.environ.get("DPSEG_CONV_STRATEGY")
     if forced:
         if forced not in STRATEGIES:
             raise ValueError(f"DPSEG_CONV_STRATEGY={forced!r}; use one of {STRATEGIES}")
-        return forced
+        return "grouped" if forced == "fused" and not need_input_grad else forced
     if x.shape[0] <= 1 and x.device.type != "cuda":
         return "loop"
     # Poisson batches change size every step: key on the batch's power-of-two bucket, not
     # its size, or every new size would be timed again (4 extra weight-grad calls a layer).
     key = (
         x.shape[0].bit_length(), tuple(x.shape[1:]), tuple(go.shape[1:]), tuple(w.shape),
-        x.dtype, x.device.type, *map(str, geometry),
+        x.dtype, x.device.type, need_input_grad, *map(str, geometry),
     )  # fmt: skip
     choice = _choice_cache.get(key)
     if choice is None:
         if go.numel() < _TIMING_THRESHOLD:
-            choice = "grouped"
+            choice = "fused" if need_input_grad else "grouped"
         else:
             names = ["loop", "grouped"]
             if x.device.type == "cuda" and _triton_usable(x.device):
                 names.append("triton")
             times = {name: _timed(_IMPLS[name], go, x, w, *geometry) for name in names}
+            if need_input_grad:  # the separate input gradient, against one fused call
+                separate = _timed(_input_grad, go, x, w, *geometry)
+                times = {name: t + separate for name, t in times.items()}
+                times["fused"] = _timed(_grouped_both, go, x, w, *geometry, True)
             choice = min(times, key=times.get)
         _choice_cache[key] = choice
     return choice
+
+
+def conv_backward_per_sample(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    geometry: Sequence,
+    need_input_grad: bool,
+    strategy: str = "auto",
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(input gradient or None, per-sample weight gradient (B, *weight.shape)) of a conv;
+    geometry as in ``aten.convolution`` after the weight."""
+    if x.shape[0] == 0:
+        gi = torch.zeros_like(x) if need_input_grad else None
+        return gi, weight.new_zeros((0, *weight.shape))
+    x, grad_out = x.contiguous(), grad_out.contiguous()
+    geometry = [list(g) if isinstance(g, list | tuple) else g for g in geometry]
+    if strategy == "auto":
+        strategy = choose_strategy(grad_out, x, weight, *geometry, need_input_grad=need_input_grad)
+    if strategy == "fused" and need_input_grad:
+        with profiled("dpseg::per_sample_weight_grad[fused]"):
+            return _grouped_both(grad_out, x, weight, *geometry, True)
+    grad_input = _input_grad(grad_out, x, weight, *geometry) if need_input_grad else None
+    if strategy == "fused":
+        strategy = "grouped"
+    return grad_input, per_sample_conv_weight_grad(grad_out, x, weight, *geometry, strategy)
 
 
 def per_sample_conv_weight_grad(
@@ -177,5 +232,5 @@ def per_sample_conv_weight_grad(
         strategy = choose_strategy(grad_out, x, weight, *geometry)
     elif strategy not in _IMPLS:
         raise ValueError(f"unknown conv strategy {strategy!r}; use 'auto' or one of {STRATEGIES}")
-    with record_function(f"dpseg::per_sample_weight_grad[{strategy}]"):
+    with profiled(f"dpseg::per_sample_weight_grad[{strategy}]"):
         return _IMPLS[strategy](grad_out, x, weight, *geometry)

