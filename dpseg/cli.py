@@ -48,6 +48,15 @@ def _add_bench(sub):
     p.add_argument(
         "--size", type=int, default=None, help="patch edge (default 64 on cpu, 128 on cuda)"
     )
+    p.add_argument(
+        "--spatial-dims", type=int, choices=(2, 3), default=3, help="3-D patches or 2-D slices"
+    )
+    p.add_argument(
+        "--upsample",
+        choices=("transpose", "interp"),
+        default="transpose",
+        help="the U-Net's upsampling (interp: as the federated runs and the demo)",
+    )
     p.add_argument("--batch", type=csv_list(int), default=(2,), help="batch size(s), e.g. 2,4")
     p.add_argument(
         "--channels",
@@ -114,6 +123,8 @@ def _run_bench(args) -> int:
                 warmup=args.warmup,
                 backend=args.backend,
                 physical_batch=args.physical_batch,
+                spatial_dims=args.spatial_dims,
+                upsample=args.upsample,
             )
             report = run_step_benchmark(
                 cfg, progress=lambda e: print(f"  running {e} ...", file=sys.stderr, flush=True)

@@ -1,5 +1,6 @@
 """Sliding-window inference: equals whole-volume prediction for a pointwise model."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -102,3 +103,21 @@ def test_bad_arguments():
         sliding_window_inference(v, model, 4, overlap=1.0)
     with pytest.raises(ValueError, match="mode"):
         sliding_window_inference(v, model, 4, mode="mean")
+
+
+def test_2d_slices_of_the_patch_size_are_predicted_in_batches_as_one_by_one():
+    from dpseg.models import UNet
+    from dpseg.train.inference import sliding_window_inference
+    from dpseg.train.loop import predict_volume
+
+    torch.manual_seed(0)
+    model = UNet(2, 1, 3, channels=(4, 8)).eval()
+    image = np.random.default_rng(0).normal(size=(16, 16, 70)).astype(np.float32)  # 2 chunks
+    fast = predict_volume(model, image, 16, spatial_dims=2, softmax=True)
+    x = torch.from_numpy(image)[None]
+    with torch.no_grad():
+        slow = torch.stack(
+            [sliding_window_inference(x[..., z], model, 16, softmax=True) for z in range(70)], -1
+        )
+    assert fast.shape == (3, 16, 16, 70)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)

@@ -155,7 +155,7 @@ class PatchDataset(Dataset):
         prep = preprocessing or Preprocessing()
         indices = range(len(dataset)) if indices is None else indices
         images, labels = [], []
-        for i in tqdm(indices, desc="loading", unit="case", disable=not progress):
+        for i in tqdm(indices, desc="loading", unit="case", disable=None if progress else True):
             img, lab, _ = prep.apply(*dataset.load(i))
             images.append(img)
             labels.append(lab)

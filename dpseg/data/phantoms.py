@@ -256,7 +256,7 @@ def write_phantom_dataset(
 
     params = [site_params(seed, k) for k in range(sites)]
     entries = []
-    for c in tqdm(range(cases), desc="phantoms", unit="case", disable=not progress):
+    for c in tqdm(range(cases), desc="phantoms", unit="case", disable=None if progress else True):
         site = c % sites
         image, label = make_phantom(size, np.random.default_rng([seed, 1, c]), params[site])
         affine = phantom_affine(size, params[site])

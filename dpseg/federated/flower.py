@@ -94,8 +94,8 @@ def _model_fn(cfg: FederatedConfig, num_classes: int):
 
     def model_fn():
         return UNet(
-            3, 1, num_classes, channels=cfg.channels, norm=cfg.norm, upsample=cfg.upsample,
-            seed=cfg.seed,
+            cfg.spatial_dims, 1, num_classes, channels=cfg.channels, norm=cfg.norm,
+            upsample=cfg.upsample, seed=cfg.seed,
         )  # fmt: skip
 
     return model_fn
@@ -132,7 +132,7 @@ def _build_site(cfg: FederatedConfig, data: SiteData, index: int, num_classes: i
     """The site exactly as runner.build_simulator builds site ``index`` (same seeds)."""
     engine = cfg.engines[0]
     site_cfg = SiteConfig(
-        engine=engine, optimizer=cfg.optimizer, lr=cfg.lr, batch_size=cfg.batch_size,
+        engine=engine, optimizer=cfg.optimizer, lr=cfg.lr_for(engine), batch_size=cfg.batch_size,
         max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant, delta=cfg.delta,
         max_epsilon=cfg.max_epsilon, opacus_mode=cfg.opacus_mode, backend=cfg.backend,
         device=cfg.device,
@@ -214,11 +214,14 @@ def _evaluate(msg: Message, context: Context) -> Message:
     model = _model_fn(cfg, num_classes)().to(cfg.device)
     model.load_state_dict(msg.content["weights"].to_torch_state_dict(), strict=False)
     start = time.perf_counter()
-    scores = evaluate_dice(model, [data], cfg.patch, num_classes, cfg.eval_overlap, cfg.device)
+    scores = evaluate_dice(
+        model, [data], cfg.patch, num_classes, cfg.eval_overlap, cfg.device, cfg.spatial_dims
+    )
     result["eval_seconds"] = time.perf_counter() - start
     result["test_cases"] = len(data.test_images)
     if scores["sites"][data.name] is not None:
         result["dice"] = scores["sites"][data.name]
+        result["dice_largest_component"] = scores["sites_largest_component"][data.name]
     return Message(RecordDict({"result": ConfigRecord(result)}), reply_to=msg)
 
 
@@ -383,7 +386,7 @@ def _flower_round(sim: Simulator, grid: Grid, timeout: float) -> dict:
         for s in sim.sites
     }
     replies = _send(grid, MessageType.EVALUATE, contents, str(r), timeout)
-    dice, cases = [], []
+    dice, dice_lc, cases = [], [], []
     for site in sim.sites:
         entry = record["sites"][site.name]
         reply = replies.get(site.node_id)
@@ -396,12 +399,16 @@ def _flower_round(sim: Simulator, grid: Grid, timeout: float) -> dict:
         entry["epsilon"] = site.epsilon
         if "dice" in res:
             entry["dice"] = float(res["dice"])
+            entry["dice_largest_component"] = float(res["dice_largest_component"])
             dice.append(entry["dice"])
+            dice_lc.append(entry["dice_largest_component"])
             cases.append(int(res["test_cases"]))
     # Pooled: each held-out case counts once, as evaluate_dice pools them.
     total = sum(cases)
     pooled = sum(d * n for d, n in zip(dice, cases, strict=True))
+    pooled_lc = sum(d * n for d, n in zip(dice_lc, cases, strict=True))
     record["pooled_dice"] = pooled / total if total else None
+    record["pooled_dice_largest_component"] = pooled_lc / total if total else None
     record["eval_seconds"] = time.perf_counter() - eval_start
     sim.round = r
     sim.history.append(record)

@@ -31,16 +31,9 @@ def _fmt(x, spec=".3f", missing="-") -> str:
 
 def build_report(cfg, sims: dict, sites, sigmas: dict, env: dict) -> dict:
     engines = list(sims)
-    rounds, seconds, cpu, fastest, pooled, max_eps, client_eps, done = (
-        [],
-        {},
-        {},
-        {},
-        {},
-        {},
-        {},
-        {},
-    )
+    rounds, seconds, cpu, fastest, pooled, pooled_lc, max_eps, client_eps, done = (
+        [], {}, {}, {}, {}, {}, {}, {}, {},
+    )  # fmt: skip
     site_info = {}
     for s in sites:
         sim_site = next(iter(sims.values())).sites[[x.name for x in sites].index(s.name)]
@@ -48,7 +41,8 @@ def build_report(cfg, sims: dict, sites, sigmas: dict, env: dict) -> dict:
             "train_cases": len(s.train_images), "test_cases": len(s.test_images),
             "noise_multiplier": sigmas[s.name], "sample_rate": sim_site.sample_rate,
             "expected_batch": len(s.train_images) * sim_site.sample_rate,
-            "cases": s.cases, "dice": {}, "epsilon": {}, "status": {},
+            "cases": s.cases, "dice": {}, "dice_largest_component": {}, "epsilon": {},
+            "status": {},
         }  # fmt: skip
     for engine, sim in sims.items():
         for rec in sim.history:
@@ -58,6 +52,7 @@ def build_report(cfg, sims: dict, sites, sigmas: dict, env: dict) -> dict:
         cpu[engine] = statistics.median(r["cpu_seconds"] for r in hist) if hist else None
         fastest[engine] = min(r["seconds"] for r in hist) if hist else None
         pooled[engine] = hist[-1].get("pooled_dice") if hist else None
+        pooled_lc[engine] = hist[-1].get("pooled_dice_largest_component") if hist else None
         done[engine] = sim.round
         eps = [s.epsilon for s in sim.sites if s.epsilon is not None]
         max_eps[engine] = max(eps) if eps else None
@@ -65,12 +60,21 @@ def build_report(cfg, sims: dict, sites, sigmas: dict, env: dict) -> dict:
             client_eps[engine] = sim.server_ledger.epsilon
         for site in sim.sites:
             info = site_info[site.name]
-            info["dice"][engine] = hist[-1]["sites"][site.name].get("dice") if hist else None
+            last = hist[-1]["sites"][site.name] if hist else {}
+            info["dice"][engine] = last.get("dice")
+            info["dice_largest_component"][engine] = last.get("dice_largest_component")
             info["epsilon"][engine] = site.epsilon
             failures = sum(r["sites"][site.name]["status"] == "failed" for r in hist)
             info["status"][engine] = site.exhausted or (
                 "training" + (f" ({failures} failed round(s))" if failures else "")
             )
+    # An engine stopped early for timing (cfg.engine_rounds) has no final Dice to compare.
+    full = max(done.values()) if done else 0
+    timing_only = [e for e in engines if done[e] < full and e in cfg.engine_rounds]
+    for e in timing_only:
+        pooled[e] = pooled_lc[e] = None
+        for info in site_info.values():
+            info["dice"][e] = info["dice_largest_component"][e] = None
     report = {
         "config": asdict(cfg),
         "environment": env,
@@ -82,6 +86,8 @@ def build_report(cfg, sims: dict, sites, sigmas: dict, env: dict) -> dict:
         "cpu_seconds_per_round": cpu,
         "fastest_round_seconds": fastest,
         "pooled_dice": pooled,
+        "pooled_dice_largest_component": pooled_lc,
+        "timing_only": {e: done[e] for e in timing_only},
         "max_epsilon": max_eps,
         "delta": cfg.delta,
     }
@@ -122,6 +128,11 @@ def summary_lines(report: dict) -> list[str]:
     for e in engines:
         row += f"{_fmt(report['pooled_dice'][e]):>13}{_fmt(report['max_epsilon'][e], '.2f'):>12}"
     lines.append(row + "   (epsilon: the largest over sites)")
+    if any(v is not None for v in report.get("pooled_dice_largest_component", {}).values()):
+        row = f"{'pooled, lc':<10}"
+        for e in engines:
+            row += f"{_fmt(report['pooled_dice_largest_component'][e]):>13}{'':>12}"
+        lines.append(row + "   (each organ's largest connected component kept)")
     for name, info in report["sites"].items():
         for e in engines:
             if not info["status"][e].startswith("training"):
@@ -139,6 +150,8 @@ def summary_lines(report: dict) -> list[str]:
                 f"{_fmt(p['fastest_round_seconds'], '.2f'):>11}{_fmt(p['fastest_ratio'], '.2f'):>7}"
                 f"{_fmt(p['final_dice']):>12}{_fmt(p['dice_ratio'], '.2f'):>9}"
             )
+        for e, n in report.get("timing_only", {}).items():
+            lines.append(f"{e}: {n} round(s) for its time per round only; its Dice is not final")
     else:
         e = engines[0]
         lines.append(f"{e}: {_fmt(report['seconds_per_round'][e], '.2f')} s per round (median)")
@@ -287,6 +300,12 @@ def write_markdown(report: dict, out: Path, images: list[str]) -> None:
         )
         + " |"
     )
+    if any(v is not None for v in report.get("pooled_dice_largest_component", {}).values()):
+        md.append(
+            "| pooled, largest component kept | | | | "
+            + " | ".join(f"{_fmt(report['pooled_dice_largest_component'][e])} | " for e in engines)
+            + " |"
+        )
     notes = [f"- {e} {n}: {s['status'][e]}" for n, s in report["sites"].items() for e in engines
              if not s["status"][e].startswith("training")]  # fmt: skip
     if notes:

@@ -123,7 +123,7 @@ class Simulator:
         record: dict = {"round": r, "sampled": [s.name for s in chosen], "sites": {}}
         bar = tqdm(
             total=sum(steps.values()), desc=f"{self.label + ' ' if self.label else ''}round {r}",
-            unit="step", disable=not progress, leave=False,
+            unit="step", disable=None if progress else True, leave=False,  # None: no bar in a log
         )  # fmt: skip
         updates = []
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -173,8 +173,13 @@ class Simulator:
         if self.evaluate_fn is not None:
             scores = self.evaluate_fn(self.model)
             record["pooled_dice"] = scores.get("pooled")
+            record["pooled_dice_largest_component"] = scores.get("pooled_largest_component")
+            if "cases" in scores:
+                record["cases"] = scores["cases"]  # [dice, with the largest component] a case
             for name, dice in scores.get("sites", {}).items():
                 record["sites"][name]["dice"] = dice
+            for name, dice in scores.get("sites_largest_component", {}).items():
+                record["sites"][name]["dice_largest_component"] = dice
         record["eval_seconds"] = time.perf_counter() - eval_start
         self.round = r
         self.history.append(record)

@@ -26,7 +26,6 @@ from dpseg.federated.partition import (
     train_test_split,
 )
 from dpseg.federated.site import derive_seed
-from dpseg.train.inference import sliding_window_inference
 from dpseg.train.metrics import dice_per_class
 
 __all__ = ["SiteData", "evaluate_dice", "load_sites", "partition_cases", "phantom_sites"]
@@ -41,10 +40,13 @@ class SiteData:
     test_labels: list[np.ndarray] = field(default_factory=list)
     cases: dict[str, list[str]] = field(default_factory=dict)  # {"train": names, "test": names}
 
-    def patches(self, patch: int, p_foreground: float, seed: int) -> PatchDataset:
+    def patches(
+        self, patch: int, p_foreground: float, seed: int, spatial_dims: int = 3
+    ) -> PatchDataset:
+        """One patch (3-D) or axial slice (2-D) per patient per draw."""
         return PatchDataset(
-            self.train_images, self.train_labels, (patch,) * 3, p_foreground=p_foreground,
-            seed=seed,
+            self.train_images, self.train_labels, (patch,) * spatial_dims,
+            p_foreground=p_foreground, spatial_dims=spatial_dims, seed=seed,
         )  # fmt: skip
 
 
@@ -128,18 +130,36 @@ def evaluate_dice(
     num_classes: int = 2,
     overlap: float = 0.25,
     device: str | torch.device = "cpu",
+    spatial_dims: int = 3,
 ) -> dict:
     """Mean foreground Dice of the model on every site's held-out cases, and pooled over
-    all of them (each case counts once): {"sites": {name: dice}, "pooled": dice}."""
+    all of them (each case counts once), as predicted and with each organ's largest
+    connected component kept (dpseg predict --largest-component):
+    {"sites", "pooled", "sites_largest_component", "pooled_largest_component",
+    "cases": {case: [dice, dice with the largest component]}}. A 2-D model predicts the
+    axial slices one by one."""
+    from dpseg.train.loop import predict_volume
+    from dpseg.train.postprocess import keep_largest_component
+
     model.eval()
-    per_site, every = {}, []
+    out = {"sites": {}, "sites_largest_component": {}, "cases": {}}
+    every, every_lc = [], []
     for s in sites:
-        scores = []
-        for image, label in zip(s.test_images, s.test_labels, strict=True):
-            x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
-            logits = sliding_window_inference(x, model, patch, overlap=overlap, batch_size=8)
-            pred = logits.argmax(0).cpu().numpy()
+        scores, kept = [], []
+        names = s.cases.get("test", [])
+        for i, (image, label) in enumerate(zip(s.test_images, s.test_labels, strict=True)):
+            probs = predict_volume(
+                model, image, patch, spatial_dims, overlap, device, batch_size=8, softmax=False
+            )
+            pred = probs.argmax(0).numpy()
             scores.append(float(np.mean(dice_per_class(pred, label, num_classes))))
-        per_site[s.name] = float(np.mean(scores)) if scores else None
+            lc = keep_largest_component(pred, num_classes)
+            kept.append(float(np.mean(dice_per_class(lc, label, num_classes))))
+            out["cases"][names[i] if i < len(names) else f"{s.name}/{i}"] = [scores[-1], kept[-1]]
+        out["sites"][s.name] = float(np.mean(scores)) if scores else None
+        out["sites_largest_component"][s.name] = float(np.mean(kept)) if kept else None
         every += scores
-    return {"sites": per_site, "pooled": float(np.mean(every)) if every else None}
+        every_lc += kept
+    out["pooled"] = float(np.mean(every)) if every else None
+    out["pooled_largest_component"] = float(np.mean(every_lc)) if every_lc else None
+    return out

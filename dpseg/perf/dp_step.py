@@ -54,6 +54,8 @@ class StepBenchConfig:
     backend: str = "auto"
     seed: int = 0
     physical_batch: int | None = None  # virtual steps: physical batches of at most this
+    spatial_dims: int = 3  # 2: a 2-D U-Net on size x size slices (the demo's workload)
+    upsample: str = "transpose"  # "interp": the federated runs' (Opacus has no ConvTranspose)
 
 
 @dataclass
@@ -169,9 +171,11 @@ def build_workload(cfg: StepBenchConfig):
 
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = UNet(3, 1, 2, channels=cfg.channels, norm="group").to(device)
-    x = torch.randn(cfg.batch, 1, *([cfg.size] * 3), device=device)
-    y = torch.randint(0, 2, (cfg.batch, *([cfg.size] * 3)), device=device)
+    dims = cfg.spatial_dims
+    model = UNet(dims, 1, 2, channels=cfg.channels, norm="group", upsample=cfg.upsample)
+    model = model.to(device)
+    x = torch.randn(cfg.batch, 1, *([cfg.size] * dims), device=device)
+    y = torch.randint(0, 2, (cfg.batch, *([cfg.size] * dims)), device=device)
     return model, x, y
 
 
@@ -309,7 +313,10 @@ def format_table(report: StepBenchReport) -> str:
     if cfg.get("model"):
         what = f"{cfg['model']} ({cfg['parameters']:,} params), input {tuple(cfg['input_shape'])}"
     else:
-        what = f"UNet{tuple(cfg['channels'])} ({cfg['parameters']:,} params), {cfg['size']}^3"
+        what = (
+            f"UNet{tuple(cfg['channels'])} ({cfg['parameters']:,} params), "
+            f"{cfg['size']}^{cfg.get('spatial_dims', 3)}"
+        )
     lines = [
         f"DP step, {what}, batch {cfg['batch']}"
         + (f" in physical batches of {cfg['physical_batch']}" if cfg.get("physical_batch") else "")

@@ -103,7 +103,9 @@ def load_cases(
     """Load and preprocess cases: (images, labels, image Volumes). The Volumes keep the
     geometry (affine, original grid) without their voxels, to spare memory."""
     images, labels, volumes = [], [], []
-    for i in tqdm(indices, desc="loading", unit="case", disable=not progress, leave=False):
+    for i in tqdm(
+        indices, desc="loading", unit="case", disable=None if progress else True, leave=False
+    ):
         image, label = dataset.load(i)
         img, lab, affine = preprocessing.apply(image, label)
         images.append(img)
@@ -362,6 +364,16 @@ def predict_volume(
                 x, model, patch, overlap=overlap, batch_size=batch_size, softmax=softmax
             )
             return out.cpu()
+        if tuple(x.shape[1:3]) == (patch, patch):
+            # One window is the whole slice (its weight cancels): the slices in batches, one
+            # forward for 32 slices instead of 32 (a 1800-case 2-D federated run spent 11 of
+            # its 12 minutes in per-slice calls).
+            stack = x[0].permute(2, 0, 1).unsqueeze(1)  # (Z, 1, H, W)
+            with torch.no_grad():
+                out = torch.cat([model(chunk) for chunk in stack.split(64)]).float()
+            if softmax:
+                out = out.softmax(1)
+            return out.permute(1, 2, 3, 0).cpu()  # (K, H, W, Z)
         slices = [
             sliding_window_inference(
                 x[..., z], model, patch, overlap=overlap, batch_size=batch_size, softmax=softmax

@@ -277,7 +277,7 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
     eps = privacy.epsilon(cfg.delta) if cfg.dp else None
     bar = tqdm(
         total=steps, initial=min(start, steps), desc="training", unit="step",
-        disable=not (progress and lead),
+        disable=None if (progress and lead) else True,  # None: off when not a terminal
     )  # fmt: skip
     step = start
     t0 = time.perf_counter()

@@ -15,7 +15,14 @@ Neither wins everywhere. Measured on the 2-core CPU (torch 2.13, fp32, B=2, 3x3x
   64->64 @ 16^3: loop 45 ms, grouped 11 ms   (batched: 10 ms)
 At small patches the best per-sample strategy still costs more than the batched gradient
 (B=8, idle CPU: 24->8 @ 16^3 grouped 13.5 ms vs batched 8.5 ms; 48->16 @ 8^3 2.1 vs 1.3 ms),
-which is most of the 1.29x DP step of the 16^3 federated demo (0.97x at 64^3).
+which was most of the 1.29x DP step of the 16^3 federated demo (0.97x at 64^3). ``fused``
+closes most of it: input and weight gradients of one layer, 2 threads, against the batched
+non-private call (both gradients):
+  B=8,   24->8 @ 16^3: batched 9.2 ms, input + grouped 12.6 ms, fused 10.1 ms
+  B=8,   48->16 @ 8^3: batched 1.4 ms, input + grouped 1.6 ms,  fused 1.6 ms
+  B=128,  8->8 @ 48^2: batched 26.2 ms, input + grouped 26.9 ms, fused 19.6 ms (the demo's)
+The whole DP step (dpseg bench): U-Net 8-16-32 at 16^3, B=8: 1.04x; the demo's 2-D U-Net at
+48^2, B=128: 0.95x (Opacus hooks 1.75x).
 ``auto`` times both once per shape and power-of-two batch bucket (second call, after
 oneDNN built its primitive) and caches the winner for the process. Small problems skip
 the timing and take ``grouped``.
