@@ -3,7 +3,7 @@ a 2-core CPU.
 
 Three simulated hospitals (scanners) of 400 CT phantoms each (48^3; 390 train, 10 held out)
 train one 2-D U-Net (8-16-32) on axial slices, one slice per patient per draw, FedAvg over
-12 rounds of 8 local steps at an expected batch of 127 patients (q = 1/3). DP: sample-level,
+12 rounds of 8 local steps at an expected batch of 97.5 patients (q = 1/4). DP: sample-level,
 the patient the unit, sigma solved for epsilon 8 per site at delta 1e-5 over the 96 steps.
 dpseg and non-private training run every round; Opacus runs 2 rounds, for its time per
 round.

@@ -263,9 +263,22 @@ def write_markdown(report: dict, out: Path, images: list[str]) -> None:
         "",
         f"{len(report['sites'])} sites from {data}; {cfg['strategy']}, "
         f"{max(report['rounds_done'].values())} rounds of {local}, fraction {cfg['fraction']}; "
-        f"U-Net {tuple(cfg['channels'])} ({cfg['upsample']} upsampling), {cfg['patch']}^3 patches, "
-        f"--batch {cfg['batch_size']} (Poisson, q = 1 / ceil(n / batch)), "
-        f"{cfg['optimizer']} lr {cfg['lr']}; "
+        + (
+            f"2-D U-Net {tuple(cfg['channels'])} ({cfg['upsample']} upsampling) on "
+            f"{cfg['patch']}^2 axial slices, "
+            if cfg.get("spatial_dims", 3) == 2
+            else f"U-Net {tuple(cfg['channels'])} ({cfg['upsample']} upsampling), "
+            f"{cfg['patch']}^3 patches, "
+        )
+        + f"--batch {cfg['batch_size']} (Poisson, q = 1 / ceil(n / batch)), "
+        f"{cfg['optimizer']} lr {cfg['lr']}"
+        + (f" (DP engines {cfg['dp_lr']})" if cfg.get("dp_lr") else "")
+        + (
+            f", epsilon solved for {cfg['target_epsilon']:g} per site"
+            if cfg.get("target_epsilon")
+            else ""
+        )
+        + "; "
         f"DP-SGD C = {cfg['max_grad_norm']}, delta = {cfg['delta']:g}, "
         f"{cfg['accountant']} accountant; "
         f"Opacus in {cfg['opacus_mode']} mode.",
@@ -335,6 +348,8 @@ def write_markdown(report: dict, out: Path, images: list[str]) -> None:
                 f"{_fmt(p['final_dice'])} | {_fmt(p['dice_ratio'], '.2f')} | "
                 f"{_fmt(p['max_epsilon'], '.2f')} |"
             )
+    for e, n in report.get("timing_only", {}).items():
+        md += ["", f"{e} ran {n} round(s) for its time per round only; its Dice is not final."]
     head = " | ".join(f"{e} Dice | {e} s" for e in engines)
     md += ["", "## Per round", "", f"| round | {head} |", "|---|" + "---|---|" * len(engines)]
     by = {(r["engine"], r["round"]): r for r in report["rounds"]}
