@@ -108,3 +108,20 @@ def test_demo_command_in_miniature(tmp_path, monkeypatch, capsys):
     assert out.count("[ dpseg] round") == 2 and out.count("[opacus] round") == 1
     assert "What happened: 2 hospitals" in out and "without privacy" in out
     assert "step/s" not in out  # no progress bars in a log
+
+
+def test_a_site_alone_and_sparse_evaluation(tmp_path):
+    cfg = FederatedConfig(
+        **{**TINY, "engines": ("dpseg",), "engine_rounds": {}, "rounds": 3},
+        train_sites=("site1",), eval_every=2, seed=2,
+    )  # fmt: skip
+    report = run_federation(cfg, tmp_path, progress=False, plots=False, echo=lambda s: None)
+    rounds = report["rounds"]
+    assert [r.get("pooled_dice") is not None for r in rounds] == [False, True, True]
+    for r in rounds:
+        assert r["sampled"] == ["site1"]
+        assert r["sites"]["site0"]["status"] == "idle" and r["sites"]["site1"]["status"] == "ok"
+    # The untrained site spent nothing; its held-out patients are scored all the same.
+    assert report["sites"]["site0"]["epsilon"]["dpseg"] in (None, 0.0)
+    assert report["sites"]["site1"]["epsilon"]["dpseg"] > 0
+    assert report["sites"]["site0"]["dice"]["dpseg"] is not None

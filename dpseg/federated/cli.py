@@ -80,6 +80,14 @@ def add_federate_parser(sub) -> argparse.ArgumentParser:
     fed = p.add_argument_group("federation")
     fed.add_argument("--rounds", type=int, default=5)
     fed.add_argument(
+        "--train-sites",
+        type=csv_list(str),
+        default=(),
+        metavar="S1,S2",
+        help="only these sites train (e.g. site0: a site alone); every site's held-out "
+        "patients are still scored",
+    )
+    fed.add_argument(
         "--engine-rounds",
         type=_engine_rounds,
         default={},
@@ -188,6 +196,12 @@ def add_federate_parser(sub) -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--eval-overlap", type=float, default=0.25, help="sliding-window overlap")
+    run.add_argument(
+        "--eval-every",
+        type=int,
+        default=1,
+        help="validate the global model every N rounds (and after the last; default 1)",
+    )
     run.add_argument("--no-plots", action="store_true")
     run.add_argument(
         "--runtime",
@@ -222,7 +236,8 @@ def config_from_args(args):
         max_epsilon=args.max_epsilon, accountant=args.accountant, opacus_mode=args.opacus_mode,
         backend=args.backend, client_clip=args.client_clip, client_noise=args.client_noise,
         device=args.device, seed=args.seed, eval_overlap=args.eval_overlap,
-        engine_rounds=dict(args.engine_rounds),
+        engine_rounds=dict(args.engine_rounds), eval_every=args.eval_every,
+        train_sites=tuple(args.train_sites),
     )  # fmt: skip
 
 

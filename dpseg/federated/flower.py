@@ -222,6 +222,10 @@ def _evaluate(msg: Message, context: Context) -> Message:
     if scores["sites"][data.name] is not None:
         result["dice"] = scores["sites"][data.name]
         result["dice_largest_component"] = scores["sites_largest_component"][data.name]
+        names = list(scores["cases"])  # per held-out case: [dice, with the largest component]
+        result["case_names"] = names
+        result["case_dice"] = [float(scores["cases"][n][0]) for n in names]
+        result["case_dice_largest_component"] = [float(scores["cases"][n][1]) for n in names]
     return Message(RecordDict({"result": ConfigRecord(result)}), reply_to=msg)
 
 
@@ -387,6 +391,7 @@ def _flower_round(sim: Simulator, grid: Grid, timeout: float) -> dict:
     }
     replies = _send(grid, MessageType.EVALUATE, contents, str(r), timeout)
     dice, dice_lc, cases = [], [], []
+    record["cases"] = {}
     for site in sim.sites:
         entry = record["sites"][site.name]
         reply = replies.get(site.node_id)
@@ -403,6 +408,11 @@ def _flower_round(sim: Simulator, grid: Grid, timeout: float) -> dict:
             dice.append(entry["dice"])
             dice_lc.append(entry["dice_largest_component"])
             cases.append(int(res["test_cases"]))
+            for name, d, d_lc in zip(
+                res["case_names"], res["case_dice"], res["case_dice_largest_component"],
+                strict=True,
+            ):  # fmt: skip
+                record["cases"][name] = [float(d), float(d_lc)]
     # Pooled: each held-out case counts once, as evaluate_dice pools them.
     total = sum(cases)
     pooled = sum(d * n for d, n in zip(dice, cases, strict=True))

@@ -84,6 +84,8 @@ class FederatedConfig:
     device: str = "cpu"
     seed: int = 0
     eval_overlap: float = 0.25
+    eval_every: int = 1  # evaluate the global model every N rounds, and after the last
+    train_sites: tuple[str, ...] = ()  # only these sites train (all are scored); () = all
     # Fewer rounds for some engines ({"opacus": 2}): their time per round is measured, their
     # Dice is not comparable and is not reported as final.
     engine_rounds: dict = field(default_factory=dict)
@@ -112,6 +114,8 @@ class FederatedConfig:
                     f"--phantoms {self.phantoms} over {self.sites} sites leaves {per_site} "
                     "case(s) a site; each site needs at least 2 (one to train, one held out)"
                 )
+        if self.eval_every < 1:
+            raise ValueError(f"--eval-every must be >= 1, got {self.eval_every}")
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"--spatial-dims must be 2 or 3, got {self.spatial_dims}")
         for name, value in (("--lr", self.lr), ("--dp-lr", self.dp_lr)):
@@ -160,13 +164,14 @@ class FederatedConfig:
         for k in ("rounds", "engines", "engine_rounds", "extra"):
             d.pop(k)
         d["channels"] = list(d["channels"])
+        d["train_sites"] = list(d["train_sites"])
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> FederatedConfig:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        for k in ("channels", "engines"):
+        for k in ("channels", "engines", "train_sites"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -259,11 +264,19 @@ def build_simulator(
     if engine in cfg.engine_rounds:  # run for its time per round: its Dice is never final
         evaluate = None
 
-    return Simulator(
+    sim = Simulator(
         members, model, strategy, local_steps=cfg.local_steps, local_epochs=cfg.local_epochs,
         fraction=cfg.fraction, seed=cfg.seed, evaluate=evaluate, client_dp=client_dp,
-        label=engine,
+        label=engine, train_sites=tuple(cfg.train_sites),
     )  # fmt: skip
+    if evaluate is not None and cfg.eval_every > 1:
+
+        def sometimes(m):  # sim.round is the last finished round while this one is evaluated
+            r = sim.round + 1
+            return evaluate(m) if r % cfg.eval_every == 0 or r >= cfg.rounds else {}
+
+        sim.evaluate_fn = sometimes
+    return sim
 
 
 def load_data(cfg: FederatedConfig, out: Path, progress: bool) -> tuple[list[SiteData], int]:

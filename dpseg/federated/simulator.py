@@ -56,6 +56,7 @@ class Simulator:
         evaluate: Callable[[nn.Module], dict] | None = None,
         client_dp: dict | None = None,
         label: str = "",
+        train_sites: tuple[str, ...] = (),
     ):
         if not sites:
             raise ValueError("a federation needs at least one site")
@@ -66,6 +67,12 @@ class Simulator:
             raise ValueError(f"fraction of sites per round must be in (0, 1], got {fraction}")
         if (local_steps is None) == (local_epochs is None):
             raise ValueError("give exactly one of local_steps and local_epochs")
+        unknown = sorted(set(train_sites) - set(names))
+        if unknown:
+            raise ValueError(f"train_sites {unknown} are not sites of this run ({names})")
+        # Sites outside train_sites never train; every site's held-out cases still count
+        # (a site trained alone, scored on every scanner's patients).
+        self.train_sites = tuple(train_sites) or tuple(names)
         self.sites, self.model, self.fraction = sites, model, float(fraction)
         self.local_steps, self.local_epochs = local_steps, local_epochs
         self.evaluate_fn, self.label = evaluate, label
@@ -87,16 +94,17 @@ class Simulator:
 
     # --- rounds ------------------------------------------------------------------------------
     def active_sites(self) -> list[Site]:
-        return [s for s in self.sites if not s.exhausted]
+        return [s for s in self.sites if not s.exhausted and s.name in self.train_sites]
 
     def sample(self) -> list[Site]:
         if self.server_ledger is not None:
             keep = self.sampler.random(len(self.sites)) < self.fraction
-            return [s for s, k in zip(self.sites, keep, strict=True) if k and not s.exhausted]
+            active = set(self.active_sites())
+            return [s for s, k in zip(self.sites, keep, strict=True) if k and s in active]
         active = self.active_sites()
         if not active:
             return []
-        m = min(len(active), max(1, round(self.fraction * len(self.sites))))
+        m = min(len(active), max(1, round(self.fraction * len(self.train_sites))))
         chosen = sorted(self.sampler.choice(len(active), size=m, replace=False).tolist())
         return [active[i] for i in chosen]
 
