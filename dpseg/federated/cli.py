@@ -277,11 +277,6 @@ def _run_flower(cfg, out: Path, resume: bool, plots: bool) -> int:
             "--runtime flower needs the Flower package, which is not installed: "
             "pip install 'dpseg[flower]' (or use --runtime simulator)"
         )
-    if resume:
-        raise UsageError(
-            "--resume is not supported with --runtime flower (each site's state lives in its "
-            "SuperNode); rerun into a new --out or use --runtime simulator"
-        )
     from dpseg.federated.flower_deploy import FlowerDeploymentError, run_flower_deployment
     from dpseg.federated.runner import SetupError
 
@@ -290,7 +285,7 @@ def _run_flower(cfg, out: Path, resume: bool, plots: bool) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     try:
-        run_flower_deployment(cfg, out, plots=plots)
+        run_flower_deployment(cfg, out, plots=plots, resume=resume)
     except (DataError, SetupError) as exc:
         raise UsageError(str(exc)) from None
     except FlowerDeploymentError as exc:

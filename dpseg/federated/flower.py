@@ -54,6 +54,7 @@ from dpseg.federated.runner import (
 )
 from dpseg.federated.simulator import Simulator
 from dpseg.federated.site import BudgetExhausted, Site, SiteConfig, derive_seed, poisson_rate
+from dpseg.federated.site_store import SiteStore
 from dpseg.federated.sitedata import SiteData, evaluate_dice
 
 __all__ = ["client_app", "make_client_app", "make_server_app", "run_config_for", "server_app"]
@@ -74,7 +75,11 @@ def run_config_for(
         "plots": bool(plots),
         "threads": int(threads),
         "connect-timeout": 120.0,
+        # How long the server waits for a round's replies before it counts a site as
+        # dropped out; a site whose node restarts meanwhile is asked again (retries times).
         "round-timeout": 3600.0,
+        "retries": 2,
+        "resume": False,
     }
 
 
@@ -144,21 +149,52 @@ def _build_site(cfg: FederatedConfig, data: SiteData, index: int, num_classes: i
     )  # fmt: skip
 
 
+def _store(context: Context) -> SiteStore | None:
+    """The site's own disk (node config ``state-dir``), where its privacy state outlives
+    the SuperNode; without it the state lives in Context.state only, and a restarted node
+    would begin its ledger at zero."""
+    folder = context.node_config.get("state-dir")
+    return SiteStore(str(folder)) if folder else None
+
+
 def _load_site(context: Context) -> tuple[FederatedConfig, Site, SiteData, int]:
     cfg = _config(context)
     data, index, num_classes = _site_data(cfg, context)
     site = _build_site(cfg, data, index, num_classes)
-    if STATE_KEY in context.state:
+    store = _store(context)
+    state = store.load() if store is not None else None  # the disk first: it is what survives
+    if state is None and STATE_KEY in context.state:
         blob = context.state[STATE_KEY]["state"]
         # The same tensors, dicts and RNG states that dpseg's checkpoints hold (weights_only).
-        site.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))
+        state = torch.load(io.BytesIO(blob), weights_only=True)
+    if state is not None:
+        site.load_state_dict(state)
     return cfg, site, data, num_classes
 
 
-def _save_site(context: Context, site: Site) -> None:
+def _save_site(context: Context, site: Site, release: dict | None = None) -> None:
+    """Persists the site's state (and the release about to leave it) before the reply."""
+    state = site.state_dict()
+    store = _store(context)
+    if store is not None:
+        store.save(state)
+        if release is not None:
+            store.record_release({"site": site.name, **release})
     buf = io.BytesIO()
-    torch.save(site.state_dict(), buf)
+    torch.save(state, buf)
     context.state[STATE_KEY] = ConfigRecord({"state": buf.getvalue()})
+
+
+def _fault_after_persist(site: str, r: int) -> None:
+    """Fault injection for the tests (DPSEG_FAULT_AFTER_PERSIST="site0:2"): the node dies
+    after writing round r's release to its disk and before the reply leaves, once (a marker
+    beside the state records that it did)."""
+    spec = os.environ.get("DPSEG_FAULT_AFTER_PERSIST", "")
+    if spec == f"{site}:{r}":
+        marker = Path(os.environ.get("DPSEG_FAULT_MARKER", "/nonexistent"))
+        if not marker.exists():
+            marker.write_text("died")
+            os._exit(1)
 
 
 def _query(msg: Message, context: Context) -> Message:
@@ -198,7 +234,15 @@ def _train(msg: Message, context: Context) -> Message:
         )  # fmt: skip
         if update.loss is not None:
             result["loss"] = update.loss
-    _save_site(context, site)
+    released = result["status"] == "ok"
+    release = None
+    if released:
+        release = {"round": int(conf.get("round", 0)), "steps": int(result["steps"])}
+        if site.ledger is not None:
+            release["epsilon"] = float(site.epsilon)
+    _save_site(context, site, release)  # on this node's disk before the update leaves it
+    if released:
+        _fault_after_persist(site.name, int(conf.get("round", 0)))
     content = RecordDict({"delta": delta, "result": ConfigRecord(result)})
     return Message(content, reply_to=msg)
 
@@ -259,6 +303,12 @@ class RemoteSite:
     def steps_for(self, local_steps: int | None, local_epochs: int | None) -> int:
         return local_epochs * self.steps_per_epoch if local_epochs is not None else local_steps
 
+    def state_dict(self) -> dict:  # the server's record of the site, for its checkpoint
+        return {"epsilon": self.epsilon, "exhausted": self.exhausted}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epsilon, self.exhausted = state["epsilon"], state["exhausted"]
+
     # build_report reads len() of a SiteData's case lists; these stand in for them.
     @property
     def train_images(self) -> range:
@@ -287,6 +337,83 @@ def _send(grid: Grid, kind: str, contents: dict[int, RecordDict], group: str, ti
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     return {reply.metadata.src_node_id: reply for reply in replies}
+
+
+class _Nodes:
+    """Which SuperNode serves which site. A restarted SuperNode registers under a new node
+    id; ``refresh`` asks every node it has not seen which site it is, and moves the site to
+    it."""
+
+    def __init__(self, grid: Grid, sites: list[RemoteSite]):
+        self.grid, self.sites = grid, {s.name: s for s in sites}
+        self.seen = {s.node_id for s in sites}
+
+    def refresh(self) -> set[str]:
+        new = [n for n in self.grid.get_node_ids() if n not in self.seen]
+        if not new:
+            return set()
+        moved = set()
+        for node, reply in _send(self.grid, MessageType.QUERY,
+                                 {n: RecordDict() for n in new}, "0", 120.0).items():  # fmt: skip
+            if reply.has_error():
+                continue
+            name = str(reply.content["site"]["name"])
+            if name in self.sites:
+                log.warning("site %s is back as SuperNode %d", name, node)
+                self.sites[name].node_id = node
+                moved.add(name)
+        self.seen.update(new)
+        return moved
+
+
+def _exchange(
+    grid: Grid,
+    nodes: _Nodes,
+    kind: str,
+    contents: dict[str, RecordDict],
+    group: str,
+    timeout: float,
+    retries: int,
+) -> tuple[dict[str, Message], dict[str, int]]:
+    """Sends each site its message and waits, at most ``timeout`` seconds, for the replies.
+    A site whose SuperNode comes back under a new id while its reply is awaited (it died
+    and restarted) is sent the message again, up to ``retries`` times: it trains again,
+    and its ledger counts both releases. Returns ({site: reply}, {site: messages sent})."""
+    pending: dict[str, str] = {}  # message id -> site
+    waiting: dict[str, Message] = {}  # site -> its error reply, while a new node may come
+
+    def push(name: str) -> None:
+        msg = Message(contents[name], dst_node_id=nodes.sites[name].node_id,
+                      message_type=kind, group_id=group)  # fmt: skip
+        pending[next(iter(grid.push_messages([msg])))] = name
+        sent[name] += 1
+
+    sent = dict.fromkeys(contents, 0)
+    for name in contents:
+        push(name)
+    replies: dict[str, Message] = {}
+    deadline, next_look = time.monotonic() + timeout, time.monotonic() + 2.0
+    while (pending or waiting) and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            name = pending.pop(reply.metadata.reply_to_message_id, None)
+            if name is None:
+                continue
+            if reply.has_error():
+                waiting[name] = reply  # the node may be gone; a restarted one can answer
+            else:
+                replies[name] = reply
+        if time.monotonic() >= next_look:
+            awaited = set(pending.values()) | set(waiting)
+            for name in nodes.refresh() & awaited:
+                if sent[name] > retries:
+                    continue
+                pending = {m: n for m, n in pending.items() if n != name}
+                waiting.pop(name, None)
+                push(name)
+            next_look = time.monotonic() + 2.0
+        time.sleep(0.2)
+    replies.update(waiting)  # errors that no restarted node replaced
+    return replies, sent
 
 
 def _discover(grid: Grid, context: Context) -> list[RemoteSite]:
@@ -329,12 +456,13 @@ def _simulator(cfg: FederatedConfig, sites: list[RemoteSite], num_classes: int) 
     )  # fmt: skip
 
 
-def _flower_round(sim: Simulator, grid: Grid, timeout: float) -> dict:
+def _flower_round(sim: Simulator, grid: Grid, nodes: _Nodes, timeout: float, retries: int) -> dict:
     """Simulator.run_round with the sites reached through Flower: the chosen sites train in
     parallel, and their updates are aggregated in site order, as the simulator does."""
     from dpseg.federated.strategies import SiteUpdate
 
     r = sim.round + 1
+    nodes.refresh()  # a site restarted since the last round is reached on its new node
     chosen = sim.sample()
     config = sim.strategy.configure_fit(r)
     record: dict = {"round": r, "sampled": [s.name for s in chosen], "sites": {}}
@@ -343,8 +471,13 @@ def _flower_round(sim: Simulator, grid: Grid, timeout: float) -> dict:
     contents = {}
     for s in chosen:
         conf = {"round": r, "steps": s.steps_for(sim.local_steps, sim.local_epochs), **config}
-        contents[s.node_id] = RecordDict({"weights": weights, "config": ConfigRecord(conf)})
-    replies = _send(grid, MessageType.TRAIN, contents, str(r), timeout) if contents else {}
+        contents[s.name] = RecordDict({"weights": weights, "config": ConfigRecord(conf)})
+    replies, sent = (
+        _exchange(grid, nodes, MessageType.TRAIN, contents, str(r), timeout, retries)
+        if contents
+        else ({}, {})
+    )
+    record["retried"] = {n: k - 1 for n, k in sent.items() if k > 1}
     updates, site_cpu = [], 0.0
     for site in sim.sites:
         entry: dict = {"status": "idle", "seconds": 0.0, "steps": 0}
@@ -353,11 +486,12 @@ def _flower_round(sim: Simulator, grid: Grid, timeout: float) -> dict:
             if site.exhausted:
                 entry["status"] = "budget"
             continue
-        reply = replies.get(site.node_id)
+        reply = replies.get(site.name)
+        entry["messages"] = sent.get(site.name, 0)
         if reply is None or reply.has_error():
-            why = "no reply in time" if reply is None else reply.error.reason
+            why = f"no reply in {timeout:.0f} s" if reply is None else reply.error.reason
             entry.update(status="failed", error=why)
-            log.error("round %d: site %s failed: %s", r, site.name, why)
+            log.error("round %d: site %s dropped out: %s", r, site.name, why)
             continue
         res = reply.content["result"]
         if res["status"] == "budget":
@@ -375,6 +509,7 @@ def _flower_round(sim: Simulator, grid: Grid, timeout: float) -> dict:
         site_cpu += float(res["cpu_seconds"])
         delta = reply.content["delta"].to_torch_state_dict()
         updates.append(SiteUpdate(site.name, delta, int(res["num_examples"]), int(res["steps"])))
+    record["took_part"] = [u.site for u in updates]  # the sites whose update was averaged
     agg_start = time.perf_counter()
     if updates or sim.server_ledger is not None:
         sim.weights = sim.strategy.aggregate(sim.weights, updates)
@@ -386,15 +521,15 @@ def _flower_round(sim: Simulator, grid: Grid, timeout: float) -> dict:
     eval_start = time.perf_counter()
     weights = ArrayRecord({k: v.contiguous() for k, v in sim.weights.items()})
     contents = {
-        s.node_id: RecordDict({"weights": weights, "config": ConfigRecord({"round": r})})
+        s.name: RecordDict({"weights": weights, "config": ConfigRecord({"round": r})})
         for s in sim.sites
     }
-    replies = _send(grid, MessageType.EVALUATE, contents, str(r), timeout)
+    replies, _ = _exchange(grid, nodes, MessageType.EVALUATE, contents, str(r), timeout, retries)
     dice, dice_lc, cases = [], [], []
     record["cases"] = {}
     for site in sim.sites:
         entry = record["sites"][site.name]
-        reply = replies.get(site.node_id)
+        reply = replies.get(site.name)
         if reply is None or reply.has_error():
             entry["epsilon"] = site.epsilon
             continue
@@ -425,41 +560,58 @@ def _flower_round(sim: Simulator, grid: Grid, timeout: float) -> dict:
     return record
 
 
+def server_state_path(out: Path, engine: str) -> Path:
+    return out / f"flower_{engine}_state.pt"
+
+
 def _server_main(grid: Grid, context: Context) -> None:
     cfg = _config(context)
     rc = context.run_config
     out = Path(str(rc["out"]))
     out.mkdir(parents=True, exist_ok=True)
     sites = _discover(grid, context)
+    nodes = _Nodes(grid, sites)
     num_classes = sites[0].num_classes
     sim = _simulator(cfg, sites, num_classes)
     sigmas = {s.name: s.noise_multiplier for s in sites}
     env = {**run_environment(cfg.device), "runtime": "flower", "flwr": _flwr_version()}
     engine = cfg.engines[0]
+    state_path = server_state_path(out, engine)
+    if bool(rc.get("resume", False)):
+        # The server's half of a resumed run; each site brings its own from its disk.
+        sim.load_state_dict(torch.load(state_path, weights_only=True))
+        print(f"{engine}: resumed after round {sim.round} from {state_path.name}", flush=True)
 
     def report() -> dict:
         return build_report(cfg, {engine: sim}, sites, sigmas, env)
 
-    def save_weights(name: str) -> None:
+    def save(name: str, state: dict) -> None:
         # Renamed into place: a kill leaves the previous file or the new one, never a torn one.
         tmp = out / f".{name}.tmp"
-        torch.save({"weights": sim.weights, "round": sim.round}, tmp)
+        torch.save(state, tmp)
         os.replace(tmp, out / name)
 
     timeout = float(rc["round-timeout"])
+    retries = int(rc.get("retries", 2))
+    pause = out / "flower" / "PAUSE"
     while sim.round < cfg.rounds:
         if sim.done:
             print(f"{engine}: every site has spent its privacy budget; stopping", flush=True)
             break
-        record = _flower_round(sim, grid, timeout)
+        record = _flower_round(sim, grid, nodes, timeout, retries)
         print(round_line(engine, record, cfg.rounds), flush=True)
         (out / "report.json").write_text(json.dumps(report(), indent=1))
-        # The global model of the last finished round: a run killed later does not lose it
-        # (there is no --resume on Flower; the sites' state lives on their nodes).
-        save_weights(f"flower_{engine}_latest.pt")
+        # The whole server side of the finished round (global model, strategy moments,
+        # sampler, history, server ledger): --resume continues from here.
+        save(state_path.name, {**sim.state_dict(), "extra": {"config": cfg.resume_key()}})
+        save(f"flower_{engine}_latest.pt", {"weights": sim.weights, "round": sim.round})
+        if pause.exists():  # an operator's (or a test's) stop between rounds
+            print(f"paused after round {sim.round}: remove {pause} to go on", flush=True)
+            while pause.exists():
+                time.sleep(0.5)
     final = report()
     write_report(final, out, plots=bool(rc["plots"]))
-    save_weights(f"flower_{engine}.pt")  # last: the launcher takes it as "the run is done"
+    save(f"flower_{engine}.pt", {"weights": sim.weights, "round": sim.round})  # last: "done"
     print(f"wrote {out / 'report.json'} and {out / 'report.md'}", flush=True)
 
 

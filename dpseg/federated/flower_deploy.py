@@ -8,6 +8,9 @@ Layout under the run folder OUT::
                                     the nodes import from the installed dpseg)
     OUT/flower/link/                FLWR_HOME of the SuperLink and the ``flwr`` CLI
     OUT/flower/node<k>/             FLWR_HOME of site k's SuperNode
+    OUT/flower/node<k>/site-state/  site k's privacy state on "its own disk" (node config
+                                    state-dir): a restarted node, and --resume, continue
+                                    from it
     OUT/flower/*.log                every process's output
 
 Every process is started in a session of its own, and ``_stop`` ends each one together with
@@ -167,6 +170,63 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float) -> 
     raise FlowerDeploymentError(f"the SuperLink did not open port {port} in {timeout:.0f} s")
 
 
+class Deployment:
+    """The processes of one loopback deployment; ``restart_node`` is what a hospital's
+    operator (or a supervisor) does after a crash: the same node config and state-dir."""
+
+    def __init__(self, base: Path, env: dict, link_port: int, names: list[str], ports: list[int]):
+        self.base, self.env, self.link_port = base, env, link_port
+        self.names, self.ports = names, ports
+        self.procs: list[subprocess.Popen] = []
+        self.nodes: dict[int, subprocess.Popen] = {}
+        self.logs: list = []
+
+    def start(self, cmd: list[str], name: str, home: Path) -> subprocess.Popen:
+        home.mkdir(parents=True, exist_ok=True)
+        f = open(self.base / f"{name}.log", "a")  # noqa: SIM115 (closed in close())
+        self.logs.append(f)
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env={**self.env, "FLWR_HOME": str(home)},
+            start_new_session=True, cwd=home,
+        )  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+    def state_dir(self, k: int) -> Path:
+        return self.base / f"node{k}" / "site-state"
+
+    def start_node(self, k: int) -> subprocess.Popen:
+        name = self.names[k]
+        proc = self.start(
+            [
+                _executable("flower-supernode"), "--insecure", "--isolation", "subprocess",
+                "--superlink", f"127.0.0.1:{self.link_port}", "--port", str(self.ports[k]),
+                "--node-config",
+                f'site-index={k} site="{name}" state-dir="{self.state_dir(k)}"',
+            ],
+            f"supernode_{name}", self.base / f"node{k}",
+        )  # fmt: skip
+        self.nodes[k] = proc
+        return proc
+
+    def kill_node(self, k: int) -> None:
+        """SIGKILL site k's SuperNode and everything it started: a crash, not a shutdown."""
+        proc = self.nodes[k]
+        tree = [*_children(proc.pid), proc.pid] if proc.poll() is None else []
+        _signal(tree, signal.SIGKILL)
+        proc.wait(timeout=10)
+        self.procs.remove(proc)
+
+    def restart_node(self, k: int) -> None:
+        self.kill_node(k)
+        self.start_node(k)
+
+    def close(self) -> None:
+        _stop(self.procs)
+        for f in self.logs:
+            f.close()
+
+
 def run_flower_deployment(
     cfg: FederatedConfig,
     out: str | Path,
@@ -175,27 +235,52 @@ def run_flower_deployment(
     threads: int = 0,
     timeout: float = 1800.0,
     echo: Callable[[str], None] = print,
+    resume: bool = False,
+    round_timeout: float = 3600.0,
+    on_line: Callable[[str, Deployment], None] | None = None,
+    env: dict | None = None,
 ) -> dict:
     """Runs ``cfg`` on a loopback Flower deployment; returns report.json's dict.
 
     ``threads`` > 0 sets torch's threads in each site's ClientApp (the sites share this
-    machine's cores); ``timeout`` bounds the whole run in seconds.
+    machine's cores); ``timeout`` bounds the whole run in seconds, ``round_timeout`` the
+    server's wait for one round's replies. ``resume`` continues a stopped run: the server
+    from its checkpoint in OUT, each site from its state-dir. ``on_line(line, deployment)``
+    sees every line the ServerApp prints, and "" at every poll (the tests kill and restart
+    nodes from it).
     """
-    from dpseg.federated.flower import run_config_for
+    from dpseg.federated.flower import run_config_for, server_state_path
 
     cfg.check()
     if len(cfg.engines) != 1:
         raise SetupError("--runtime flower runs one engine; drop --compare or use the simulator")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "report.json").exists():
-        raise SetupError(f"{out} already holds a run; choose a new --out")
+    state = server_state_path(out, cfg.engines[0])
+    if resume and not state.exists():
+        raise SetupError(f"{out} holds no Flower run to resume ({state.name} is missing)")
+    if resume:
+        import torch
+
+        theirs = torch.load(state, weights_only=True).get("extra", {}).get("config", {})
+        ours = cfg.resume_key()
+        diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+        if diff:
+            raise SetupError(
+                f"{state} was written with different settings "
+                f"({', '.join(f'{k}: {theirs.get(k)!r} -> {ours[k]!r}' for k in diff)}); "
+                "resume with the original flags (only --rounds may grow)"
+            )
+    if not resume and (out / "report.json").exists():
+        raise SetupError(f"{out} already holds a run; choose a new --out, or pass --resume")
     # The phantoms are written once, here, before any node reads them.
     sites, _ = load_data(cfg, out, progress=False)
     names = [s.name for s in sites]
     base = out / "flower"
     run_config = run_config_for(cfg, out, len(sites), plots=plots, threads=threads)
+    run_config.update({"resume": bool(resume), "round-timeout": float(round_timeout)})
     app = write_app(base / "app", run_config)
+    (out / f"flower_{cfg.engines[0]}.pt").unlink(missing_ok=True)  # "done" is rewritten at the end
     # flwr 1.42 serves Fleet, Control and Runtime APIs over HTTP on the SuperLink's --port,
     # but still opens its legacy gRPC Fleet and Control servers (9092, 9093 by default): they
     # get free ports too, so that two runs, or another Flower on this machine, never clash.
@@ -203,25 +288,12 @@ def run_flower_deployment(
     # Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by
     # name: put this interpreter's scripts first on PATH, also when it was not activated.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1"}
-    procs: list[subprocess.Popen] = []
-    logs: list = []
-
-    def start(cmd: list[str], name: str, home: Path) -> subprocess.Popen:
-        home.mkdir(parents=True, exist_ok=True)
-        f = open(base / f"{name}.log", "w")  # noqa: SIM115 (closed in the finally below)
-        logs.append(f)
-        proc = subprocess.Popen(
-            cmd, stdout=f, stderr=subprocess.STDOUT, env={**env, "FLWR_HOME": str(home)},
-            start_new_session=True, cwd=home,
-        )  # fmt: skip
-        procs.append(proc)
-        return proc
-
+    env = {**os.environ, **(env or {}), "PATH": path, "PYTHONUNBUFFERED": "1"}
+    deployment = Deployment(base, env, link_port, names, node_ports)
     try:
         link_home = base / "link"
         _write_connection(link_home, link_port)
-        link = start(
+        link = deployment.start(
             [
                 _executable("flower-superlink"), "--insecure", "--isolation", "subprocess",
                 "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
@@ -231,41 +303,36 @@ def run_flower_deployment(
             "superlink", link_home,
         )  # fmt: skip
         _wait_port(link_port, link, base / "superlink.log", 60.0)
-        for k, (name, port) in enumerate(zip(names, node_ports, strict=True)):
-            start(
-                [
-                    _executable("flower-supernode"), "--insecure", "--isolation", "subprocess",
-                    "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
-                    "--node-config", f'site-index={k} site="{name}"',
-                ],
-                f"supernode_{name}", base / f"node{k}",
-            )  # fmt: skip
+        for k in range(len(names)):
+            deployment.start_node(k)
         echo(
             f"Flower: SuperLink on 127.0.0.1:{link_port}, {len(names)} SuperNodes "
             f"({', '.join(names)}); logs in {base}"
         )
-        run = start(
+        log = base / "flwr_run.log"
+        log.unlink(missing_ok=True)
+        run = deployment.start(
             [_executable("flwr"), "run", str(app), CONNECTION, "--stream"], "flwr_run", link_home
         )
         deadline = time.monotonic() + timeout
         result = out / f"flower_{cfg.engines[0]}.pt"
-        progress = _Progress(base / "flwr_run.log", echo)
+        progress = _Progress(log, echo, lambda line: on_line and on_line(line, deployment))
         ended: float | None = None
         while not result.exists():
             progress.poll()
-            for p in procs:
-                if p.poll() is not None and p is not run:
+            if on_line is not None:
+                on_line("", deployment)  # a tick: watchers look at the nodes' side too
+            for p in list(deployment.procs):
+                if p.poll() is not None and p is not run and p in deployment.procs:
                     raise FlowerDeploymentError(
                         f"a Flower process exited early ({Path(p.args[0]).name}); see {base}"
                     )
             if run.poll() not in (None, 0):
-                raise FlowerDeploymentError(f"flwr run failed; see {base / 'flwr_run.log'}")
+                raise FlowerDeploymentError(f"flwr run failed; see {log}")
             if run.poll() == 0:  # the run ended; the ServerApp may still be saving
                 ended = ended or time.monotonic()
                 if time.monotonic() - ended > 15:
-                    raise FlowerDeploymentError(
-                        f"the run ended without a result; see {base / 'flwr_run.log'}"
-                    )
+                    raise FlowerDeploymentError(f"the run ended without a result; see {log}")
             if time.monotonic() > deadline:
                 raise FlowerDeploymentError(f"the run did not finish in {timeout:.0f} s")
             time.sleep(0.25)
@@ -275,9 +342,7 @@ def run_flower_deployment(
             pass
         progress.poll()
     finally:
-        _stop(procs)
-        for f in logs:
-            f.close()
+        deployment.close()
     report = json.loads((out / "report.json").read_text())
     for line in summary_lines(report):
         echo(line)
@@ -285,10 +350,11 @@ def run_flower_deployment(
 
 
 class _Progress:
-    """Echoes the ServerApp's round lines from the streamed log as they arrive."""
+    """Echoes the ServerApp's round lines from the streamed log as they arrive, and hands
+    every new line to ``each``."""
 
-    def __init__(self, log: Path, echo: Callable[[str], None]):
-        self.log, self.echo, self.seen = log, echo, 0
+    def __init__(self, log: Path, echo: Callable[[str], None], each: Callable[[str], None]):
+        self.log, self.echo, self.each, self.seen = log, echo, each, 0
 
     def poll(self) -> None:
         try:
@@ -296,6 +362,7 @@ class _Progress:
         except OSError:
             return
         for line in lines[self.seen :]:
-            if "] round " in line or line.startswith("wrote "):
+            if "] round " in line or line.startswith(("wrote ", "paused ")) or "resumed" in line:
                 self.echo(line)
+            self.each(line)
         self.seen = len(lines)

@@ -165,6 +165,8 @@ class Simulator:
             )  # fmt: skip
             updates.append(update)
         bar.close()
+        record["took_part"] = [u.site for u in updates]  # the sites whose update was averaged
+        record["retried"] = {}  # in-process nothing is resent (Flower: a restarted node's)
         agg_start = time.perf_counter()
         if updates or self.server_ledger is not None:
             self.weights = self.strategy.aggregate(self.weights, updates)
