@@ -169,6 +169,10 @@ def _load_site(context: Context) -> tuple[FederatedConfig, Site, SiteData, int]:
         state = torch.load(io.BytesIO(blob), weights_only=True)
     if state is not None:
         site.load_state_dict(state)
+    if store is not None:  # the state must not be older than the site's own release log
+        store.check_not_behind(
+            float(site.epsilon) if site.ledger is not None else None, state is not None
+        )
     return cfg, site, data, num_classes
 
 

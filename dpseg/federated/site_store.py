@@ -14,6 +14,11 @@ The ClientApp writes both *before* its reply leaves the node. A crash after the 
 before the send costs the site that release's privacy without the server having received
 it: the ledger counts a release the server may then ask for again, never the other way
 round. A release is never missing from the ledger.
+
+The two files check each other when the state is loaded (``check_not_behind``): a state
+whose ledger has spent less than the release log says was released (an older backup put
+back, or the state file lost while the log survived) is refused, since training on it would
+restart the site's epsilon below what its patients have already paid.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class StaleSiteState(RuntimeError):
+    """The site's state on disk is older than its own release log."""
 
 
 class SiteStore:
@@ -74,7 +83,36 @@ class SiteStore:
             os.fsync(f.fileno())
 
     def releases(self) -> list[dict]:
+        """Every recorded release, oldest first. A last line torn by a crash mid-append is
+        skipped: its state was saved first, and its reply never left the node."""
         path = self.folder / RELEASES_FILE
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        out = []
+        for k, line in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                if k != len(lines) - 1:
+                    raise StaleSiteState(f"{path} line {k + 1} is corrupt: {line[:80]!r}") from None
+        return out
+
+    def check_not_behind(self, epsilon: float | None, has_state: bool) -> None:
+        """Refuses a state that spent less than the release log records (see module doc)."""
+        released = self.releases()
+        if not released:
+            return
+        if not has_state:
+            raise StaleSiteState(
+                f"{self.folder} records {len(released)} releases but holds no {STATE_FILE}: "
+                "this site's privacy ledger is lost, and a fresh one would begin at epsilon 0. "
+                f"Restore the latest {STATE_FILE} from the hospital's backup"
+            )
+        last = max((r["epsilon"] for r in released if "epsilon" in r), default=None)
+        if epsilon is not None and last is not None and epsilon < last * (1 - 1e-9):
+            raise StaleSiteState(
+                f"{self.state_path} has spent epsilon {epsilon:.4g}, but {RELEASES_FILE} "
+                f"records a release at epsilon {last:.4g}: the state is older than the log "
+                f"(an old backup?). Restore the {STATE_FILE} saved with the last release"
+            )

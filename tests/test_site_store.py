@@ -1,0 +1,107 @@
+"""A Flower site's privacy state on its own disk, without a Flower deployment: the ClientApp's
+load/save path run on a Context as a SuperNode would hold it. A node that restarts (a new,
+empty Context on the same state-dir) must continue exactly where an uninterrupted node is,
+a spent budget must stay spent, and a state older than the site's release log is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, RecordDict  # noqa: E402
+
+from dpseg.federated.flower import _load_site, _model_fn, _save_site, run_config_for  # noqa: E402
+from dpseg.federated.runner import FederatedConfig  # noqa: E402
+from dpseg.federated.site import BudgetExhausted  # noqa: E402
+from dpseg.federated.site_store import RELEASES_FILE, STATE_FILE, SiteStore, StaleSiteState  # noqa: E402
+
+TINY = dict(
+    phantoms=8, sites=2, size=16, patch=16, channels=(4, 8), local_steps=2, batch_size=2,
+    accountant="rdp", rounds=3, seed=3,
+)  # fmt: skip
+
+
+def _context(out, state_dir=None, **cfg) -> Context:
+    node = {"site-index": 0}
+    if state_dir is not None:
+        node["state-dir"] = str(state_dir)
+    run_config = run_config_for(FederatedConfig(**{**TINY, **cfg}), out, num_sites=2)
+    return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=run_config)
+
+
+def _round(context: Context, r: int, weights: dict) -> dict:
+    """What the ClientApp's train does with one message: load, fit, persist, reply."""
+    _cfg, site, _data, _ = _load_site(context)
+    update = site.fit(weights, 2, {})
+    _save_site(context, site, {"round": r, "steps": update.steps, "epsilon": site.epsilon})
+    return {"delta": update.delta, "epsilon": site.epsilon}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    context = _context(tmp_path_factory.mktemp("w"))
+    _cfg, _site, _data, num_classes = _load_site(context)
+    return _model_fn(FederatedConfig(**TINY), num_classes)().state_dict()
+
+
+def test_a_restarted_node_continues_bit_for_bit_from_its_disk(tmp_path, weights):
+    alive = _context(tmp_path / "a")  # one node that never restarts: Context.state only
+    reference = [_round(alive, r, weights) for r in (1, 2, 3)]
+
+    state_dir = tmp_path / "hospital-disk"
+    got = []
+    for r in (1, 2, 3):  # a fresh SuperNode (empty Context.state) for every round
+        got.append(_round(_context(tmp_path / "b", state_dir), r, weights))
+    for ref, ours in zip(reference, got, strict=True):
+        assert ours["epsilon"] == ref["epsilon"] > 0
+        assert all(torch.equal(ours["delta"][k], ref["delta"][k]) for k in ref["delta"])
+    assert reference[0]["epsilon"] < reference[1]["epsilon"] < reference[2]["epsilon"]
+    releases = SiteStore(state_dir).releases()
+    assert [r["round"] for r in releases] == [1, 2, 3]
+    assert [r["epsilon"] for r in releases] == [g["epsilon"] for g in got]
+    assert not [p.name for p in state_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_spent_budget_stays_spent_after_a_restart(tmp_path, weights):
+    state_dir = tmp_path / "disk"
+    first = _round(_context(tmp_path, state_dir), 1, weights)
+    limit = first["epsilon"] * 1.01  # room for one round, not for two
+    context = _context(tmp_path, state_dir, max_epsilon=limit)
+    _cfg, site, _data, _ = _load_site(context)
+    with pytest.raises(BudgetExhausted):
+        site.fit(weights, 2, {})
+    _save_site(context, site)  # the refusal is persisted too, as the ClientApp does
+    restarted = _context(tmp_path, state_dir, max_epsilon=limit)
+    _cfg, site, _data, _ = _load_site(restarted)
+    assert site.exhausted and site.epsilon == first["epsilon"] <= limit
+    with pytest.raises(BudgetExhausted):
+        site.fit(weights, 2, {})
+
+
+def test_a_state_older_than_the_release_log_is_refused(tmp_path, weights):
+    state_dir = tmp_path / "disk"
+    _round(_context(tmp_path, state_dir), 1, weights)
+    backup = (state_dir / STATE_FILE).read_bytes()  # the hospital's backup after round 1
+    _round(_context(tmp_path, state_dir), 2, weights)
+
+    (state_dir / STATE_FILE).write_bytes(backup)  # put back: it has spent less than round 2
+    with pytest.raises(StaleSiteState, match="older than the log"):
+        _load_site(_context(tmp_path, state_dir))
+
+    (state_dir / STATE_FILE).unlink()  # lost altogether while the log survived
+    with pytest.raises(StaleSiteState, match="ledger is lost"):
+        _load_site(_context(tmp_path, state_dir))
+
+
+def test_a_release_line_torn_by_a_crash_is_skipped_only_at_the_end(tmp_path):
+    store = SiteStore(tmp_path)
+    store.record_release({"round": 1, "steps": 2, "epsilon": 0.5})
+    with open(tmp_path / RELEASES_FILE, "a") as f:
+        f.write('{"round": 2, "ste')  # the crash came mid-append
+    assert [r["round"] for r in store.releases()] == [1]
+    with open(tmp_path / RELEASES_FILE, "a") as f:
+        f.write('\n{"round": 2, "steps": 2, "epsilon": 0.7}\n')
+    with pytest.raises(StaleSiteState, match="corrupt"):
+        store.releases()
