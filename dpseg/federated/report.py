@@ -9,6 +9,9 @@ report.json (one shape whether one engine ran or several):
   "dice": {engine: final}, "epsilon": {engine: final}, "status": {engine: ...}}}.
 - "seconds_per_round": {engine: median over rounds} (the median, since other jobs share
   the CPU and one slow round should not move the figure).
+- "paired" (with "none" among the engines): {engine: {"dice": ..., "dice_largest_component":
+  ...}}, each ``paired_gap`` of the engine's last evaluation against none's: the mean
+  per-case difference, its standard error over cases, and the cases each side won.
 - "penalty" (with two engines or more): {engine: {"seconds_per_round", "time_ratio",
   "final_dice", "dice_ratio", "max_epsilon"}}, ratios to "none" (null without it).
 """
@@ -20,7 +23,10 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-__all__ = ["build_report", "summary_lines", "write_markdown", "write_plots", "write_report"]
+__all__ = [
+    "build_report", "final_cases", "paired_gap", "summary_lines", "write_markdown", "write_plots",
+    "write_report",
+]  # fmt: skip
 
 _COLORS = {"none": "#4d4d4d", "dpseg": "#1b9e77", "opacus": "#d95f02"}
 
@@ -93,6 +99,18 @@ def build_report(cfg, sims: dict, sites, sigmas: dict, env: dict) -> dict:
     }
     if client_eps:
         report["client_epsilon"] = client_eps
+    if "none" in engines:  # each engine against non-private training, case by case
+        base = final_cases(report, "none")
+        paired = {}
+        for e in engines:
+            ours = final_cases(report, e) if e != "none" and e not in timing_only else None
+            if ours and base:
+                paired[e] = {
+                    "dice": paired_gap(ours, base, 0),
+                    "dice_largest_component": paired_gap(ours, base, 1),
+                }
+        if paired:
+            report["paired"] = paired
     if len(engines) > 1:
         base_t, base_c, base_d = seconds.get("none"), cpu.get("none"), pooled.get("none")
         base_f = fastest.get("none")
@@ -112,6 +130,32 @@ def build_report(cfg, sims: dict, sites, sigmas: dict, env: dict) -> dict:
             for e in engines
         }
     return report
+
+
+def final_cases(report: dict, engine: str) -> dict | None:
+    """{case: [dice, dice with the largest component]} of the engine's last evaluation."""
+    for rec in reversed(report["rounds"]):
+        if rec["engine"] == engine and rec.get("cases"):
+            return rec["cases"]
+    return None
+
+
+def paired_gap(ours: dict, base: dict, column: int = 1) -> dict:
+    """Mean over the held-out cases both scored of (ours - base), with its standard error
+    over cases (the cases, not the voxels, are the independent units: patients), and how
+    many cases each side won. ``column`` 0: Dice as predicted, 1: largest component kept."""
+    names = sorted(set(ours) & set(base))
+    if not names:
+        raise ValueError("the two runs scored no held-out case in common")
+    d = [float(ours[n][column]) - float(base[n][column]) for n in names]
+    mean = statistics.fmean(d)
+    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else None
+    return {
+        "cases": len(d), "gap": mean, "se": se,
+        "ours": statistics.fmean(float(ours[n][column]) for n in names),
+        "base": statistics.fmean(float(base[n][column]) for n in names),
+        "ours_better": sum(x > 0 for x in d), "base_better": sum(x < 0 for x in d),
+    }  # fmt: skip
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -152,10 +196,20 @@ def summary_lines(report: dict) -> list[str]:
             )
         for e, n in report.get("timing_only", {}).items():
             lines.append(f"{e}: {n} round(s) for its time per round only; its Dice is not final")
+        for e, p in report.get("paired", {}).items():
+            lines.append(f"{e} - none, paired over held-out cases: " + _paired_text(p))
     else:
         e = engines[0]
         lines.append(f"{e}: {_fmt(report['seconds_per_round'][e], '.2f')} s per round (median)")
     return lines
+
+
+def _paired_text(p: dict) -> str:
+    def one(g: dict) -> str:
+        se = f" +/- {g['se']:.3f}" if g["se"] is not None else ""
+        return f"{g['gap']:+.3f}{se} ({g['cases']} cases)"
+
+    return f"Dice {one(p['dice'])}, largest component kept {one(p['dice_largest_component'])}"
 
 
 def write_plots(report: dict, out: Path) -> list[str]:
@@ -326,6 +380,24 @@ def write_markdown(report: dict, out: Path, images: list[str]) -> None:
     if "client_epsilon" in report:
         spent = ", ".join(f"{e} {v:.2f}" for e, v in report["client_epsilon"].items())
         md += ["", f"Client-level (site-level) epsilon at the server: {spent}"]
+    if report.get("paired"):
+        md += [
+            "",
+            "## Against non-private training, case by case",
+            "",
+            "The mean over held-out cases of (engine's Dice - none's Dice) at the last "
+            "evaluation, with its standard error over cases, and how many cases each won.",
+            "",
+            "| engine | Dice gap | cases won / lost | largest component kept: gap | won / lost |",
+            "|---|---|---|---|---|",
+        ]
+        for e, p in report["paired"].items():
+            a, b = p["dice"], p["dice_largest_component"]
+            md.append(
+                f"| {e} | {a['gap']:+.3f} +/- {_fmt(a['se'])} ({a['cases']} cases) | "
+                f"{a['ours_better']} / {a['base_better']} | "
+                f"{b['gap']:+.3f} +/- {_fmt(b['se'])} | {b['ours_better']} / {b['base_better']} |"
+            )
     if "penalty" in report:
         md += [
             "",
