@@ -147,3 +147,32 @@ def test_a_site_alone_and_sparse_evaluation(tmp_path):
     assert report["sites"]["site0"]["epsilon"]["dpseg"] in (None, 0.0)
     assert report["sites"]["site1"]["epsilon"]["dpseg"] > 0
     assert report["sites"]["site0"]["dice"]["dpseg"] is not None
+
+
+def test_cosine_schedule_over_rounds_reaches_every_engine(tmp_path, monkeypatch):
+    from dpseg.federated.site import Site
+    from dpseg.train.loop import cosine_scale
+
+    seen = []
+    fit = Site.fit
+
+    def spy(self, weights, steps, config=None, on_step=None):
+        update = fit(self, weights, steps, config, on_step)
+        lrs = {g["lr"] for g in self.optimizer.param_groups}
+        seen.append((self.config.engine, self.name, lrs))
+        return update
+
+    monkeypatch.setattr(Site, "fit", spy)
+    cfg = FederatedConfig(
+        **{**TINY, "engines": ("dpseg", "opacus", "none"), "engine_rounds": {}, "rounds": 3},
+        lr_schedule="cosine", seed=2,
+    )  # fmt: skip
+    report = run_federation(cfg, tmp_path, progress=False, plots=False, echo=lambda s: None)
+    assert report["rounds_done"] == {"dpseg": 3, "opacus": 3, "none": 3}
+    for engine in ("dpseg", "opacus", "none"):
+        ours = [lrs for e, name, lrs in seen if e == engine and name == "site0"]
+        base = 3e-2 if engine != "none" else 3e-3  # TINY's dp_lr and lr
+        assert ours == [{base * cosine_scale(r, 3)} for r in range(3)], engine
+    assert cosine_scale(0, 3) == 1.0 and cosine_scale(3, 3) == pytest.approx(1 / 20)
+    with pytest.raises(ValueError, match="--lr-schedule"):
+        FederatedConfig(**TINY, lr_schedule="step").check()

@@ -149,6 +149,13 @@ def add_federate_parser(sub) -> argparse.ArgumentParser:
         "larger step than clean ones",
     )
     model.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="cosine: each round's local learning rate falls from the given one (round 1) to "
+        "1/20 of it (the last round); DP's noisy steps need it to settle",
+    )
+    model.add_argument(
         "--batch", dest="batch_size", type=int, default=4, help="expected (Poisson) batch size"
     )
 
@@ -230,7 +237,7 @@ def config_from_args(args):
         local_epochs=args.local_epochs, fraction=args.fraction, strategy=args.strategy,
         mu=args.mu, server_lr=args.server_lr, beta1=args.beta1, beta2=args.beta2, tau=args.tau,
         optimizer=args.optimizer, lr=args.lr, dp_lr=args.dp_lr, batch_size=args.batch_size,
-        engines=engines,
+        lr_schedule=args.lr_schedule, engines=engines,
         noise_multiplier=1.0 if args.noise_multiplier is None else args.noise_multiplier,
         target_epsilon=args.target_epsilon, max_grad_norm=args.max_grad_norm, delta=args.delta,
         max_epsilon=args.max_epsilon, accountant=args.accountant, opacus_mode=args.opacus_mode,

@@ -49,6 +49,7 @@ from dpseg.federated.runner import (
     FederatedConfig,
     load_data,
     round_line,
+    round_lr_schedule,
     run_environment,
     server_strategy,
 )
@@ -144,7 +145,9 @@ def _build_site(cfg: FederatedConfig, data: SiteData, index: int, num_classes: i
     )  # fmt: skip
     return Site(
         data.name, index,
-        data.patches(cfg.patch, cfg.p_foreground, derive_seed(cfg.seed, 5, index)),
+        data.patches(
+            cfg.patch, cfg.p_foreground, derive_seed(cfg.seed, 5, index), cfg.spatial_dims
+        ),
         _model_fn(cfg, num_classes), site_cfg, noise_multiplier=_sigma(cfg, data), seed=cfg.seed,
     )  # fmt: skip
 
@@ -220,7 +223,7 @@ def _train(msg: Message, context: Context) -> Message:
     _cfg, site, _data, _ = _load_site(context)
     weights = msg.content["weights"].to_torch_state_dict()
     conf = msg.content["config"]
-    fit_config = {"proximal_mu": float(conf["proximal_mu"])} if "proximal_mu" in conf else {}
+    fit_config = {k: float(conf[k]) for k in ("proximal_mu", "lr_scale") if k in conf}
     result: dict = {"status": "ok"}
     delta = ArrayRecord()
     try:
@@ -457,6 +460,7 @@ def _simulator(cfg: FederatedConfig, sites: list[RemoteSite], num_classes: int) 
     return Simulator(
         sites, model, strategy, local_steps=cfg.local_steps, local_epochs=cfg.local_epochs,
         fraction=cfg.fraction, seed=cfg.seed, client_dp=client_dp, label=cfg.engines[0],
+        lr_schedule=round_lr_schedule(cfg),
     )  # fmt: skip
 
 
@@ -468,7 +472,7 @@ def _flower_round(sim: Simulator, grid: Grid, nodes: _Nodes, timeout: float, ret
     r = sim.round + 1
     nodes.refresh()  # a site restarted since the last round is reached on its new node
     chosen = sim.sample()
-    config = sim.strategy.configure_fit(r)
+    config = sim.fit_config(r)
     record: dict = {"round": r, "sampled": [s.name for s in chosen], "sites": {}}
     start, cpu_start = time.perf_counter(), time.process_time()
     weights = ArrayRecord({k: v.contiguous() for k, v in sim.weights.items()})

@@ -328,6 +328,11 @@ def write_markdown(report: dict, out: Path, images: list[str]) -> None:
         f"{cfg['optimizer']} lr {cfg['lr']}"
         + (f" (DP engines {cfg['dp_lr']})" if cfg.get("dp_lr") else "")
         + (
+            f", {cfg['lr_schedule']} over rounds"
+            if cfg.get("lr_schedule", "constant") != "constant"
+            else ""
+        )
+        + (
             f", epsilon solved for {cfg['target_epsilon']:g} per site"
             if cfg.get("target_epsilon")
             else ""

@@ -26,6 +26,8 @@ from dpseg.federated.sitedata import SiteData, evaluate_dice, load_sites, phanto
 from dpseg.federated.strategies import STRATEGIES, make_strategy
 from dpseg.train.checkpoint import load_checkpoint
 
+LR_SCHEDULES = ("constant", "cosine")
+
 __all__ = [
     "FederatedConfig",
     "SetupError",
@@ -67,6 +69,9 @@ class FederatedConfig:
     optimizer: str = "adam"
     lr: float = 3e-3
     dp_lr: float | None = None  # the DP engines' own learning rate (default: lr)
+    # "cosine": each round's local learning rate falls from lr (round 1) to lr/20 (the last
+    # round) along a cosine; DP's noisy steps need it to settle (post-processing: free).
+    lr_schedule: str = "constant"
     batch_size: int = 4
     # privacy
     engines: tuple[str, ...] = ("dpseg",)
@@ -155,6 +160,10 @@ class FederatedConfig:
             raise ValueError(f"--delta must be in (0, 1), got {self.delta}")
         if self.client_clip is not None and not self.client_clip > 0:
             raise ValueError(f"--client-clip must be > 0, got {self.client_clip}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"--lr-schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
+            )
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but torch sees no CUDA device")
 
@@ -220,6 +229,17 @@ def server_strategy(cfg: FederatedConfig):
     return strategy, client_dp
 
 
+def round_lr_schedule(cfg: FederatedConfig):
+    """round (1-based) -> factor on the sites' learning rate, or None for a constant one.
+    Shared by the simulator and the Flower ServerApp, which sends it with each round."""
+    if cfg.lr_schedule == "constant":
+        return None
+    from dpseg.train.loop import cosine_scale
+
+    rounds = cfg.rounds
+    return lambda r: cosine_scale(r - 1, rounds)
+
+
 def build_simulator(
     cfg: FederatedConfig,
     engine: str,
@@ -267,7 +287,7 @@ def build_simulator(
     sim = Simulator(
         members, model, strategy, local_steps=cfg.local_steps, local_epochs=cfg.local_epochs,
         fraction=cfg.fraction, seed=cfg.seed, evaluate=evaluate, client_dp=client_dp,
-        label=engine, train_sites=tuple(cfg.train_sites),
+        label=engine, train_sites=tuple(cfg.train_sites), lr_schedule=round_lr_schedule(cfg),
     )  # fmt: skip
     if evaluate is not None and cfg.eval_every > 1:
 

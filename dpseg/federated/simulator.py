@@ -57,6 +57,7 @@ class Simulator:
         client_dp: dict | None = None,
         label: str = "",
         train_sites: tuple[str, ...] = (),
+        lr_schedule: Callable[[int], float] | None = None,
     ):
         if not sites:
             raise ValueError("a federation needs at least one site")
@@ -76,6 +77,7 @@ class Simulator:
         self.sites, self.model, self.fraction = sites, model, float(fraction)
         self.local_steps, self.local_epochs = local_steps, local_epochs
         self.evaluate_fn, self.label = evaluate, label
+        self.lr_schedule = lr_schedule  # round -> factor on the sites' learning rate
         self.weights = trainable_state(model)
         self.round = 0
         self.history: list[dict] = []
@@ -122,11 +124,19 @@ class Simulator:
             record["client_epsilon"] = self.server_ledger.record_round(r)["epsilon"]
             record["clipped_sites"] = list(self.strategy.last_clipped)
 
+    def fit_config(self, r: int) -> dict:
+        """What each chosen site is told for round r: the strategy's settings (FedProx's mu)
+        and, with a schedule, the factor on its learning rate."""
+        config = dict(self.strategy.configure_fit(r))
+        if self.lr_schedule is not None:
+            config["lr_scale"] = float(self.lr_schedule(r))
+        return config
+
     def run_round(self, progress: bool = False) -> dict:
         """One round; returns its record (also appended to ``history``)."""
         r = self.round + 1
         chosen = self.sample()
-        config = self.strategy.configure_fit(r)
+        config = self.fit_config(r)
         steps = {s.name: s.steps_for(self.local_steps, self.local_epochs) for s in chosen}
         record: dict = {"round": r, "sampled": [s.name for s in chosen], "sites": {}}
         bar = tqdm(

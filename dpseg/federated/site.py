@@ -244,6 +244,10 @@ class Site:
         config = config or {}
         self.check_budget(local_steps)
         self.load_weights(weights)
+        # The round's learning rate (a server-side schedule); without one, the configured lr.
+        lr = self.config.lr * float(config.get("lr_scale", 1.0))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         mu = float(config.get("proximal_mu", 0.0))
         self._prox = (mu, [weights[k].to(self.device) for k in self._param_names()]) if mu else None
         self.model.train()

@@ -67,13 +67,20 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
 
 
+def cosine_scale(step: int, steps: int, floor: float = 1 / 20) -> float:
+    """The factor on the learning rate at step `step` (0-based) of `steps`: a cosine from 1
+    down to `floor`. A pure function of the step, so a resumed run follows the same schedule."""
+    if steps <= 1:
+        return 1.0
+    return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
 def lr_at(cfg: TrainConfig, step: int, steps: int) -> float:
     """Learning rate of step `step` (0-based) of `steps`: constant, or a cosine from lr down
-    to lr/20. A pure function of the step, so a resumed run follows the same schedule."""
-    if cfg.lr_schedule == "constant" or steps <= 1:
+    to lr/20."""
+    if cfg.lr_schedule == "constant":
         return cfg.lr
-    floor = cfg.lr / 20
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(step, steps) / steps))
+    return cfg.lr * cosine_scale(step, steps)
 
 
 def split_cases(indices: Sequence[int], val_fraction: float, seed: int) -> tuple[list, list]:
