@@ -95,13 +95,35 @@ def test_a_state_older_than_the_release_log_is_refused(tmp_path, weights):
         _load_site(_context(tmp_path, state_dir))
 
 
-def test_a_release_line_torn_by_a_crash_is_skipped_only_at_the_end(tmp_path):
+def test_a_release_line_torn_by_a_crash_is_cut_before_the_next_release(tmp_path):
     store = SiteStore(tmp_path)
     store.record_release({"round": 1, "steps": 2, "epsilon": 0.5})
     with open(tmp_path / RELEASES_FILE, "a") as f:
         f.write('{"round": 2, "ste')  # the crash came mid-append
     assert [r["round"] for r in store.releases()] == [1]
-    with open(tmp_path / RELEASES_FILE, "a") as f:
-        f.write('\n{"round": 2, "steps": 2, "epsilon": 0.7}\n')
+    store.record_release({"round": 2, "steps": 2, "epsilon": 0.7})  # the retried round
+    store.record_release({"round": 3, "steps": 2, "epsilon": 0.8})
+    assert [(r["round"], r["epsilon"]) for r in store.releases()] == [(1, 0.5), (2, 0.7), (3, 0.8)]
+    with open(tmp_path / RELEASES_FILE, "a") as f:  # damage in the middle is not a crash
+        f.write('oops\n{"round": 4, "steps": 2, "epsilon": 0.9}\n')
     with pytest.raises(StaleSiteState, match="corrupt"):
         store.releases()
+
+
+def test_fewer_steps_than_the_log_records_is_refused(tmp_path):
+    store = SiteStore(tmp_path)
+    store.record_release({"round": 1, "steps": 2, "epsilon": 0.5})
+    store.record_release({"round": 2, "steps": 2, "epsilon": 0.5})  # same epsilon: lost update
+    store.check_not_behind(0.5, True, steps=4)
+    with pytest.raises(StaleSiteState, match="2 DP steps, but"):
+        store.check_not_behind(0.5, True, steps=2)
+
+
+def test_one_state_dir_serves_one_process_at_a_time(tmp_path):
+    store = SiteStore(tmp_path)
+    with store.lock():
+        with pytest.raises(StaleSiteState, match="its own state-dir"):
+            with SiteStore(tmp_path).lock():
+                pass
+    with SiteStore(tmp_path).lock():  # released after the message
+        pass

@@ -152,8 +152,9 @@ def add_federate_parser(sub) -> argparse.ArgumentParser:
         "--lr-schedule",
         choices=("constant", "cosine"),
         default="constant",
-        help="cosine: each round's local learning rate falls from the given one (round 1) to "
-        "1/20 of it (the last round); DP's noisy steps need it to settle",
+        help="cosine: each round's local learning rate falls along a cosine from the given "
+        "one (round 1) towards 1/20 of it (reached as the last round ends); DP's noisy steps "
+        "need it to settle",
     )
     model.add_argument(
         "--batch", dest="batch_size", type=int, default=4, help="expected (Poisson) batch size"

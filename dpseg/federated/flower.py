@@ -30,6 +30,7 @@ phantoms the launcher wrote into ``out``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -173,10 +174,29 @@ def _load_site(context: Context) -> tuple[FederatedConfig, Site, SiteData, int]:
     if state is not None:
         site.load_state_dict(state)
     if store is not None:  # the state must not be older than the site's own release log
+        dp = site.ledger is not None
         store.check_not_behind(
-            float(site.epsilon) if site.ledger is not None else None, state is not None
+            float(site.epsilon) if dp else None, state is not None,
+            steps=site.ledger.steps if dp else None,
+        )  # fmt: skip
+    elif site.ledger is not None and not _warned_no_store:
+        _warned_no_store.append(True)
+        log.warning(
+            "site %s has no state-dir in its node config: its privacy ledger lives in this "
+            "SuperNode's memory only, and a restarted node would begin at epsilon 0. Give "
+            "--node-config '... state-dir=\"/path/on/the/hospital/disk\"'",
+            site.name,
         )
     return cfg, site, data, num_classes
+
+
+_warned_no_store: list[bool] = []
+
+
+def _held(context: Context):
+    """The site's state-dir locked for one message (a no-op without one)."""
+    store = _store(context)
+    return store.lock() if store is not None else contextlib.nullcontext()
 
 
 def _save_site(context: Context, site: Site, release: dict | None = None) -> None:
@@ -219,6 +239,11 @@ def _query(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context) -> Message:
+    with _held(context):
+        return _train_held(msg, context)
+
+
+def _train_held(msg: Message, context: Context) -> Message:
     _threads(context)
     _cfg, site, _data, _ = _load_site(context)
     weights = msg.content["weights"].to_torch_state_dict()
@@ -255,6 +280,11 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
+    with _held(context):
+        return _evaluate_held(msg, context)
+
+
+def _evaluate_held(msg: Message, context: Context) -> Message:
     _threads(context)
     cfg, site, data, num_classes = _load_site(context)
     r = int(msg.content["config"]["round"])
@@ -543,7 +573,15 @@ def _flower_round(sim: Simulator, grid: Grid, nodes: _Nodes, timeout: float, ret
             continue
         res = reply.content["result"]
         if "epsilon" in res:
-            site.epsilon = float(res["epsilon"])
+            reported = float(res["epsilon"])
+            if site.epsilon is not None and reported < site.epsilon * (1 - 1e-9):
+                # A node whose ledger went back (no state-dir, or its state lost): the
+                # report keeps the most the site is known to have spent, and says so.
+                log.error("round %d: site %s reports epsilon %.4g below its %.4g",
+                          r, site.name, reported, site.epsilon)  # fmt: skip
+                entry["epsilon_went_back"] = reported
+            else:
+                site.epsilon = reported
         entry["epsilon"] = site.epsilon
         if "dice" in res:
             entry["dice"] = float(res["dice"])
@@ -555,7 +593,9 @@ def _flower_round(sim: Simulator, grid: Grid, nodes: _Nodes, timeout: float, ret
                 res["case_names"], res["case_dice"], res["case_dice_largest_component"],
                 strict=True,
             ):  # fmt: skip
-                record["cases"][name] = [float(d), float(d_lc)]
+                # Hospitals name their cases on their own: the same name twice keeps both.
+                key = name if name not in record["cases"] else f"{site.name}/{name}"
+                record["cases"][key] = [float(d), float(d_lc)]
     # Pooled: each held-out case counts once, as evaluate_dice pools them.
     total = sum(cases)
     pooled = sum(d * n for d, n in zip(dice, cases, strict=True))

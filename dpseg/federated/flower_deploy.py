@@ -264,12 +264,13 @@ def run_flower_deployment(
 
         theirs = torch.load(state, weights_only=True).get("extra", {}).get("config", {})
         ours = cfg.resume_key()
-        diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+        diff = cfg.resume_diff(theirs)
         if diff:
             raise SetupError(
                 f"{state} was written with different settings "
                 f"({', '.join(f'{k}: {theirs.get(k)!r} -> {ours[k]!r}' for k in diff)}); "
-                "resume with the original flags (only --rounds may grow)"
+                "resume with the original flags (only --rounds may grow, and not under "
+                "--lr-schedule cosine)"
             )
     if not resume and (out / "report.json").exists():
         raise SetupError(f"{out} already holds a run; choose a new --out, or pass --resume")

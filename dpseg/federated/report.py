@@ -10,7 +10,7 @@ report.json (one shape whether one engine ran or several):
 - "seconds_per_round": {engine: median over rounds} (the median, since other jobs share
   the CPU and one slow round should not move the figure).
 - "paired" (with "none" among the engines): {engine: {"dice": ..., "dice_largest_component":
-  ...}}, each ``paired_gap`` of the engine's last evaluation against none's: the mean
+  ..., "round"}}, each ``paired_gap`` at the last round both evaluated: the mean
   per-case difference, its standard error over cases, and the cases each side won.
 - "penalty" (with two engines or more): {engine: {"seconds_per_round", "time_ratio",
   "final_dice", "dice_ratio", "max_epsilon"}}, ratios to "none" (null without it).
@@ -99,13 +99,19 @@ def build_report(cfg, sims: dict, sites, sigmas: dict, env: dict) -> dict:
     }
     if client_eps:
         report["client_epsilon"] = client_eps
-    if "none" in engines:  # each engine against non-private training, case by case
-        base = final_cases(report, "none")
+    if "none" in engines and "none" not in timing_only:
+        # Each engine against non-private training, case by case, at the last round both
+        # evaluated (with --eval-every, or a site stopped by its budget, they can differ).
         paired = {}
         for e in engines:
-            ours = final_cases(report, e) if e != "none" and e not in timing_only else None
-            if ours and base:
+            if e == "none" or e in timing_only:
+                continue
+            common = _evaluated_rounds(report, e) & _evaluated_rounds(report, "none")
+            if common:
+                r = max(common)
+                ours, base = final_cases(report, e, r), final_cases(report, "none", r)
                 paired[e] = {
+                    "round": r,
                     "dice": paired_gap(ours, base, 0),
                     "dice_largest_component": paired_gap(ours, base, 1),
                 }
@@ -132,11 +138,17 @@ def build_report(cfg, sims: dict, sites, sigmas: dict, env: dict) -> dict:
     return report
 
 
-def final_cases(report: dict, engine: str) -> dict | None:
-    """{case: [dice, dice with the largest component]} of the engine's last evaluation."""
+def _evaluated_rounds(report: dict, engine: str) -> set[int]:
+    return {r["round"] for r in report["rounds"] if r["engine"] == engine and r.get("cases")}
+
+
+def final_cases(report: dict, engine: str, at_round: int | None = None) -> dict | None:
+    """{case: [dice, dice with the largest component]} of the engine's last evaluation (or
+    of the given round's)."""
     for rec in reversed(report["rounds"]):
         if rec["engine"] == engine and rec.get("cases"):
-            return rec["cases"]
+            if at_round is None or rec["round"] == at_round:
+                return rec["cases"]
     return None
 
 
@@ -390,16 +402,18 @@ def write_markdown(report: dict, out: Path, images: list[str]) -> None:
             "",
             "## Against non-private training, case by case",
             "",
-            "The mean over held-out cases of (engine's Dice - none's Dice) at the last "
-            "evaluation, with its standard error over cases, and how many cases each won.",
+            "The mean over held-out cases of (engine's Dice - none's Dice) at the last round "
+            "both evaluated, with its standard error over cases, and how many cases each won.",
             "",
-            "| engine | Dice gap | cases won / lost | largest component kept: gap | won / lost |",
-            "|---|---|---|---|---|",
+            "| engine | round | Dice gap | cases won / lost | largest component kept: gap "
+            "| won / lost |",
+            "|---|---|---|---|---|---|",
         ]
         for e, p in report["paired"].items():
             a, b = p["dice"], p["dice_largest_component"]
             md.append(
-                f"| {e} | {a['gap']:+.3f} +/- {_fmt(a['se'])} ({a['cases']} cases) | "
+                f"| {e} | {p['round']} | {a['gap']:+.3f} +/- {_fmt(a['se'])} "
+                f"({a['cases']} cases) | "
                 f"{a['ours_better']} / {a['base_better']} | "
                 f"{b['gap']:+.3f} +/- {_fmt(b['se'])} | {b['ours_better']} / {b['base_better']} |"
             )

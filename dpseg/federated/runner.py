@@ -69,8 +69,9 @@ class FederatedConfig:
     optimizer: str = "adam"
     lr: float = 3e-3
     dp_lr: float | None = None  # the DP engines' own learning rate (default: lr)
-    # "cosine": each round's local learning rate falls from lr (round 1) to lr/20 (the last
-    # round) along a cosine; DP's noisy steps need it to settle (post-processing: free).
+    # "cosine": round r of R trains at lr * cosine_scale(r - 1, R), from lr at round 1 down
+    # towards lr/20 (reached as the last round ends); DP's noisy steps need it to settle,
+    # and it is post-processing, so free in privacy.
     lr_schedule: str = "constant"
     batch_size: int = 4
     # privacy
@@ -168,13 +169,25 @@ class FederatedConfig:
             raise ValueError("--device cuda was asked for but torch sees no CUDA device")
 
     def resume_key(self) -> dict:
-        """What must match for --resume (everything but the number of rounds and engines)."""
+        """What must match for --resume (everything but the number of rounds and engines;
+        with a learning-rate schedule over the rounds, their number too)."""
         d = asdict(self)
-        for k in ("rounds", "engines", "engine_rounds", "extra"):
+        for k in ("engines", "engine_rounds", "extra"):
             d.pop(k)
+        if self.lr_schedule == "constant":
+            d.pop("rounds")
         d["channels"] = list(d["channels"])
         d["train_sites"] = list(d["train_sites"])
         return d
+
+    def resume_diff(self, theirs: dict) -> list[str]:
+        """The settings of a checkpoint (its resume_key) that differ from ours; a setting the
+        checkpoint predates counts as its default."""
+        defaults = {f.name: f.default for f in fields(self)}
+        ours = self.resume_key()
+        if "rounds" not in theirs:  # written before rounds were part of the key
+            ours.pop("rounds", None)
+        return sorted(k for k in ours if theirs.get(k, defaults.get(k)) != ours[k])
 
     @classmethod
     def from_dict(cls, d: dict) -> FederatedConfig:
@@ -349,12 +362,13 @@ def run_federation(
             saved = load_checkpoint(checkpoints[engine])
             theirs = saved.get("extra", {}).get("config", {})
             ours = cfg.resume_key()
-            diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+            diff = cfg.resume_diff(theirs)
             if diff:
                 raise SetupError(
                     f"{checkpoints[engine]} was written with different settings "
                     f"({', '.join(f'{k}: {theirs.get(k)!r} -> {ours[k]!r}' for k in diff)}); "
-                    "resume with the original flags (only --rounds may grow)"
+                    "resume with the original flags (only --rounds may grow, and not under "
+                    "--lr-schedule cosine, whose rounds are its length)"
                 )
             sim.load_state_dict(saved)
             echo(f"{engine}: resumed after round {sim.round} from {checkpoints[engine].name}")

@@ -23,6 +23,8 @@ restart the site's epsilon below what its patients have already paid.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
@@ -75,9 +77,41 @@ class SiteStore:
         os.replace(tmp, self.state_path)
         _fsync_dir(self.folder)
 
+    @contextlib.contextmanager
+    def lock(self):
+        """Holds the folder for one message (load, train, save): a second process on the
+        same state-dir would otherwise train from the same state and one of the two
+        releases would vanish from site_state.pt when the other's rename lands."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / ".lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StaleSiteState(
+                    f"{self.folder} is in use by another process: give each SuperNode its "
+                    "own state-dir"
+                ) from None
+            try:
+                yield self
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _repair_torn_tail(self, path: Path) -> None:
+        """Cuts a last line left without its newline by a crash mid-append (its reply never
+        left: the state was saved first), so the next release starts a line of its own."""
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+                f.flush()
+                os.fsync(f.fileno())
+
     def record_release(self, entry: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / RELEASES_FILE, "a") as f:
+        path = self.folder / RELEASES_FILE
+        if path.exists():
+            self._repair_torn_tail(path)
+        with open(path, "a") as f:
             f.write(json.dumps({**entry, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -98,8 +132,11 @@ class SiteStore:
                     raise StaleSiteState(f"{path} line {k + 1} is corrupt: {line[:80]!r}") from None
         return out
 
-    def check_not_behind(self, epsilon: float | None, has_state: bool) -> None:
-        """Refuses a state that spent less than the release log records (see module doc)."""
+    def check_not_behind(
+        self, epsilon: float | None, has_state: bool, steps: int | None = None
+    ) -> None:
+        """Refuses a state that spent less than the release log records (see module doc):
+        fewer DP steps than the releases add up to, or a lower epsilon than the last one."""
         released = self.releases()
         if not released:
             return
@@ -108,6 +145,14 @@ class SiteStore:
                 f"{self.folder} records {len(released)} releases but holds no {STATE_FILE}: "
                 "this site's privacy ledger is lost, and a fresh one would begin at epsilon 0. "
                 f"Restore the latest {STATE_FILE} from the hospital's backup"
+            )
+        logged = sum(int(r.get("steps", 0)) for r in released)
+        if steps is not None and steps < logged:
+            raise StaleSiteState(
+                f"{self.state_path} has taken {steps} DP steps, but {RELEASES_FILE} records "
+                f"releases of {logged}: the state is older than the log (an old backup, or "
+                f"two processes on one state-dir?). Restore the {STATE_FILE} saved with the "
+                "last release"
             )
         last = max((r["epsilon"] for r in released if "epsilon" in r), default=None)
         if epsilon is not None and last is not None and epsilon < last * (1 - 1e-9):
