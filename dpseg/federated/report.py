@@ -238,16 +238,17 @@ def write_plots(report: dict, out: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for e in engines:
-        rs = by[e]
+        rs = [r for r in by[e] if r.get("pooled_dice") is not None]  # the evaluated rounds
         x = [r["round"] for r in rs]
         ax.plot(
-            x,
-            [r.get("pooled_dice") for r in rs],
-            "o-",
-            color=_COLORS.get(e),
-            label=f"{e} (pooled)",
+            x, [r["pooled_dice"] for r in rs], "o-", color=_COLORS.get(e), label=f"{e} (pooled)",
             lw=2,
-        )
+        )  # fmt: skip
+        if any(r.get("pooled_dice_largest_component") is not None for r in rs):
+            ax.plot(
+                x, [r.get("pooled_dice_largest_component") for r in rs], "s:",
+                color=_COLORS.get(e), label=f"{e} (largest component kept)", lw=1.5, ms=4,
+            )  # fmt: skip
         for name in sites:
             ax.plot(
                 x,
