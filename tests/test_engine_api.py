@@ -322,3 +322,35 @@ def test_a_unit_called_with_a_second_differentiable_input_is_refused():
         )  # fmt: skip
     with pytest.raises(TypeError, match="gradient through the others would be lost"):
         pmodel(torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True))
+
+
+def test_dropout_inside_a_unit_is_refused_whenever_it_would_draw():
+    # A torch.func unit replays its forward per sample: a dropout inside it would draw other
+    # masks than the forward did. Refused at the call, in whatever mode make_private saw.
+    class Owner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.drop = nn.Dropout(0.2)
+
+        def forward(self, x):
+            return self.drop(self.conv(x)) * self.scale
+
+    model = Owner().double().eval()  # captured in eval mode, trained after
+    with pytest.warns(UserWarning, match="Owner"):
+        pmodel, _, _ = dpseg.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=DataLoader(TensorDataset(torch.randn(4, 1, 6, 6)), batch_size=2),
+            noise_multiplier=0.0, max_grad_norm=1.0,
+        )  # fmt: skip
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    pmodel(x).sum().backward()  # eval: the dropout is the identity, nothing to replay
+    pmodel.zero_grad()
+    for p in model.parameters():
+        p.grad_sample = None
+    pmodel.train()
+    with pytest.raises(ValueError, match=r"drop \(Dropout, p=0.2\).*drop rate to 0"):
+        pmodel(x)
+    model.drop.p = 0.0  # no draw: runs
+    pmodel(x).sum().backward()

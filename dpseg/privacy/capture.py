@@ -137,6 +137,7 @@ class CapturedLayer:
         self.rule = rule if rule is not None else FuncFallbackRule(self)
         self.bypass = False
         self.conv_strategy = conv_strategy  # e.g. "triton" when the engine runs backend="triton"
+        self.random_modules = _random_modules(module) if unit else []
 
     def __call__(self, x, *args, **kwargs):
         module = self.module
@@ -161,6 +162,13 @@ class CapturedLayer:
                 "go through torch.func per sample."
             )
         if self.unit:
+            drawing = _drawing(self.random_modules)
+            if drawing:
+                raise ValueError(
+                    f"{self.name or 'model'} ({type(module).__name__}) is trained per sample "
+                    "through torch.func, which replays its forward; random layers inside it "
+                    f"would not replay the same draws: {drawing}. Set their drop rate to 0."
+                )
             differentiable = [
                 i for i, a in enumerate((*args, *kwargs.values()))
                 if isinstance(a, torch.Tensor) and a.requires_grad
@@ -207,15 +215,24 @@ def _is_functional_block(module: nn.Module) -> bool:
     )
 
 
-def _random_inside(module: nn.Module) -> list[str]:
-    """Modules under a torch.func unit that draw random numbers in training: the per-sample
-    recompute would draw other numbers than the forward did."""
+def _random_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Dropout-like modules under a torch.func unit (nn.Dropout*, and MONAI's DropPath with
+    its drop_prob): in training they draw random numbers, and the per-sample replay would
+    draw other numbers than the forward did."""
+    return [
+        (name or ".", sub) for name, sub in module.named_modules()
+        if isinstance(sub, nn.modules.dropout._DropoutNd) or hasattr(sub, "drop_prob")
+    ]  # fmt: skip
+
+
+def _drawing(random_modules: list[tuple[str, nn.Module]]) -> list[str]:
+    """Those of them that draw now (training, a rate above 0): checked at every call, since
+    the model may be put in training mode, or a rate changed, after make_private."""
     found = []
-    for name, sub in module.named_modules():
-        p = getattr(sub, "p", None) if isinstance(sub, nn.modules.dropout._DropoutNd) else None
-        p = getattr(sub, "drop_prob", p)
-        if isinstance(p, int | float) and p > 0:
-            found.append(f"{name or '.'} ({type(sub).__name__}, p={p})")
+    for name, sub in random_modules:
+        p = getattr(sub, "drop_prob", getattr(sub, "p", 0))
+        if sub.training and isinstance(p, int | float) and p > 0:
+            found.append(f"{name} ({type(sub).__name__}, p={p})")
     return found
 
 
@@ -246,13 +263,6 @@ def capture_layers(
         has_children = any(True for _ in module.children())
         trainable = any(p.requires_grad for p in module.parameters())
         if trainable and has_children and (own or _is_functional_block(module)):
-            random = _random_inside(module)
-            if random and module.training:
-                raise ValueError(
-                    f"{name or 'model'} ({type(module).__name__}) is trained per sample "
-                    "through torch.func, which replays its forward; random layers inside it "
-                    f"would not replay the same draws: {random}. Set their drop rate to 0."
-                )
             layer = CapturedLayer(name, module, None, passes, conv_strategy, unit=True)
             units.append(name)
             unit_types.add(type(module).__name__)

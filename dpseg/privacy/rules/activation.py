@@ -21,10 +21,9 @@ from dpseg.privacy.rules import Rule, register_rule
 
 
 def _slopes(module: nn.PReLU, x: torch.Tensor) -> torch.Tensor:
+    """The slope(s) shaped to broadcast over x: (1, 1 or C, 1, ...)."""
     w = module.weight.to(x.dtype)
-    if w.numel() == 1:
-        return w.reshape(())
-    return w.view(1, -1, *([1] * (x.dim() - 2)))
+    return w.view(1, w.numel(), *([1] * (x.dim() - 2)))
 
 
 @register_rule(nn.PReLU)
@@ -37,8 +36,6 @@ class PReLURule(Rule):
     def backward(self, module, saved, state, grad_out, need_input_grad, names):
         (x,) = saved
         w = _slopes(module, x)
-        if w.dim() == 0:
-            w = w.view([1] * x.dim())
         grad_input, gx = torch.ops.aten._prelu_kernel_backward(grad_out, x, w)  # gx: g min(x,0)
         if not need_input_grad:
             grad_input = None

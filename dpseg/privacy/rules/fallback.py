@@ -45,7 +45,7 @@ class FuncFallbackRule(Rule):
         recurse = self.layer.unit
         params = {n: p.detach() for n, p in module.named_parameters(recurse=recurse) if n in names}
         if x.shape[0] == 0:  # vmap cannot map over an empty batch
-            grads = [torch.zeros((0, *params[n].shape), dtype=params[n].dtype) for n in names]
+            grads = [params[n].new_zeros((0, *params[n].shape)) for n in names]
             return (torch.zeros_like(x) if need_input_grad else None), grads
 
         def replay(p, xb):
