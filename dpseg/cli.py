@@ -90,8 +90,7 @@ def _add_bench(sub):
 def _run_bench(args) -> int:
     import torch
 
-    from dpseg.perf import StepBenchConfig, format_table, run_step_benchmark
-    from dpseg.perf.harness import append_result
+    from dpseg.perf import StepBenchConfig, run_step_benchmark
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError(
@@ -126,13 +125,26 @@ def _run_bench(args) -> int:
                 spatial_dims=args.spatial_dims,
                 upsample=args.upsample,
             )
-            report = run_step_benchmark(
-                cfg, progress=lambda e: print(f"  running {e} ...", file=sys.stderr, flush=True)
-            )
-            print(format_table(report), flush=True)
-            print()
-            append_result(args.out / "history.jsonl", report.as_dict())
-            reports.append(report.as_dict())
+            reports.append(_show(args, run_step_benchmark(cfg, progress=_running)))
+    return _write_reports(args, reports)
+
+
+def _running(engine: str) -> None:
+    print(f"  running {engine} ...", file=sys.stderr, flush=True)
+
+
+def _show(args, report) -> dict:
+    """Prints one benchmark's table and appends it to OUT/history.jsonl."""
+    from dpseg.perf import format_table
+    from dpseg.perf.harness import append_result
+
+    print(format_table(report), flush=True)
+    print()
+    append_result(args.out / "history.jsonl", report.as_dict())
+    return report.as_dict()
+
+
+def _write_reports(args, reports: list[dict]) -> int:
     latest = args.out / f"dp_step_{args.device}.json"
     latest.write_text(json.dumps(reports, indent=2))
     print(f"wrote {latest} and appended to {args.out / 'history.jsonl'}")
@@ -142,16 +154,17 @@ def _run_bench(args) -> int:
 def _bench_user_model(args, size: int) -> int:
     import torch
 
-    from dpseg.perf import bench_step, example_batch, format_table, load_model
-    from dpseg.perf.harness import append_result
+    from dpseg.perf import bench_step, example_batch, load_model
+    from dpseg.perf.dp_step import first_line
+    from dpseg.perf.user_model import parse_model_kwargs
 
     try:
-        model = load_model(args.model, args.model_kwargs or "{}")
+        kwargs = parse_model_kwargs(args.model_kwargs)
+        model = load_model(args.model, kwargs)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    kwargs = json.loads(args.model_kwargs or "{}")
     in_channels = int(kwargs.get("in_channels", 1))
-    spatial_dims = int(kwargs.get("spatial_dims", 3))
+    spatial_dims = int(kwargs.get("spatial_dims", args.spatial_dims))
     reports = []
     for batch in args.batch:
         torch.manual_seed(0)
@@ -160,25 +173,18 @@ def _bench_user_model(args, size: int) -> int:
         except (ValueError, RuntimeError) as exc:
             raise UsageError(
                 f"--model {args.model} did not run on a ({batch}, {in_channels}, "
-                f"{size}^{spatial_dims}) input: {str(exc).splitlines()[0]}. Change --size "
+                f"{size}^{spatial_dims}) input: {first_line(exc)}. Change --size "
                 "or --model-kwargs."
             ) from None
         for amp in args.amp:
             report = bench_step(
                 model, x, y, engines=tuple(args.engines), repeats=args.repeats,
                 warmup=args.warmup, backend=args.backend, physical_batch=args.physical_batch,
-                amp=amp, name=args.model,
-                progress=lambda e: print(f"  running {e} ...", file=sys.stderr, flush=True),
+                amp=amp, name=args.model, progress=_running,
             )  # fmt: skip
             report.config["model_kwargs"] = kwargs
-            print(format_table(report), flush=True)
-            print()
-            append_result(args.out / "history.jsonl", report.as_dict())
-            reports.append(report.as_dict())
-    latest = args.out / f"dp_step_{args.device}.json"
-    latest.write_text(json.dumps(reports, indent=2))
-    print(f"wrote {latest} and appended to {args.out / 'history.jsonl'}")
-    return 0
+            reports.append(_show(args, report))
+    return _write_reports(args, reports)
 
 
 # --- profile ------------------------------------------------------------------------------

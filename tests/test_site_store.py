@@ -127,3 +127,24 @@ def test_one_state_dir_serves_one_process_at_a_time(tmp_path):
                 pass
     with SiteStore(tmp_path).lock():  # released after the message
         pass
+
+
+def test_the_flower_server_samples_remote_sites_under_client_level_dp():
+    # RemoteSite is a plain dataclass (unhashable): the client-level sampler keys on names.
+    from dpseg.federated.flower import RemoteSite, _simulator
+
+    cfg = FederatedConfig(**TINY, client_clip=1.0, client_noise=1.0, fraction=0.5)
+    sites = [RemoteSite(f"site{k}", k, k + 1, 3, 1, 0.5, 2, 1.0, 2) for k in range(2)]
+    sim = _simulator(cfg, sites, num_classes=2)
+    draws = [[s.name for s in sim.sample()] for _ in range(40)]
+    assert {tuple(d) for d in draws} >= {("site0",), ("site1",)}  # each site, independently
+    assert all(set(d) <= {"site0", "site1"} for d in draws)
+
+
+@pytest.mark.parametrize(
+    "setting, flag",
+    [({"train_sites": ("site0",)}, "--train-sites"), ({"eval_every": 2}, "--eval-every")],
+)
+def test_settings_flower_does_not_carry_out_are_refused(tmp_path, setting, flag):
+    with pytest.raises(ValueError, match=f"{flag}: not carried out on --runtime flower"):
+        run_config_for(FederatedConfig(**TINY, **setting), tmp_path, num_sites=2)

@@ -16,6 +16,7 @@ from dpseg.federated.demo import DEMO
 from dpseg.federated.partition import PARTITIONS
 from dpseg.federated.site import ENGINES
 from dpseg.federated.strategies import STRATEGIES
+from dpseg.train.config import LR_SCHEDULES
 
 __all__ = ["DEMO", "add_demo_parser", "add_federate_parser", "config_from_args"]
 
@@ -150,7 +151,7 @@ def add_federate_parser(sub) -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--lr-schedule",
-        choices=("constant", "cosine"),
+        choices=LR_SCHEDULES,
         default="constant",
         help="cosine: each round's local learning rate falls along a cosine from the given "
         "one (round 1) towards 1/20 of it (reached as the last round ends); DP's noisy steps "

@@ -70,6 +70,13 @@ def run_config_for(
     cfg: FederatedConfig, out: str | Path, num_sites: int, *, plots: bool = True, threads: int = 0
 ) -> dict:
     """The Flower run config of a dpseg run (flat scalars, as Flower requires)."""
+    unsupported = [flag for flag, on in (("--train-sites", bool(cfg.train_sites)),
+                                         ("--eval-every", cfg.eval_every != 1)) if on]  # fmt: skip
+    if unsupported:
+        raise ValueError(
+            f"{', '.join(unsupported)}: not carried out on --runtime flower (every site trains "
+            "and is evaluated each round there); use the simulator"
+        )
     return {
         "dpseg-config": json.dumps(asdict(cfg)),
         "out": str(Path(out).resolve()),
@@ -203,10 +210,11 @@ def _save_site(context: Context, site: Site, release: dict | None = None) -> Non
     """Persists the site's state (and the release about to leave it) before the reply."""
     state = site.state_dict()
     store = _store(context)
-    if store is not None:
+    if store is not None:  # the disk is what _load_site reads first: no second copy
         store.save(state)
         if release is not None:
             store.record_release({"site": site.name, **release})
+        return
     buf = io.BytesIO()
     torch.save(state, buf)
     context.state[STATE_KEY] = ConfigRecord({"state": buf.getvalue()})
@@ -627,7 +635,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     state_path = server_state_path(out, engine)
     if bool(rc.get("resume", False)):
         # The server's half of a resumed run; each site brings its own from its disk.
-        sim.load_state_dict(torch.load(state_path, weights_only=True))
+        sim.load(state_path)
         print(f"{engine}: resumed after round {sim.round} from {state_path.name}", flush=True)
 
     def report() -> dict:
@@ -651,7 +659,7 @@ def _server_main(grid: Grid, context: Context) -> None:
         (out / "report.json").write_text(json.dumps(report(), indent=1))
         # The whole server side of the finished round (global model, strategy moments,
         # sampler, history, server ledger): --resume continues from here.
-        save(state_path.name, {**sim.state_dict(), "extra": {"config": cfg.resume_key()}})
+        sim.save(state_path, extra={"config": cfg.resume_key()})
         save(f"flower_{engine}_latest.pt", {"weights": sim.weights, "round": sim.round})
         if pause.exists():  # an operator's (or a test's) stop between rounds
             print(f"paused after round {sim.round}: remove {pause} to go on", flush=True)

@@ -260,18 +260,9 @@ def run_flower_deployment(
     if resume and not state.exists():
         raise SetupError(f"{out} holds no Flower run to resume ({state.name} is missing)")
     if resume:
-        import torch
+        from dpseg.train.checkpoint import load_checkpoint
 
-        theirs = torch.load(state, weights_only=True).get("extra", {}).get("config", {})
-        ours = cfg.resume_key()
-        diff = cfg.resume_diff(theirs)
-        if diff:
-            raise SetupError(
-                f"{state} was written with different settings "
-                f"({', '.join(f'{k}: {theirs.get(k)!r} -> {ours[k]!r}' for k in diff)}); "
-                "resume with the original flags (only --rounds may grow, and not under "
-                "--lr-schedule cosine)"
-            )
+        cfg.check_resume(load_checkpoint(state).get("extra", {}).get("config", {}), state)
     if not resume and (out / "report.json").exists():
         raise SetupError(f"{out} already holds a run; choose a new --out, or pass --resume")
     # The phantoms are written once, here, before any node reads them.

@@ -11,7 +11,6 @@ of its rounds, and RUN/report.json is rewritten after every round.
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,8 +24,7 @@ from dpseg.federated.site import ENGINES, Site, SiteConfig, derive_seed, poisson
 from dpseg.federated.sitedata import SiteData, evaluate_dice, load_sites, phantom_sites
 from dpseg.federated.strategies import STRATEGIES, make_strategy
 from dpseg.train.checkpoint import load_checkpoint
-
-LR_SCHEDULES = ("constant", "cosine")
+from dpseg.train.config import LR_SCHEDULES
 
 __all__ = [
     "FederatedConfig",
@@ -180,6 +178,18 @@ class FederatedConfig:
         d["train_sites"] = list(d["train_sites"])
         return d
 
+    def check_resume(self, theirs: dict, source: Path) -> None:
+        """SetupError naming each setting of the checkpoint at ``source`` that differs."""
+        diff = self.resume_diff(theirs)
+        if diff:
+            ours = self.resume_key()
+            raise SetupError(
+                f"{source} was written with different settings "
+                f"({', '.join(f'{k}: {theirs.get(k)!r} -> {ours[k]!r}' for k in diff)}); "
+                "resume with the original flags (only --rounds may grow, and not under "
+                "--lr-schedule cosine, whose rounds are its length)"
+            )
+
     def resume_diff(self, theirs: dict) -> list[str]:
         """The settings of a checkpoint (its resume_key) that differ from ours; a setting the
         checkpoint predates counts as its default."""
@@ -209,20 +219,12 @@ def noise_multipliers(cfg: FederatedConfig, sites: list[SiteData]) -> dict[str, 
     every round ends at exactly --target-epsilon (so no site can end above it)."""
     if cfg.target_epsilon is None:
         return {s.name: float(cfg.noise_multiplier) for s in sites}
-    from opacus.accountants.utils import get_noise_multiplier
+    from dpseg.train.loop import noise_for_epsilon  # reads target_epsilon, delta, accountant
 
     out = {}
     for s in sites:
         q, _ = poisson_rate(len(s.train_images), cfg.batch_size)
-        with warnings.catch_warnings():  # Opacus's search warns about its alpha grid
-            warnings.simplefilter("ignore")
-            out[s.name] = float(
-                get_noise_multiplier(
-                    target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, sample_rate=q,
-                    steps=cfg.rounds * _steps(cfg, len(s.train_images)),
-                    accountant=cfg.accountant, epsilon_tolerance=0.01,
-                )
-            )  # fmt: skip
+        out[s.name] = noise_for_epsilon(cfg, q, cfg.rounds * _steps(cfg, len(s.train_images)))
     return out
 
 
@@ -360,16 +362,7 @@ def run_federation(
     for engine, sim in sims.items():
         if resume and checkpoints[engine].exists():
             saved = load_checkpoint(checkpoints[engine])
-            theirs = saved.get("extra", {}).get("config", {})
-            ours = cfg.resume_key()
-            diff = cfg.resume_diff(theirs)
-            if diff:
-                raise SetupError(
-                    f"{checkpoints[engine]} was written with different settings "
-                    f"({', '.join(f'{k}: {theirs.get(k)!r} -> {ours[k]!r}' for k in diff)}); "
-                    "resume with the original flags (only --rounds may grow, and not under "
-                    "--lr-schedule cosine, whose rounds are its length)"
-                )
+            cfg.check_resume(saved.get("extra", {}).get("config", {}), checkpoints[engine])
             sim.load_state_dict(saved)
             echo(f"{engine}: resumed after round {sim.round} from {checkpoints[engine].name}")
 

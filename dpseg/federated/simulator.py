@@ -101,8 +101,8 @@ class Simulator:
     def sample(self) -> list[Site]:
         if self.server_ledger is not None:
             keep = self.sampler.random(len(self.sites)) < self.fraction
-            active = set(self.active_sites())
-            return [s for s, k in zip(self.sites, keep, strict=True) if k and s in active]
+            active = {s.name for s in self.active_sites()}  # names: RemoteSite is unhashable
+            return [s for s, k in zip(self.sites, keep, strict=True) if k and s.name in active]
         active = self.active_sites()
         if not active:
             return []

@@ -238,7 +238,7 @@ def bench_step(
     return _run_engines(model, example_input, example_target, cfg, loss_fn, extra, progress)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
@@ -269,7 +269,7 @@ def _run_engines(model, x, y, cfg, loss_fn, extra: dict, progress) -> StepBenchR
         except torch.OutOfMemoryError:
             results[engine].error = "out of memory"
         except Exception as exc:  # a baseline that cannot run is reported, not fatal
-            results[engine].error = _first_line(exc)
+            results[engine].error = first_line(exc)
     samples = {engine: [] for engine in steps}
     for round_ in range(cfg.repeats):
         if progress:
@@ -281,7 +281,7 @@ def _run_engines(model, x, y, cfg, loss_fn, extra: dict, progress) -> StepBenchR
                 results[engine].error = "out of memory"
                 del steps[engine]
             except Exception as exc:  # failed on its first run (no warm-up asked for)
-                results[engine].error = _first_line(exc)
+                results[engine].error = first_line(exc)
                 del steps[engine]
     for engine, step in steps.items():
         if progress:
@@ -294,7 +294,7 @@ def _run_engines(model, x, y, cfg, loss_fn, extra: dict, progress) -> StepBenchR
         except torch.OutOfMemoryError:
             r.error = "out of memory"
         except Exception as exc:
-            r.error = _first_line(exc)
+            r.error = first_line(exc)
     steps.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -9,15 +9,21 @@ import torch
 from torch import nn
 
 
+def parse_model_kwargs(text: str | None) -> dict:
+    """--model-kwargs: a JSON object (blank: none). ValueError says what to change."""
+    try:
+        kwargs = json.loads(text) if text and text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--model-kwargs is not valid JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError("--model-kwargs must be a JSON object, e.g. '{\"in_channels\": 1}'")
+    return kwargs
+
+
 def load_model(spec: str, kwargs: dict | str | None = None) -> nn.Module:
     """``spec`` is "package.module:Callable" (e.g. monai.networks.nets:SegResNet), called
     with ``kwargs`` (a dict, or its JSON text). ValueError says what to change."""
-    if isinstance(kwargs, str):
-        try:
-            kwargs = json.loads(kwargs) if kwargs.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--model-kwargs is not valid JSON ({exc.msg}): {kwargs!r}") from None
-    kwargs = kwargs or {}
+    kwargs = parse_model_kwargs(kwargs) if isinstance(kwargs, str) else (kwargs or {})
     if not isinstance(kwargs, dict):
         raise ValueError("--model-kwargs must be a JSON object, e.g. '{\"in_channels\": 1}'")
     module_name, sep, attr = spec.partition(":")

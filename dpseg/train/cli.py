@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpseg.cli_types import UsageError, csv_list
+from dpseg.train.config import LR_SCHEDULES
 
 __all__ = ["add_train_parser", "add_predict_parser", "add_phantoms_parser"]
 
@@ -89,7 +90,7 @@ def add_train_parser(sub) -> None:
     )
     p.add_argument("--optimizer", choices=["adam", "sgd"], default=None)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None)
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None)
     p.add_argument(
         "--channels", type=csv_list(int), default=None, help="U-Net widths (default 8,16,32)"
     )
