@@ -122,6 +122,50 @@ def batch_memory_manager(rank: int, world: int, port: int, out: str, cfg: dict) 
         dist.destroy_process_group()
 
 
+PATIENT_OF_ITEM = [0, 0, 1, 2, 2, 2, 3, 4, 4, 5, 5, 5]  # 6 patients of 1 to 3 items
+
+
+def patient_units(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
+    """Declared patients (k items each) through BatchMemoryManager under DDP: each rank
+    clips its own patients, whole."""
+    init(rank, world, port)
+    try:
+        torch.manual_seed(0)
+        model = SmallSegNet().double()
+        x, y = data(len(PATIENT_OF_ITEM))
+        ddp = DistributedDataParallel(model)
+        loader = DataLoader(TensorDataset(x, y, torch.arange(len(x))), batch_size=4)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pmodel, opt, loader = dpseg.PrivacyEngine(accountant="rdp").make_private(
+                module=ddp, optimizer=torch.optim.SGD(ddp.parameters(), lr=1.0),
+                data_loader=loader, noise_multiplier=0.0, max_grad_norm=cfg["C"],
+                noise_seed=cfg["seed"], sample_rate=cfg["q"], expected_batch_size=cfg["expected"],
+                patient_ids=PATIENT_OF_ITEM, items_per_patient=cfg["k"],
+            )  # fmt: skip
+        seen, states, current = [], [{k: v.clone() for k, v in model.state_dict().items()}], []
+        with dpseg.BatchMemoryManager(
+            data_loader=loader, max_physical_batch_size=cfg["physical"], optimizer=opt
+        ) as physical:
+            for _ in range(cfg["passes"]):
+                for xb, yb, idx in physical:
+                    opt.zero_grad()
+                    seg_loss_mean(pmodel(xb), yb).backward()
+                    before = opt.steps_taken
+                    opt.step()
+                    current.append(idx)
+                    if opt.steps_taken > before:
+                        seen.append(torch.cat(current))
+                        current = []
+                        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        torch.save({"seen": seen, "states": states, "steps_taken": opt.steps_taken},
+                   os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
 def refuse_static_graph(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
     init(rank, world, port)
     try:

@@ -110,11 +110,9 @@ def test_without_noise_the_audit_finds_a_large_epsilon():
 def test_clipping_that_skips_the_canary_is_caught(monkeypatch):
     original = DPOptimizer._clip_factors
 
-    def skip_big(self, grads):
-        norms, factors = original(self, grads)
-        batch = grads[0].shape[0]
-        scale_in = float(batch) if self.loss_reduction == "mean" else 1.0
-        unclipped = torch.full_like(factors, scale_in)
+    def skip_big(self, grads, units):
+        norms, factors = original(self, grads, units)
+        unclipped = units.row_scale(self.loss_reduction)
         return norms, torch.where(norms > 2 * self.max_grad_norm, unclipped, factors)
 
     monkeypatch.setattr(DPOptimizer, "_clip_factors", skip_big)

@@ -63,6 +63,32 @@ def collate_batch(batch):
     return [torch.stack([item[0] for item in batch])]
 
 
+class MultiSampleCanaries(Dataset):
+    """A patient canary of k rows, the way MONAI's multi-sample transforms hand a patient
+    over: item i is a list of its rows, each a one-field tuple (collated by
+    ``dpseg.data.flatten_collate`` or MONAI's ``list_data_collate``, which lay the lists out
+    one sample a row). ``rows`` (R, d) holds the items' rows one item after another."""
+
+    def __init__(self, rows: torch.Tensor, rows_per_item: list[int]):
+        self.rows, self.counts = rows, list(rows_per_item)
+        self.starts = torch.tensor([0, *self.counts]).cumsum(0).tolist()
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, i):
+        return [(self.rows[r],) for r in range(self.starts[i], self.starts[i + 1])]
+
+
+def patient_rows(x: torch.Tensor, canaries: int, k: int) -> tuple[torch.Tensor, list[int]]:
+    """The first ``canaries`` rows of x (the canaries) each repeated k times, then the
+    rest once: (rows laid out patient by patient, rows per patient)."""
+    if k == 1:
+        return x, [1] * len(x)
+    rows = torch.cat([x[:canaries].repeat_interleave(k, dim=0), x[canaries:]])
+    return rows, [k] * canaries + [1] * (len(x) - canaries)
+
+
 def make_inputs(
     world1_slots: torch.Tensor,
     slots: int,

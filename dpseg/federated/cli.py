@@ -158,7 +158,26 @@ def add_federate_parser(sub) -> argparse.ArgumentParser:
         "need it to settle",
     )
     model.add_argument(
-        "--batch", dest="batch_size", type=int, default=4, help="expected (Poisson) batch size"
+        "--batch",
+        dest="batch_size",
+        type=int,
+        default=4,
+        help="expected (Poisson) batch size, patients: each site's normaliser",
+    )
+    model.add_argument(
+        "--sample-rate",
+        type=float,
+        default=None,
+        help="each site's Poisson rate q, a public constant: with it nothing a site releases "
+        "depends on its number of cases and epsilon is for add/remove adjacency; without it "
+        "q = 1 / ceil(cases / batch) makes each site's size public (replace-one adjacency)",
+    )
+    model.add_argument(
+        "--items-per-patient",
+        type=int,
+        default=1,
+        help="patches (2-D: slices) each sampled patient brings, averaged before clipping "
+        "(default 1)",
     )
 
     priv = p.add_argument_group("privacy")
@@ -239,6 +258,7 @@ def config_from_args(args):
         local_epochs=args.local_epochs, fraction=args.fraction, strategy=args.strategy,
         mu=args.mu, server_lr=args.server_lr, beta1=args.beta1, beta2=args.beta2, tau=args.tau,
         optimizer=args.optimizer, lr=args.lr, dp_lr=args.dp_lr, batch_size=args.batch_size,
+        sample_rate=args.sample_rate, items_per_patient=args.items_per_patient,
         lr_schedule=args.lr_schedule, engines=engines,
         noise_multiplier=1.0 if args.noise_multiplier is None else args.noise_multiplier,
         target_epsilon=args.target_epsilon, max_grad_norm=args.max_grad_norm, delta=args.delta,

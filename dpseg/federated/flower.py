@@ -55,7 +55,7 @@ from dpseg.federated.runner import (
     server_strategy,
 )
 from dpseg.federated.simulator import Simulator
-from dpseg.federated.site import BudgetExhausted, Site, SiteConfig, derive_seed, poisson_rate
+from dpseg.federated.site import BudgetExhausted, Site, poisson_rate
 from dpseg.federated.site_store import SiteStore
 from dpseg.federated.sitedata import SiteData, evaluate_dice
 
@@ -144,19 +144,11 @@ def _sigma(cfg: FederatedConfig, data: SiteData) -> float:
 
 def _build_site(cfg: FederatedConfig, data: SiteData, index: int, num_classes: int) -> Site:
     """The site exactly as runner.build_simulator builds site ``index`` (same seeds)."""
-    engine = cfg.engines[0]
-    site_cfg = SiteConfig(
-        engine=engine, optimizer=cfg.optimizer, lr=cfg.lr_for(engine), batch_size=cfg.batch_size,
-        max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant, delta=cfg.delta,
-        max_epsilon=cfg.max_epsilon, opacus_mode=cfg.opacus_mode, backend=cfg.backend,
-        device=cfg.device,
-    )  # fmt: skip
+    from dpseg.federated.runner import site_config, site_patches
+
     return Site(
-        data.name, index,
-        data.patches(
-            cfg.patch, cfg.p_foreground, derive_seed(cfg.seed, 5, index), cfg.spatial_dims
-        ),
-        _model_fn(cfg, num_classes), site_cfg, noise_multiplier=_sigma(cfg, data), seed=cfg.seed,
+        data.name, index, site_patches(cfg, data, index), _model_fn(cfg, num_classes),
+        site_config(cfg, cfg.engines[0]), noise_multiplier=_sigma(cfg, data), seed=cfg.seed,
     )  # fmt: skip
 
 
@@ -235,7 +227,7 @@ def _fault_after_persist(site: str, r: int) -> None:
 def _query(msg: Message, context: Context) -> Message:
     cfg = _config(context)
     data, index, num_classes = _site_data(cfg, context)
-    q, steps_per_epoch = poisson_rate(len(data.train_images), cfg.batch_size)
+    q, steps_per_epoch = poisson_rate(len(data.train_images), cfg.batch_size, cfg.sample_rate)
     info = {
         "name": data.name, "index": index, "train_cases": len(data.train_images),
         "test_cases": len(data.test_images), "cases": json.dumps(data.cases),

@@ -72,6 +72,8 @@ class FederatedConfig:
     # and it is post-processing, so free in privacy.
     lr_schedule: str = "constant"
     batch_size: int = 4
+    sample_rate: float | None = None  # declared q (add/remove); None: from each site's size
+    items_per_patient: int = 1
     # privacy
     engines: tuple[str, ...] = ("dpseg",)
     noise_multiplier: float = 1.0
@@ -210,7 +212,7 @@ class FederatedConfig:
 
 
 def _steps(cfg: FederatedConfig, n: int) -> int:
-    q, per_epoch = poisson_rate(n, cfg.batch_size)
+    q, per_epoch = poisson_rate(n, cfg.batch_size, cfg.sample_rate)
     return cfg.local_steps if cfg.local_steps is not None else cfg.local_epochs * per_epoch
 
 
@@ -223,7 +225,7 @@ def noise_multipliers(cfg: FederatedConfig, sites: list[SiteData]) -> dict[str, 
 
     out = {}
     for s in sites:
-        q, _ = poisson_rate(len(s.train_images), cfg.batch_size)
+        q, _ = poisson_rate(len(s.train_images), cfg.batch_size, cfg.sample_rate)
         out[s.name] = noise_for_epsilon(cfg, q, cfg.rounds * _steps(cfg, len(s.train_images)))
     return out
 
@@ -255,6 +257,25 @@ def round_lr_schedule(cfg: FederatedConfig):
     return lambda r: cosine_scale(r - 1, rounds)
 
 
+def site_config(cfg: FederatedConfig, engine: str) -> SiteConfig:
+    """A site's local training settings: the same on the simulator and on Flower."""
+    return SiteConfig(
+        engine=engine, optimizer=cfg.optimizer, lr=cfg.lr_for(engine), batch_size=cfg.batch_size,
+        sample_rate=cfg.sample_rate, items_per_patient=cfg.items_per_patient,
+        max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant, delta=cfg.delta,
+        max_epsilon=cfg.max_epsilon, opacus_mode=cfg.opacus_mode, backend=cfg.backend,
+        device=cfg.device,
+    )  # fmt: skip
+
+
+def site_patches(cfg: FederatedConfig, data: SiteData, index: int):
+    """Site ``index``'s training items: its patients, k patches each (same seeds everywhere)."""
+    return data.patches(
+        cfg.patch, cfg.p_foreground, derive_seed(cfg.seed, 5, index), cfg.spatial_dims,
+        cfg.items_per_patient,
+    )  # fmt: skip
+
+
 def build_simulator(
     cfg: FederatedConfig,
     engine: str,
@@ -270,17 +291,12 @@ def build_simulator(
             upsample=cfg.upsample, seed=cfg.seed,
         )  # fmt: skip
 
-    site_cfg = SiteConfig(
-        engine=engine, optimizer=cfg.optimizer, lr=cfg.lr_for(engine), batch_size=cfg.batch_size,
-        max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant, delta=cfg.delta,
-        max_epsilon=cfg.max_epsilon, opacus_mode=cfg.opacus_mode, backend=cfg.backend,
-        device=cfg.device,
-    )  # fmt: skip
+    site_cfg = site_config(cfg, engine)
     members = [
         Site(
             s.name,
             k,
-            s.patches(cfg.patch, cfg.p_foreground, derive_seed(cfg.seed, 5, k), cfg.spatial_dims),
+            site_patches(cfg, s, k),
             model_fn,
             site_cfg,
             noise_multiplier=sigmas[s.name],

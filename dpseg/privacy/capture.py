@@ -28,6 +28,7 @@ from dpseg.privacy.ranges import profiled
 from dpseg.privacy.rules import Rule, rule_for
 from dpseg.privacy.rules.conv_weight_grad import force_strategy
 from dpseg.privacy.rules.fallback import FuncFallbackRule
+from dpseg.privacy.units import RowUnits
 
 
 class ForwardPasses:
@@ -43,19 +44,20 @@ class ForwardPasses:
         self.strict = strict
         self._count = 0
         self._current: int | None = None
-        self.batch: int | None = None  # the running pass's batch size, when known
+        self.batch: int | None = None  # the running pass's batch size (rows), when known
+        self.units: RowUnits | None = None  # which rows are one unit (dpseg.privacy.units)
 
     @contextmanager
-    def running(self, batch: int | None = None):
-        outer, outer_batch = self._current, self.batch
-        if outer is None:  # a nested call (a model calling itself) stays in the outer pass
+    def running(self, batch: int | None = None, units: RowUnits | None = None):
+        outer = self._current, self.batch, self.units
+        if outer[0] is None:  # a nested call (a model calling itself) stays in the outer pass
             self._count += 1
             self._current = self._count
-            self.batch = batch
+            self.batch, self.units = batch, units
         try:
             yield
         finally:
-            self._current, self.batch = outer, outer_batch
+            self._current, self.batch, self.units = outer
 
     def id_for_call(self) -> int:
         if self._current is not None:
@@ -68,10 +70,10 @@ class ForwardPasses:
 
 class _PerSampleFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, layer, state, names, pass_id, x, *params):
+    def forward(ctx, layer, state, names, pass_info, x, *params):
         out, saved = layer.rule.forward(layer.module, x, state)
         ctx.layer, ctx.state, ctx.names, ctx.params = layer, state, names, params
-        ctx.pass_id = pass_id
+        ctx.pass_info = pass_info  # (pass number, its RowUnits or None)
         ctx.save_for_backward(*saved)
         return out
 
@@ -89,17 +91,25 @@ class _PerSampleFunction(torch.autograd.Function):
                 need_input_grad,
                 ctx.names,
             )
+        pass_id, units = ctx.pass_info
         for param, name, g in zip(ctx.params, ctx.names, grads, strict=True):
-            _accumulate(param, g, f"{layer.name}.{name}" if layer.name else name, ctx.pass_id)
+            where = f"{layer.name}.{name}" if layer.name else name
+            _accumulate(param, g, where, pass_id, units)
         return (None, None, None, None, grad_input, *([None] * len(ctx.params)))
 
 
-def _accumulate(param: torch.Tensor, g: torch.Tensor, name: str, pass_id: int) -> None:
+def _accumulate(
+    param: torch.Tensor, g: torch.Tensor, name: str, pass_id: int, units: RowUnits | None
+) -> None:
+    """Adds one call's per-row gradients, reduced to per-unit sums, to ``grad_sample``."""
+    if units is not None:
+        g = units.reduce(g)
     g = g.to(param.dtype)
     existing = getattr(param, "grad_sample", None)
     if existing is None:
         param.grad_sample = g
         param._dpseg_pass = pass_id
+        param._dpseg_units = units
     elif getattr(param, "_dpseg_pass", pass_id) != pass_id:
         raise RuntimeError(
             f"{name}: per-sample gradients of two different forward passes met before "
@@ -184,8 +194,8 @@ class CapturedLayer:
         else:
             x, state = self.rule.prepare(module, x, **kwargs)
         names = tuple(n for n, _ in params)
-        pass_id = self.passes.id_for_call()
-        return _PerSampleFunction.apply(self, state, names, pass_id, x, *(p for _, p in params))
+        pass_info = (self.passes.id_for_call(), self.passes.units)
+        return _PerSampleFunction.apply(self, state, names, pass_info, x, *(p for _, p in params))
 
 
 def _needs_fallback(module: nn.Module, rule: Rule | None) -> bool:
