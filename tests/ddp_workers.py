@@ -50,6 +50,10 @@ def train(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
             max_grad_norm=cfg["C"],
             loss_reduction=cfg["reduction"],
             noise_seed=None if secure else cfg["seed"],
+            # Declared (q = batch / n per rank's loader = the global rate, E = that batch):
+            # add/remove adjacency, the single-process accountant's.
+            sample_rate=cfg["batch"] / cfg.get("n", 12),
+            expected_batch_size=cfg["batch"],
         )
         loss_fn = seg_loss_mean if cfg["reduction"] == "mean" else seg_loss_sum
         seen, states = [], [{k: v.clone() for k, v in model.state_dict().items()}]
@@ -101,6 +105,7 @@ def batch_memory_manager(rank: int, world: int, port: int, out: str, cfg: dict) 
         pmodel, opt, loader = dpseg.PrivacyEngine(accountant="rdp").make_private(
             module=ddp, optimizer=torch.optim.SGD(ddp.parameters(), lr=1.0), data_loader=loader,
             noise_multiplier=cfg["sigma"], max_grad_norm=cfg["C"], noise_seed=cfg["seed"],
+            sample_rate=cfg["batch"] / cfg.get("n", 12), expected_batch_size=cfg["batch"],
         )  # fmt: skip
         seen, states, current = [], [{k: v.clone() for k, v in model.state_dict().items()}], []
         with dpseg.BatchMemoryManager(

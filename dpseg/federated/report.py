@@ -337,8 +337,8 @@ def write_markdown(report: dict, out: Path, images: list[str]) -> None:
             else f"U-Net {tuple(cfg['channels'])} ({cfg['upsample']} upsampling), "
             f"{cfg['patch']}^3 patches, "
         )
-        + f"--batch {cfg['batch_size']} (Poisson, q = 1 / ceil(n / batch)), "
-        f"{cfg['optimizer']} lr {cfg['lr']}"
+        + _sampling_text(cfg)
+        + f"{cfg['optimizer']} lr {cfg['lr']}"
         + (f" (DP engines {cfg['dp_lr']})" if cfg.get("dp_lr") else "")
         + (
             f", {cfg['lr_schedule']} over rounds"
@@ -352,7 +352,7 @@ def write_markdown(report: dict, out: Path, images: list[str]) -> None:
         )
         + "; "
         f"DP-SGD C = {cfg['max_grad_norm']}, delta = {cfg['delta']:g}, "
-        f"{cfg['accountant']} accountant; "
+        f"{_accountant_text(cfg)}; "
         f"Opacus in {cfg['opacus_mode']} mode.",
         "",
         f"Machine: {env.get('device')}, {env.get('threads')} threads, torch {env.get('torch')}, "
@@ -462,3 +462,26 @@ def write_report(report: dict, out: str | Path, plots: bool = True) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=1))
     images = write_plots(report, out) if plots else []
     write_markdown(report, out, images)
+
+
+def _sampling_text(cfg: dict) -> str:
+    k = cfg.get("items_per_patient", 1)
+    patches = f", {k} patches a sampled patient, averaged before clipping" if k > 1 else ""
+    if cfg.get("sample_rate") is not None:
+        return (
+            f"Poisson over patients at q = {cfg['sample_rate']:g} (declared), normaliser "
+            f"--batch {cfg['batch_size']}{patches}, "
+        )
+    return (
+        f"--batch {cfg['batch_size']} (Poisson over patients, q = 1 / ceil(n / batch)){patches}, "
+    )
+
+
+def _accountant_text(cfg: dict) -> str:
+    """What each site's epsilon is about (dpseg.privacy.accountants)."""
+    if cfg.get("sample_rate") is not None:
+        return f"epsilon per patient, add/remove adjacency ({cfg['accountant']} accountant)"
+    return (
+        "epsilon per patient, replace-one adjacency (q and the normaliser read each site's "
+        "size, which is therefore public; dp_accounting's PLD)"
+    )

@@ -139,7 +139,10 @@ class _PhysicalDataLoader(UnitTrackingLoader):
     def __iter__(self):
         ends = self.batch_sampler.ends
         ends.clear()
-        for batch in super().__iter__():
+        return self._signalled(super().__iter__(), ends)
+
+    def _signalled(self, batches, ends):
+        for batch in batches:
             self._optimizer.signal_skip_step(do_skip=not ends.popleft())
             yield batch
 

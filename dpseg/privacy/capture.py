@@ -101,10 +101,11 @@ class _PerSampleFunction(torch.autograd.Function):
 def _accumulate(
     param: torch.Tensor, g: torch.Tensor, name: str, pass_id: int, units: RowUnits | None
 ) -> None:
-    """Adds one call's per-row gradients, reduced to per-unit sums, to ``grad_sample``."""
+    """Adds one call's per-row gradients, reduced to per-unit sums (in the parameter's
+    dtype, not autocast's), to ``grad_sample``."""
+    g = g.to(param.dtype)
     if units is not None:
         g = units.reduce(g)
-    g = g.to(param.dtype)
     existing = getattr(param, "grad_sample", None)
     if existing is None:
         param.grad_sample = g

@@ -179,7 +179,13 @@ class UnitTrackingLoader(DataLoader):
         log = getattr(self.batch_sampler, "unit_log", None)
         if log is not None:
             log.clear()  # entries of an abandoned earlier pass
-        for collated in super().__iter__():
+        # The DataLoader's iterator is made now, as iter(DataLoader) makes it (it draws its
+        # base seed from the loader's generator): a lazily made one would draw it after
+        # whatever reseeds the generator between iter() and next() (dpseg.train.loop).
+        return self._mapped(super().__iter__(), log)
+
+    def _mapped(self, batches, log):
+        for collated in batches:
             sizes = log.popleft() if log is not None else None
             self.unit_feed.current = collated.units(sizes, self.unit_feed.unit)
             yield collated.batch

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -47,7 +48,8 @@ class RowUnits:
     def identity(cls, rows: int, unit: str = "item") -> RowUnits:
         return cls((1,) * rows, unit)
 
-    @property
+    # Read for every parameter of every layer in the backward: computed once.
+    @cached_property
     def rows(self) -> int:
         return sum(self.rows_per_unit)
 
@@ -55,13 +57,13 @@ class RowUnits:
     def num_units(self) -> int:
         return len(self.rows_per_unit)
 
-    @property
+    @cached_property
     def equal_rows(self) -> int | None:
         """k when every unit has k rows (the fast reshape path), else None."""
         counts = set(self.rows_per_unit)
         return counts.pop() if len(counts) == 1 else (1 if not counts else None)
 
-    @property
+    @cached_property
     def is_identity(self) -> bool:
         return all(k == 1 for k in self.rows_per_unit)
 
@@ -83,7 +85,7 @@ class RowUnits:
         k = self.equal_rows
         if k is not None:
             # Units of k consecutive rows: a view and one reduction, no index.
-            return g.view(self.num_units, k, *g.shape[1:]).sum(1)
+            return g.reshape(self.num_units, k, *g.shape[1:]).sum(1)
         out = g.new_zeros((self.num_units, *g.shape[1:]))
         return out.index_add_(0, self.unit_of_row(g.device), g)
 
