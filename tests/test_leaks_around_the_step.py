@@ -351,3 +351,19 @@ def test_sampling_plan_names_what_it_read():
     assert rate_only.adjacency == "replace-one"  # the normaliser still read N
     summed = plan_sampling(DataLoader(x, batch_size=5), sample_rate=0.2, loss_reduction="sum")
     assert summed.adjacency == "add/remove"  # no normaliser under "sum"
+
+
+def test_a_federated_site_with_a_declared_rate_reads_nothing_of_its_size():
+    from dpseg.federated.site import Site, SiteConfig
+
+    def site(n):
+        data = TensorDataset(torch.randn(n, 1, 4, 4, 2), torch.randint(0, 2, (n, 4, 4, 2)))
+        cfg = SiteConfig(engine="dpseg", batch_size=3, sample_rate=0.25, optimizer="sgd")
+        return Site("s", 0, data, lambda: nn.Sequential(nn.Conv3d(1, 2, 1)), cfg)
+
+    a, b = site(12), site(13)
+    for s in (a, b):
+        assert s.ledger.accountant.mechanism() == "prv"  # add/remove: Opacus's own
+    assert (a.sample_rate, a.steps_per_epoch, a.optimizer.expected_batch_size) == (
+        b.sample_rate, b.steps_per_epoch, b.optimizer.expected_batch_size,
+    ) == (0.25, 4, 3)  # fmt: skip

@@ -412,3 +412,35 @@ def test_grouping_costs_no_more_clipping_work_than_rows():
         opt.last_per_sample_norms, torch.tensor([1.0, 1.0], dtype=torch.float64)
     )
     assert math.isclose(float(lin.weight[0, 0]), -1.0)
+
+
+def test_grouping_holds_through_a_torch_func_unit():
+    # A module with a parameter beside its submodule is one torch.func unit (vmap of one vjp
+    # per row); its per-row gradients are grouped afterwards like every rule's.
+    class Owner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.full((1, 2, 1, 1, 1), 1.5))
+            self.conv = nn.Conv3d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            return torch.tanh(self.conv(x)) * self.scale + self.scale**2
+
+    counts = [2, 1, 3]
+    x, y = _rows(sum(counts), seed=9)
+    torch.manual_seed(0)
+    model = Owner().double()
+    oracle_model = copy.deepcopy(model)
+    loader = DataLoader(MultiSample(x, y, counts), batch_size=3, collate_fn=flatten_collate)
+    pmodel, opt, loader = _quiet_make_private(
+        dpseg.PrivacyEngine(), module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=loader, noise_multiplier=0.0, max_grad_norm=0.5, sample_rate=1.0,
+        expected_batch_size=3,
+    )  # fmt: skip
+    xb, yb, rows = next(iter(loader))
+    before = _flat(model)
+    seg_loss_mean(pmodel(xb), yb).backward()
+    opt.step()
+    groups = _row_groups(rows, counts)
+    _, expected = _expected_update(oracle_model, seg_loss_mean, x, y, groups, 0.5, 3, "mean")
+    _assert_close(before - _flat(model), expected)
