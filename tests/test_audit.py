@@ -293,3 +293,33 @@ def test_add_remove_worlds_catch_q_steps_and_divisor_derived_from_n(monkeypatch)
     assert r.steps == {0: [10], 1: [11]}
     assert r.epsilon_lower > r.epsilon_claimed, r
     assert r.best_score in ("energy", "-energy")
+
+
+# --- tokens and windows: the transformer paths ---------------------------------------------
+@pytest.mark.parametrize("structure", ["tokens", "windows"])
+def test_token_and_window_canaries_stay_under_the_claim(structure):
+    # The canary's gradient reaches the layer as 4 tokens of one row ((B, T, D)), or as two
+    # windows of two tokens each a row of their own ((B x windows, 2, D), summed back per
+    # sample through the unit map): clipped per sample either way.
+    r = run_audit(AuditConfig(noise_multiplier=1.0, trials=8000, slots=2000, structure=structure))
+    assert r.epsilon_lower <= r.epsilon_claimed, r
+
+
+def test_per_window_clipping_is_caught(monkeypatch):
+    # Test-only sabotage: each window its own unit, clipped alone; a canary sample of four
+    # windows then moves its slot by 4C while the accountant assumes C.
+    from dpseg.privacy.capture import ForwardPasses
+    from dpseg.privacy.units import RowUnits
+
+    def per_window(self, call_units):
+        rows = call_units.rows if call_units is not None else self.batch
+        windows = RowUnits.identity(rows)
+        return self.id_for_call(), windows, windows
+
+    monkeypatch.setattr(ForwardPasses, "pass_info", per_window)
+    cfg = AuditConfig(
+        noise_multiplier=1.0, trials=8000, slots=2000, structure="windows", tokens=8,
+        magnitude=16.0, seed=6,
+    )  # fmt: skip
+    r = run_audit(cfg)
+    assert r.epsilon_lower > r.epsilon_claimed, r

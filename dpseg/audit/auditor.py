@@ -28,6 +28,7 @@ from dpseg.audit.canaries import (
     collate_batch,
     make_inputs,
     patient_rows,
+    spread_over_tokens,
 )
 from dpseg.audit.statistics import epsilon_lower_bound, gdp_epsilon, log_likelihood_ratio
 from dpseg.privacy import BatchMemoryManager, DPDataLoader, PrivacyEngine
@@ -38,6 +39,10 @@ DDP_WORLD = 2  # the "ddp" path: two gloo processes, the model wrapped in DDP
 # k samples (MONAI's multi-sample transforms; collated by dpseg's flatten_collate or MONAI's
 # list_data_collate), or as k items of a declared patient (make_private(patient_ids=...)).
 CANARY_LAYOUTS = ("multi-sample", "patients")
+# How a sample reaches the layer: one row (flat), T tokens of one row ((B, T, D): the Linear
+# rule's per-sample sum over positions), or windows of two tokens, each window a row of its
+# own ((B x windows, 2, D): the rows Swin's window attention sees, summed back per sample).
+STRUCTURES = ("flat", "tokens", "windows")
 COLLATES = ("dpseg", "monai")
 
 
@@ -63,6 +68,8 @@ class AuditConfig:
     rows_per_canary: int = 1  # k: a canary patient's rows, clipped as one unit
     canary_layout: str = "multi-sample"  # with k > 1: one of CANARY_LAYOUTS
     collate: str = "dpseg"  # the multi-sample layout's collate: one of COLLATES
+    structure: str = "flat"  # one of STRUCTURES
+    tokens: int = 4  # tokens a sample under "tokens" and "windows"
 
     def check(self) -> None:
         if not self.noise_multiplier >= 0:
@@ -85,6 +92,10 @@ class AuditConfig:
             raise ValueError(f"canary_layout must be one of {CANARY_LAYOUTS}")
         if self.collate not in COLLATES:
             raise ValueError(f"collate must be one of {COLLATES}")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}")
+        if self.structure == "windows" and (self.tokens < 2 or self.tokens % 2):
+            raise ValueError(f"windows of two tokens need an even tokens >= 2, got {self.tokens}")
         if not self.magnitude > 1:
             raise ValueError(
                 f"magnitude must be > 1 (the canary's gradient must exceed C), got {self.magnitude}"
@@ -122,6 +133,7 @@ class AuditResult:
     canary_layout: str = "rows"
     unit: str = "item"
     adjacency: str = "add/remove"
+    structure: str = "flat"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -141,6 +153,8 @@ def _one_run(cfg: AuditConfig, run: int):
         world1, cfg.slots, cfg.data_dims, cfg.ordinary, cfg.max_grad_norm, cfg.magnitude, gen,
         device=cfg.device,
     )  # fmt: skip
+    if cfg.structure != "flat":
+        x = spread_over_tokens(x, cfg.tokens)
     distributed = torch.distributed.is_initialized()
     shard = (torch.distributed.get_rank(), DDP_WORLD) if distributed else None
     units = len(x)  # canaries and ordinary samples: the same count in both worlds
@@ -160,7 +174,9 @@ def _one_run(cfg: AuditConfig, run: int):
         generator=torch.Generator().manual_seed(_seed(cfg.seed, run, 1)),
         distributed=shard,  # each rank its share of one Poisson draw
     )
-    model = canary_model(cfg.slots, cfg.data_dims, device=cfg.device)
+    model = canary_model(
+        cfg.slots, cfg.data_dims, device=cfg.device, structure=cfg.structure, tokens=cfg.tokens
+    )
     engine = PrivacyEngine(accountant=cfg.accountant)
     wrapped = model
     if distributed:
@@ -320,4 +336,5 @@ def run_audit(cfg: AuditConfig, progress: Callable[[int, int], None] | None = No
         rows_per_canary=cfg.rows_per_canary,
         canary_layout=cfg.canary_layout if cfg.rows_per_canary > 1 else "rows",
         unit="patient" if cfg.rows_per_canary > 1 and cfg.canary_layout == "patients" else "item",
+        structure=cfg.structure,
     )

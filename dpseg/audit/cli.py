@@ -18,7 +18,7 @@ _RECORDED = {
     "slots": (
         "noise_multiplier", "steps", "sample_rate", "trials", "backend", "path", "delta",
         "confidence", "accountant", "slots", "physical_batch", "rows_per_canary",
-        "canary_layout", "collate", "seed", "device", "out",
+        "canary_layout", "collate", "structure", "tokens", "seed", "device", "out",
     ),
     "add-remove": (
         "worlds", "noise_multiplier", "sample_rate", "patients", "batch_size",
@@ -113,6 +113,15 @@ def add_audit_parser(sub) -> None:
         help="the multi-sample layout's collate: dpseg.data.flatten_collate or MONAI's "
         "list_data_collate (needs monai)",
     )
+    units.add_argument(
+        "--structure",
+        choices=("flat", "tokens", "windows"),
+        default="flat",
+        help="how a sample reaches the layer: one row, --tokens tokens of one row ((B, T, D), "
+        "a transformer's Linear), or windows of two tokens each a row ((B x windows, 2, D), "
+        "Swin's window attention), summed back per sample",
+    )
+    units.add_argument("--tokens", type=int, default=4, help="tokens a sample (default 4)")
     worlds = p.add_argument_group("add-remove worlds")
     worlds.add_argument("--patients", type=int, default=100, help="N, world 0 (default 100)")
     worlds.add_argument(
@@ -297,6 +306,8 @@ def run_audit_command(args) -> int:
             rows_per_canary=args.rows_per_canary,
             canary_layout=args.canary_layout,
             collate=args.collate,
+            structure=args.structure,
+            tokens=args.tokens,
         )  # fmt: skip
         for sigma in args.noise_multiplier
         for backend in args.backend

@@ -320,7 +320,9 @@ def capture_layers(
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         has_children = any(True for _ in module.children())
         trainable = any(p.requires_grad for p in module.parameters())
-        override = _forward_override(module) if own and not _is_functional_block(module) else None
+        override = None
+        if trainable and has_children and not _is_functional_block(module):
+            override = _forward_override(module)
         if override is not None:
             # Its children are captured on their own as the loop goes on.
             layer = ForwardOverride(name, module, override, passes)

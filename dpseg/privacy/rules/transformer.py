@@ -141,3 +141,10 @@ FORWARD_OVERRIDES = {
     "monai.networks.nets.swin_unetr.WindowAttention": window_attention_forward,
     "monai.networks.blocks.patchembedding.PatchEmbeddingBlock": patch_embedding_forward,
 }
+
+
+def register_forward_override(qualname: str, fn) -> None:
+    """``fn(override, *args, **kwargs)`` re-spells the forward of the class ``qualname``
+    ("module.QualName"): for dpseg's own modules (the audit's windowed canary) and tests.
+    An override is trusted to be exact; the oracle tests are what hold it to that."""
+    FORWARD_OVERRIDES[qualname] = fn
