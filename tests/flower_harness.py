@@ -36,6 +36,7 @@ from dpseg.federated.flower import client as fclient
 from dpseg.federated.flower import secagg
 from dpseg.federated.flower import server as fserver
 from dpseg.federated.flower.config import run_config_for
+from dpseg.federated.flower.remote import Nodes, discover
 from dpseg.federated.flower.traffic import TrafficGrid
 from dpseg.federated.runner import FederatedConfig, load_data
 
@@ -149,8 +150,8 @@ class Federation:
         self.grid = TrafficGrid(self.inner, record=record)
         self.context = Context(run_id=RUN_ID, node_id=0, node_config={}, state=RecordDict(),
                                run_config=self.run_config)  # fmt: skip
-        self.sites = fserver._discover(self.grid, self.context)
-        self.nodes = fserver._Nodes(self.grid, self.sites)
+        self.sites = discover(self.grid, self.context)
+        self.nodes = Nodes(self.grid, self.sites)
         self.sim = fserver.make_simulator(cfg, self.sites, self.num_classes)
 
     def node(self, site: str) -> int:

@@ -132,7 +132,8 @@ def test_one_state_dir_serves_one_process_at_a_time(tmp_path):
 
 def test_the_flower_server_samples_remote_sites_under_client_level_dp():
     # RemoteSite is a plain dataclass (unhashable): the client-level sampler keys on names.
-    from dpseg.federated.flower.server import RemoteSite, make_simulator
+    from dpseg.federated.flower.remote import RemoteSite
+    from dpseg.federated.flower.server import make_simulator
 
     cfg = FederatedConfig(**TINY, client_clip=1.0, client_noise=1.0, fraction=0.5)
     sites = [RemoteSite(f"site{k}", k, k + 1, 0.5, 2, 1.0, 2, 4) for k in range(2)]

@@ -3,7 +3,8 @@
 - ``config``: the Flower run config of a dpseg run (the whole ``FederatedConfig`` as one
   JSON string ``dpseg-config``, plus ``out``, ``num-sites``, timeouts).
 - ``client``: the ClientApp, one dpseg ``Site`` per SuperNode; what leaves a site.
-- ``server``: the ServerApp, dpseg's strategies over the sites and the report.
+- ``server``: the ServerApp, dpseg's strategies over the sites and the report;
+  ``remote``: its view of the sites and how it reaches them.
 - ``secagg``: secure aggregation with Flower's SecAgg+ (--secagg).
 - ``traffic``: what the coordinator sends and receives, counted and written down.
 - ``deploy``, ``tls``: a loopback deployment (a SuperLink and one SuperNode per site), with
@@ -16,7 +17,8 @@ Flower App's components (``dpseg.federated.flower:client_app``).
 
 from dpseg.federated.flower.client import make_client_app
 from dpseg.federated.flower.config import run_config_for
-from dpseg.federated.flower.server import RemoteSite, make_server_app, server_state_path
+from dpseg.federated.flower.remote import RemoteSite
+from dpseg.federated.flower.server import make_server_app, server_state_path
 
 __all__ = [
     "RemoteSite",
