@@ -1,4 +1,6 @@
-"""Flower without processes: a Grid that hands each message to the ClientApp of its node in
+"""Flower without processes, and what the tests read of a run's recorded traffic.
+
+Flower without processes: a Grid that hands each message to the ClientApp of its node in
 this process, each node with its own Context as a SuperNode keeps one. The ServerApp's round
 code, dpseg's ClientApp and Flower's SecAgg+ (mod and workflow) run as deployed; only the
 transport is replaced, and the contents are copied both ways as the wire would. A round of
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -29,6 +33,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.common import bytes_to_ndarray
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -164,3 +169,91 @@ class Federation:
         return fserver.flower_round(
             self.sim, self.grid, self.context, self.nodes, self.cfg, timeout, 0
         )
+
+
+# --- what the server received (traffic.py's record) -------------------------------------------
+# Figures computed from a site's patients without DP noise, as keys of the records a site sends.
+UNNOISED = {"loss", "dice", "dice_largest_component", "case_dice", "case_dice_largest_component",
+            "case_names", "train_cases", "test_cases", "num_examples", "seconds", "cpu_seconds",
+            "eval_seconds", "cases"}  # fmt: skip
+
+
+def received(traffic: Path, kind: str | None = None):
+    """(line, arrays) of every message the server received, as traffic.py wrote them."""
+    for line in (traffic / "traffic.jsonl").read_text().splitlines():
+        msg = json.loads(line)
+        if msg["direction"] != "in" or (kind is not None and msg["type"] != kind):
+            continue
+        npz = traffic / f"{msg['seq']:05d}.npz"
+        arrays = dict(np.load(npz)) if npz.exists() else {}
+        yield msg, arrays
+
+
+def case_names(cfg: FederatedConfig, out: Path) -> list[str]:
+    sites, _ = load_data(cfg, out, progress=False)
+    return [n for s in sites for split in s.cases.values() for n in split]
+
+
+def sent_keys(traffic: Path) -> set[str]:
+    keys = set()
+    for msg, _ in received(traffic):
+        for name, record in msg["records"].items():
+            if name == "fitres.num_examples":  # SecAgg+'s weight slot: 1 for every site
+                assert record == {"num_examples": 1}
+                continue
+            keys |= set(record)
+    return keys
+
+
+def assert_only_masked(traffic: Path, names: dict[int, str], deltas: dict, weights: dict,
+                       clip: float, bits: int, round: str | None = None) -> int:  # fmt: skip
+    """Holds everything the server received to SecAgg+'s promise: no float array anywhere,
+    and each site's masked vector agreeing with its quantised update (x + C) 2^B / 2C,
+    x = (w_k / W) delta_k, to a step about as often as chance (3 in 2^32), not everywhere.
+    ``round``: compare only that round's masked vectors (``deltas`` are its updates).
+    Returns the number of masked vectors compared."""
+    top = max(weights.values())
+    masked = 0
+    for msg, arrays in received(traffic):
+        assert not any(a.dtype.kind == "f" for a in arrays.values()), msg["records"].keys()
+        vectors = [v for k, v in arrays.items() if "|masked_params|" in k]
+        if not vectors or (round is not None and msg["round"] != round):
+            continue
+        masked += 1
+        site = names[msg["node"]]
+        ints = [bytes_to_ndarray(v.tobytes()) for v in vectors]
+        assert all(a.dtype.kind in "iu" for a in ints)
+        assert max(int(a.max()) for a in ints) > 2**31  # masked: spread over all of Z_2^32
+        agree = count = 0
+        for k, m in zip(deltas[site], ints[1:], strict=True):  # ints[0]: the weight slot
+            x = deltas[site][k].double().numpy() * weights[site] / top
+            q = (x + clip) * 2**bits / (2 * clip)
+            agree += int((np.abs(m.astype(np.float64) - q) <= 1).sum())
+            count += q.size
+        assert agree <= 0.001 * count, (site, agree, count)
+    return masked
+
+
+# --- how close SecAgg+'s model is to the plain one -----------------------------------------
+def _slack(mean: np.ndarray, new: np.ndarray, n: int) -> np.ndarray:
+    """float32 rounding on top of the quantisation bound, per coordinate: the plain mean's n
+    weighted additions and the secure mean's cast (half a spacing of |mean| each), and both
+    models' w + mean (half a spacing of the result each)."""
+    top = np.float32(np.abs(mean).max())
+    return (n + 1) * np.spacing(top) + np.spacing(np.abs(new).astype(np.float32))
+
+
+def assert_within_bound(got, w0, deltas, weights, n_summed, bound):
+    """Every coordinate of the model ``got`` is FedAvg's w0 + sum_k (w_k / sum w) delta_k
+    to within the quantisation ``bound`` and float32 rounding."""
+    total = float(sum(weights[s] for s in deltas))
+    for k in w0:
+        mean = sum(weights[s] / total * deltas[s][k].double() for s in deltas).numpy()
+        want = w0[k].double().numpy() + mean
+        diff = np.abs(got[k].double().numpy() - want)
+        assert (diff <= bound + _slack(mean, want, n_summed)).all(), (k, diff.max(), bound)
+
+
+def site_names(traffic: Path) -> dict[int, str]:
+    """{node id: site} from the QUERY replies the server received."""
+    return {m["node"]: m["records"]["site"]["name"] for m, _ in received(traffic, "query")}

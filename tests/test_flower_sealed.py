@@ -18,24 +18,29 @@ same through real processes. About 2 minutes on 2 busy cores, hence slow."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("flwr")
 
-from flower_harness import Federation  # noqa: E402
+from flower_harness import (  # noqa: E402
+    UNNOISED,
+    Federation,
+    assert_only_masked,
+    assert_within_bound,
+    case_names,
+    received,
+    sent_keys,
+)
 from flwr.app import ArrayRecord, Message, RecordDict  # noqa: E402
-from flwr.common import bytes_to_ndarray  # noqa: E402
 from flwr.compat.common import recorddict_compat as compat  # noqa: E402
 
 from dpseg.federated.flower import secagg  # noqa: E402
 from dpseg.federated.report import build_report  # noqa: E402
-from dpseg.federated.runner import FederatedConfig, load_data  # noqa: E402
+from dpseg.federated.runner import FederatedConfig  # noqa: E402
 from dpseg.federated.site_store import SiteStore  # noqa: E402
 from dpseg.federated.strategies import FedAvg, SiteUpdate  # noqa: E402
 
@@ -47,9 +52,6 @@ TINY = dict(
     accountant="rdp", rounds=1, seed=3,
 )  # fmt: skip
 CLIP, BITS = 1.0, 22  # --secagg-clip-range and --secagg-bits (the defaults)
-UNNOISED = {"loss", "dice", "dice_largest_component", "case_dice", "case_dice_largest_component",
-            "case_names", "train_cases", "test_cases", "num_examples", "seconds", "cpu_seconds",
-            "eval_seconds", "cases"}  # fmt: skip
 
 
 def _run(out: Path, *, record=True, train_mods=None, crash=None, **settings):
@@ -62,23 +64,12 @@ def _run(out: Path, *, record=True, train_mods=None, crash=None, **settings):
     return SimpleNamespace(fed=fed, w0=w0, rec=rec, traffic=out / "traffic")
 
 
-def _received(traffic: Path, kind: str | None = None):
-    """(line, arrays) of every message the server received, as traffic.py wrote them."""
-    for line in (traffic / "traffic.jsonl").read_text().splitlines():
-        msg = json.loads(line)
-        if msg["direction"] != "in" or (kind is not None and msg["type"] != kind):
-            continue
-        npz = traffic / f"{msg['seq']:05d}.npz"
-        arrays = dict(np.load(npz)) if npz.exists() else {}
-        yield msg, arrays
-
-
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
     run = _run(tmp_path_factory.mktemp("plain"))
     names = {run.fed.node(s): s for s in run.fed.names}
     run.deltas = {}  # what each site sent the server in the clear
-    for msg, arrays in _received(run.traffic, "train"):
+    for msg, arrays in received(run.traffic, "train"):
         keys = [k for k in arrays if k.startswith("delta|")]
         run.deltas[names[msg["node"]]] = {k[6:]: torch.from_numpy(arrays[k]) for k in keys}
     return run
@@ -91,23 +82,6 @@ def secure(tmp_path_factory):
 
 def _weights(fed) -> dict[str, int]:
     return {s.name: s.weight for s in fed.sites}
-
-
-def _slack(mean: np.ndarray, new: np.ndarray, n: int) -> np.ndarray:
-    """float32 rounding on top of the quantisation bound, per coordinate: the plain mean's n
-    weighted additions and the secure mean's cast (half a spacing of |mean| each), and both
-    models' w + mean (half a spacing of the result each)."""
-    top = np.float32(np.abs(mean).max())
-    return (n + 1) * np.spacing(top) + np.spacing(np.abs(new).astype(np.float32))
-
-
-def _assert_within_bound(got, w0, deltas, weights, n_summed, bound):
-    total = float(sum(weights[s] for s in deltas))
-    for k in w0:
-        mean = sum(weights[s] / total * deltas[s][k].double() for s in deltas).numpy()
-        want = w0[k].double().numpy() + mean
-        diff = np.abs(got[k].double().numpy() - want)
-        assert (diff <= bound + _slack(mean, want, n_summed)).all(), (k, diff.max(), bound)
 
 
 def test_secagg_equals_the_plain_round_within_the_quantisation_bound(plain, secure):
@@ -124,7 +98,7 @@ def test_secagg_equals_the_plain_round_within_the_quantisation_bound(plain, secu
     for site, delta in plain.deltas.items():
         peak = max(float(d.abs().max()) for d in delta.values()) * weights[site] / top
         assert 0 < peak < CLIP, site
-    _assert_within_bound(secure.fed.sim.weights, plain.w0, plain.deltas, weights, 3, bound)
+    assert_within_bound(secure.fed.sim.weights, plain.w0, plain.deltas, weights, 3, bound)
     assert any(  # and it is the quantised sum, not the plain one in disguise
         not torch.equal(secure.fed.sim.weights[k], plain.fed.sim.weights[k]) for k in plain.w0
     )
@@ -139,59 +113,23 @@ def test_secagg_equals_the_plain_round_within_the_quantisation_bound(plain, secu
 
 def test_the_server_never_receives_a_sites_update_under_secagg(plain, secure):
     names = {secure.fed.node(s): s for s in secure.fed.names}
-    weights = _weights(secure.fed)
-    top = max(weights.values())
-    masked = 0
-    for msg, arrays in _received(secure.traffic):
-        assert not any(a.dtype.kind == "f" for a in arrays.values()), msg["records"].keys()
-        vectors = [v for k, v in arrays.items() if "|masked_params|" in k]
-        if not vectors:
-            continue
-        masked += 1
-        site = names[msg["node"]]
-        ints = [bytes_to_ndarray(v.tobytes()) for v in vectors]
-        assert all(a.dtype.kind in "iu" for a in ints)
-        assert max(int(a.max()) for a in ints) > 2**31  # masked: spread over all of Z_2^32
-        # What the site quantised: (x + C) 2^B / 2C, x = (w_k / W) delta_k. Masked, it agrees
-        # with that (to a step) about as often as chance (3 in 2^32), not everywhere.
-        delta = plain.deltas[site]
-        agree = count = 0
-        for k, m in zip(delta, ints[1:], strict=True):
-            x = delta[k].double().numpy() * weights[site] / top
-            q = (x + CLIP) * 2**BITS / (2 * CLIP)
-            agree += int((np.abs(m.astype(np.float64) - q) <= 1).sum())
-            count += q.size
-        assert agree <= 0.001 * count, (site, agree, count)
+    masked = assert_only_masked(
+        secure.traffic, names, plain.deltas, _weights(secure.fed), CLIP, BITS
+    )
     assert masked == 3  # one masked vector a site, and nothing else with its update
 
 
-def _case_names(fed) -> list[str]:
-    sites, _ = load_data(fed.cfg, fed.out, progress=False)
-    return [n for s in sites for split in s.cases.values() for n in split]
-
-
-def _sent_keys(traffic: Path) -> set[str]:
-    keys = set()
-    for msg, _ in _received(traffic):
-        for name, record in msg["records"].items():
-            if name == "fitres.num_examples":  # SecAgg+'s weight slot: 1 for every site
-                assert record == {"num_examples": 1}
-                continue
-            keys |= set(record)
-    return keys
-
-
 def test_no_site_message_holds_a_case_name_or_an_unnoised_figure(plain, secure, tmp_path):
-    names = _case_names(plain.fed)
+    names = case_names(plain.fed.cfg, plain.fed.out)
     assert len(names) == 12
     shared = _run(tmp_path, share_site_stats=True)
     for run in (plain, secure, shared):
         text = (run.traffic / "traffic.jsonl").read_text()
         assert not [n for n in names if n in text]  # never, whatever the flags
     for run in (plain, secure):
-        assert not _sent_keys(run.traffic) & UNNOISED
+        assert not sent_keys(run.traffic) & UNNOISED
     # With the flag the figures come, and the report marks them outside epsilon.
-    assert {"loss", "dice", "case_dice", "train_cases", "seconds"} <= _sent_keys(shared.traffic)
+    assert {"loss", "dice", "case_dice", "train_cases", "seconds"} <= sent_keys(shared.traffic)
     sigmas = {s.name: s.noise_multiplier for s in shared.fed.sites}
     for run, figures in ((plain, False), (shared, True)):
         report = build_report(run.fed.cfg, {"dpseg": run.fed.sim}, run.fed.sites, sigmas,
@@ -214,7 +152,7 @@ def test_a_site_that_drops_out_under_secagg_is_unmasked_from_the_others_shares(p
     survivors = {s: plain.deltas[s] for s in ("site0", "site1")}
     bound = 2 * (2 * CLIP / 2**BITS) * max(weights.values()) / (weights["site0"] + weights["site1"])
     assert run.rec["secagg"]["max_error"] == pytest.approx(bound, rel=1e-12)
-    _assert_within_bound(run.fed.sim.weights, plain.w0, survivors, weights, 2, bound)
+    assert_within_bound(run.fed.sim.weights, plain.w0, survivors, weights, 2, bound)
     # Its release is in its ledger although its update never arrived.
     assert [r["round"] for r in SiteStore(run.fed.state_dir("site2")).releases()] == [1]
     assert run.rec["sites"]["site2"]["epsilon"] == plain.rec["sites"]["site2"]["epsilon"]

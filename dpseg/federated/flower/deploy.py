@@ -9,7 +9,7 @@ registered with ``flwr supernode register`` before its SuperNode starts, and eac
 checking the SuperLink's certificate (``--root-certificates``) and signing with its own key
 (``--auth-supernode-private-key``). A node whose key is not registered is refused by the
 SuperLink (its log: "No SuperNode found with the given public key"; the node exits with
-Flower's code 305). Without it, every process runs ``--insecure``.
+Flower's code 305, status 1). Without it, every process runs ``--insecure``.
 
 Layout under the run folder OUT::
 
