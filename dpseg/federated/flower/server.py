@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -61,7 +62,16 @@ def make_simulator(cfg: FederatedConfig, sites: list[RemoteSite], num_classes: i
 
 # --- one round -----------------------------------------------------------------------------
 def _site_result(site: RemoteSite, res, entry: dict) -> bool:
-    """Files a site's cleartext TRAIN result into its entry; True if it sent an update."""
+    """Files a site's cleartext TRAIN result into its entry; True if it sent an update. A
+    reply the server cannot read fails that site for the round; it never stops the run."""
+    try:
+        return _read_result(site, res, entry)
+    except (KeyError, TypeError, ValueError) as exc:
+        entry.update(status="failed", error=f"malformed reply ({type(exc).__name__}: {exc})")
+        return False
+
+
+def _read_result(site: RemoteSite, res, entry: dict) -> bool:
     status = str(res["status"])
     if status == "budget":
         site.exhausted = str(res["message"])
@@ -98,16 +108,30 @@ def _train_plain(sim, grid, nodes, chosen, r, config, timeout, retries, record) 
             entry.update(status="failed", error=why)
             log.error("round %d: site %s dropped out: %s", r, site.name, why)
             continue
-        if _site_result(site, reply.content["result"], entry):
+        if not _site_result(site, reply.content.get("result", {}), entry):
+            continue
+        try:
             delta = reply.content["delta"].to_torch_state_dict()
-            steps = int(entry["steps"])
-            updates.append(SiteUpdate(site.name, delta, 0, steps, weight=float(site.weight)))
+        except (KeyError, AttributeError, TypeError, ValueError) as exc:
+            entry.update(status="failed", error=f"malformed update ({type(exc).__name__})")
+            continue
+        steps = int(entry["steps"])
+        updates.append(SiteUpdate(site.name, delta, 0, steps, weight=float(site.weight)))
     sim.aggregate(updates, record)
 
 
 def _train_secure(sim, grid, context, nodes, chosen, r, config, cfg, timeout, record) -> None:
     """The round's TRAIN exchange as SecAgg+: the sum, checked, then the server step."""
     record["retried"], record["refused"], record["took_part"] = {}, [], []
+    if len(chosen) < 3:  # sites out of budget: two left would see each other's update
+        record["refused_round"] = (
+            f"{len(chosen)} site(s) can train this round: SecAgg+ needs 3 (with 2, each "
+            "learns the other's update from the sum); the round is not run"
+        )
+        for site in chosen:
+            record["sites"][site.name].update(status="idle", seconds=0.0)
+        log.error("round %d refused: %s", r, record["refused_round"])
+        return
     max_weight = max(s.weight for s in sim.sites)
     configs = {
         s.name: {"round": r, "steps": s.steps_for(sim.local_steps, sim.local_epochs),
@@ -167,7 +191,7 @@ def _evaluate_round(sim, grid, nodes, r, timeout, retries, record) -> None:
             entry["epsilon"] = site.epsilon
             continue
         res = reply.content["result"]
-        if "epsilon" in res:
+        if "epsilon" in res and math.isfinite(float(res["epsilon"])):
             reported = float(res["epsilon"])
             if site.epsilon is not None and reported < site.epsilon * (1 - 1e-9):
                 # A node whose ledger went back (no state-dir, or its state lost): the
