@@ -196,3 +196,21 @@ def test_the_quantisation_bound_holds_for_flowers_arithmetic():
     bound = max_error(n, c, bits, max_weight=1.0, weight_sum=1.0)  # the sum's bound
     assert 0 < worst < bound
     assert worst > bound / 20  # and not far from it: stochastic rounding uses the steps
+
+
+@pytest.mark.parametrize(
+    "flags, why",
+    [
+        (["--secagg"], "--secagg needs --runtime flower"),
+        (["--tls"], "--tls: for --runtime flower"),
+        (["--share-site-stats"], "--share-site-stats: for --runtime flower"),
+        (["--runtime", "flower", "--secagg", "--client-clip", "1"], "Drop --client-clip"),
+    ],
+)
+def test_the_cli_says_what_to_change(tmp_path, capsys, flags, why):
+    from dpseg.cli import main
+
+    args = ["federate", "--phantoms", "8", "--sites", "2", "--out", str(tmp_path / "r"), *flags]
+    assert main(args) == 2
+    assert why in capsys.readouterr().err
+    assert not (tmp_path / "r" / "phantoms").exists()  # refused before any work
