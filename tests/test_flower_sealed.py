@@ -39,7 +39,7 @@ from flwr.app import ArrayRecord, Message, RecordDict  # noqa: E402
 from flwr.compat.common import recorddict_compat as compat  # noqa: E402
 
 from dpseg.federated.flower import secagg  # noqa: E402
-from dpseg.federated.report import build_report  # noqa: E402
+from dpseg.federated.report import build_report, write_report  # noqa: E402
 from dpseg.federated.runner import FederatedConfig  # noqa: E402
 from dpseg.federated.site_store import SiteStore  # noqa: E402
 from dpseg.federated.strategies import FedAvg, SiteUpdate  # noqa: E402
@@ -136,6 +136,12 @@ def test_no_site_message_holds_a_case_name_or_an_unnoised_figure(plain, secure, 
                               {"runtime": "flower"})  # fmt: skip
         assert bool(report["outside_epsilon"]["figures"]) is figures
         assert all(s["cases"] is None for s in report["sites"].values())
+        folder = tmp_path / f"report_{figures}"
+        folder.mkdir()
+        write_report(report, folder, plots=True)  # no Dice, no counts: still a report
+        md = (folder / "report.md").read_text()
+        assert ("Not covered by the epsilons above" in md) is figures
+        assert ("Nothing in this report is outside epsilon" in md) is not figures
     assert set(shared.rec["cases"]) == {f"site{k}/0" for k in range(3)}
     # The site's own validation stays on its disk, names and all.
     local = (plain.fed.state_dir("site0") / "evaluation.jsonl").read_text()
@@ -225,3 +231,15 @@ def test_without_secagg_a_nan_site_and_a_1000x_site_are_refused(plain, tmp_path)
         (1, "site1"), (1, "site2"),
     ]  # fmt: skip
     assert "above --max-update-norm" in report["refused_updates"][1]["reason"]
+
+
+def test_a_site_whose_update_does_not_fit_the_clipping_range_sends_none(tmp_path):
+    # C = 1e-5 is far below the updates' coordinates: SecAgg+ would clip them, changing the
+    # mean unseen, so every site refuses (without telling the server by how much).
+    run = _run(tmp_path, record=False, secagg=True, secagg_clip_range=1e-5)
+    for entry in run.rec["sites"].values():
+        assert entry["status"] == "failed"
+        assert entry["error"].endswith("SecAgg+ would clip it; raise --secagg-clip-range")
+        assert "it is" not in entry["error"]
+    assert run.rec["took_part"] == [] and "refused_round" not in run.rec
+    assert all(torch.equal(run.fed.sim.weights[k], run.w0[k]) for k in run.w0)

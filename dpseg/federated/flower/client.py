@@ -205,18 +205,28 @@ def _train(msg: Message, context: Context) -> Message:
         return _train_held(msg, context)
 
 
-def _own_check(cfg: FederatedConfig, delta: Weights, weights: Weights, scale: float) -> str | None:
-    """Why this honest site will not send ``delta`` (module docstring), or None."""
+def _own_check(
+    cfg: FederatedConfig, delta: Weights, weights: Weights, scale: float
+) -> tuple[str, str] | None:
+    """(why, for the server; why, for the site's log) this honest site will not send
+    ``delta`` (module docstring), or None. Under SecAgg+ the server's copy names no value
+    of the update: the server is not to learn anything of one site's update but the sum."""
     reason = check_update(delta, weights, cfg.max_update_norm)
-    if reason is None and cfg.secagg:
+    if reason is not None:
+        if not cfg.secagg:
+            return reason, reason
+        kind = "not finite" if "non-finite" in reason else "beyond --max-update-norm"
+        return f"its update is {kind}; it sent none", reason
+    if cfg.secagg:
         peak = max((float(d.abs().max()) for d in delta.values() if d.numel()), default=0.0)
         if peak * scale > cfg.secagg_clip_range:
-            reason = (
-                f"a coordinate of the weighted update is {peak * scale:.4g}, beyond "
-                f"--secagg-clip-range {cfg.secagg_clip_range:g}, and SecAgg+ would clip it; "
-                "raise --secagg-clip-range"
+            why = (
+                f"a coordinate of its weighted update is beyond --secagg-clip-range "
+                f"{cfg.secagg_clip_range:g}, and SecAgg+ would clip it; raise "
+                "--secagg-clip-range"
             )
-    return reason
+            return why, f"{why} (it is {peak * scale:.4g})"
+    return None
 
 
 def _train_held(msg: Message, context: Context) -> Message:
@@ -254,8 +264,8 @@ def _train_held(msg: Message, context: Context) -> Message:
         if refused is None:
             delta = update.delta
         else:  # its DP steps are spent (the state below keeps them); nothing is released
-            log.error("site %s round %d: not sending its update: %s", site.name, r, refused)
-            result = {"status": "failed", "error": refused, "steps": update.steps}
+            log.error("site %s round %d: not sending its update: %s", site.name, r, refused[1])
+            result = {"status": "failed", "error": refused[0], "steps": update.steps}
     release = None
     if delta is not None:
         release = {"round": r, "steps": int(result["steps"])}
