@@ -164,6 +164,22 @@ def test_a_site_that_drops_out_under_secagg_is_unmasked_from_the_others_shares(p
     assert run.rec["sites"]["site2"]["epsilon"] == plain.rec["sites"]["site2"]["epsilon"]
 
 
+def _unmask_stage(msg: Message) -> bool:
+    record = msg.content.config_records.get("secaggplus_configs")
+    return record is not None and record.get("stage") == "unmask"
+
+
+def test_a_round_that_loses_too_many_sites_halts_and_keeps_the_model(tmp_path):
+    # site2 dies before its masked vector leaves, site1 before its shares do: one share of
+    # each secret is left, 2 are needed. The round is refused; nobody's update is used.
+    crash = {"site2": lambda m: secagg.is_fitins(m.content), "site1": _unmask_stage}
+    run = _run(tmp_path, record=False, secagg=True, crash=crash)
+    assert "secure aggregation stopped before unmasking" in run.rec["refused_round"]
+    assert run.rec["took_part"] == []
+    assert all(torch.equal(run.fed.sim.weights[k], run.w0[k]) for k in run.w0)
+    assert all(e["epsilon"] > 0 for e in run.rec["sites"].values())  # their releases count
+
+
 def _forge_weight(slot: int):
     """A hostile site's mod inside SecAgg+'s: it trains honestly and then puts ``slot`` in
     its weight slot. With the others' two slots of 1, -2 makes the total 0: Flower divides

@@ -142,6 +142,14 @@ def _train_secure(sim, grid, context, nodes, chosen, r, config, cfg, timeout, re
         grid, context, r, sim.weights, configs, {s.name: s.node_id for s in chosen},
         clip_range=cfg.secagg_clip_range, bits=cfg.secagg_bits, timeout=timeout,
     )  # fmt: skip
+    record["secagg"] = {"summed": res.n, "threshold": secagg.threshold(len(chosen)),
+                        "seconds": res.seconds}  # fmt: skip
+    if res.halted or res.total is None:  # no site's result reached the server
+        for site in chosen:
+            record["sites"][site.name].update(status="failed", error="round halted")
+        record["refused_round"] = res.halted
+        log.error("round %d refused: %s", r, res.halted)
+        return
     ok = []
     for site in chosen:
         entry = record["sites"][site.name]
@@ -150,12 +158,6 @@ def _train_secure(sim, grid, context, nodes, chosen, r, config, cfg, timeout, re
             continue
         if _site_result(site, res.results[site.name], entry):
             ok.append(site)
-    record["secagg"] = {"summed": res.n, "threshold": secagg.threshold(len(chosen)),
-                        "seconds": res.seconds}  # fmt: skip
-    if res.halted or res.total is None:
-        record["refused_round"] = res.halted
-        log.error("round %d refused: %s", r, res.halted)
-        return
     reason = check_secure_sum(res.total, res.n, cfg.secagg_clip_range, cfg.max_update_norm)
     if reason is not None:  # the sum shows no site: the whole round goes
         record["refused_round"] = reason
