@@ -223,6 +223,16 @@ class Site:
         return self.ledger is not None
 
     @property
+    def weight(self) -> int:
+        """The site's weight in FedAvg's mean: B / q, its size as its public Poisson sampling
+        rate states it (its exact number of cases is not public; strategies.py). A site
+        drawing fixed shuffled batches (non-private only) has no sampling rate and weights
+        by its number of cases, as FedAvg does."""
+        if not self.config.poisson:
+            return self.num_examples
+        return self.steps_per_epoch * self.config.batch_size
+
+    @property
     def epsilon(self) -> float | None:
         return self.ledger.epsilon if self.ledger is not None else None
 
@@ -292,7 +302,7 @@ class Site:
         return SiteUpdate(
             site=self.name, delta=delta, num_examples=self.num_examples, steps=local_steps,
             seconds=seconds, loss=float(np.mean(losses)) if losses else None,
-            metrics={"cpu_seconds": cpu_seconds},
+            metrics={"cpu_seconds": cpu_seconds}, weight=float(self.weight),
         )  # fmt: skip
 
     def _param_names(self) -> list[str]:
