@@ -177,12 +177,20 @@ def _command(args) -> str:
     return " ".join(parts)
 
 
+def _check_all(configs) -> None:
+    for cfg in configs:
+        try:
+            cfg.check()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+
 def _run_worlds(args) -> int:
     import json
 
     from tqdm import tqdm
 
-    from dpseg.audit.worlds import WorldsConfig, run_worlds_audit, verdict
+    from dpseg.audit.worlds import WorldsConfig, run_worlds_audit, verdict, worlds_markdown
     from dpseg.perf import environment
 
     if (args.out / "report.json").exists():
@@ -209,11 +217,7 @@ def _run_worlds(args) -> int:
         )  # fmt: skip
         for sigma in args.noise_multiplier
     ]
-    for cfg in configs:
-        try:
-            cfg.check()
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+    _check_all(configs)
     results = []
     for cfg in configs:
         label = f"add/remove worlds, sigma {cfg.noise_multiplier:g}"
@@ -234,29 +238,7 @@ def _run_worlds(args) -> int:
         "worlds": [{**r.as_dict(), "verdict": verdict(r)} for r in results],
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    lines = [
-        "# Privacy audit: add/remove worlds",
-        "",
-        f"`{report['command']}`",
-        "",
-        "One world a run: N patients, or N + 1 with a canary patient, through the real "
-        "loader, collate, normaliser and steps a pass; scored on the raw released updates. "
-        "Three scores (the canary coordinate, the updates' energy, its negative), each bound "
-        "at a third of the error budget.",
-        "",
-        "| sigma | N | q | normaliser | runs / world | steps (world 0 / 1) | claimed "
-        "(adjacency) | lower (95%) | score | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        claimed = "inf" if r.epsilon_claimed is None else f"{r.epsilon_claimed:.2f}"
-        lines.append(
-            f"| {r.noise_multiplier:g} | {r.patients} | {r.sample_rate or 'from N'} | "
-            f"{r.expected_batch_size or 'from N'} | {r.runs} | {r.steps[0]} / {r.steps[1]} | "
-            f"{claimed} ({r.adjacency}) | {r.epsilon_lower:.2f} | {r.best_score} | "
-            f"{verdict(r)} |"
-        )
-    (args.out / "report.md").write_text("\n".join(lines) + "\n")
+    (args.out / "report.md").write_text(worlds_markdown(results, report["command"]))
     print(f"wrote {args.out / 'report.json'} and report.md")
     leaks = [r for r in results if verdict(r).startswith("LEAKS")]
     return 1 if leaks else 0
@@ -313,11 +295,7 @@ def run_audit_command(args) -> int:
         for backend in args.backend
         for path in args.path
     ]
-    for cfg in configs:
-        try:
-            cfg.check()
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+    _check_all(configs)
     results = []
     for cfg in configs:
         label = f"sigma {cfg.noise_multiplier:g}, {cfg.backend}, {cfg.path}"

@@ -207,3 +207,29 @@ def verdict(r: WorldsResult) -> str:
     if r.epsilon_lower > r.epsilon_claimed:
         return "LEAKS: measured above the claim"
     return "ok"
+
+
+def worlds_markdown(results: list[WorldsResult], command: str) -> str:
+    lines = [
+        "# Privacy audit: add/remove worlds",
+        "",
+        f"`{command}`",
+        "",
+        "One world a run: N patients, or N + 1 with a canary patient, through the real "
+        "loader, collate, normaliser and steps a pass; scored on the raw released updates. "
+        "Three scores (the canary coordinate, the updates' energy, its negative), each bound "
+        "at a third of the error budget.",
+        "",
+        "| sigma | N | q | normaliser | runs / world | steps (world 0 / 1) | claimed "
+        "(adjacency) | lower (95%) | score | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        claimed = "inf" if r.epsilon_claimed is None else f"{r.epsilon_claimed:.2f}"
+        lines.append(
+            f"| {r.noise_multiplier:g} | {r.patients} | {r.sample_rate or 'from N'} | "
+            f"{r.expected_batch_size or 'from N'} | {r.runs} | {r.steps[0]} / {r.steps[1]} | "
+            f"{claimed} ({r.adjacency}) | {r.epsilon_lower:.2f} | {r.best_score} | "
+            f"{verdict(r)} |"
+        )
+    return "\n".join(lines) + "\n"
