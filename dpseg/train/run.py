@@ -351,6 +351,7 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
     trained = _global_sum(sum(history["batch"][len(history["batch"]) - (step - start) :]))
     if not lead:
         return {}
+    overlays = _overlays(out, unwrap(model), va_images, va_labels, rows, cfg, dataset, device)
     report = {
         "dice": float(np.mean([r["dice"] for r in rows])) if rows else None,
         "dice_largest_component": (
@@ -381,12 +382,22 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
         "parameters": sum(p.numel() for p in unwrap(model).parameters()),
         "resumed_from_step": start if ckpt is not None else None,
         "per_case": rows,
+        "overlays": overlays,
         "config": cfg.as_dict(),
         "versions": {"dpseg": dpseg.__version__, "torch": torch.__version__},
         "history": history,
     }
     write_report(out, report)
     return report
+
+
+def _overlays(out, model, images, labels, rows, cfg, dataset, device) -> str | None:
+    from dpseg.train.overlay import validation_overlays
+
+    name = f"DP ({cfg.engine})" if cfg.dp else "non-private"
+    return validation_overlays(
+        out / "overlays.png", model, images, labels, rows, cfg, dataset.labels, name, device=device
+    )
 
 
 def _global_sum(value: int) -> int:
