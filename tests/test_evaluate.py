@@ -386,3 +386,30 @@ def test_largest_component_oracle_is_independent():
     assert n == 2
     kept = keep_largest_component(labels, 3)
     assert kept.sum() == 64 and kept[9, 9, 9] == 0
+
+
+def test_federate_split_and_overlays(msd, split_file, tmp_path, monkeypatch):
+    loaded = []
+    real = MSDDataset.load
+
+    def spy(self, i):
+        loaded.append(self.cases[i].name)
+        return real(self, i)
+
+    monkeypatch.setattr(MSDDataset, "load", spy)
+    out = tmp_path / "fed"
+    flags = [
+        "--data", str(msd), "--split", str(split_file), "--partition", "iid", "--sites", "2",
+        "--test-fraction", "0.4", "--patch", "16", "--channels", "4,8", "--local-steps", "1",
+        "--batch", "2", "--rounds", "1", "--accountant", "rdp", "--compare", "dpseg,none",
+    ]  # fmt: skip
+    assert main(["federate", *flags, "--out", str(out)]) == 0
+    train = set(read_case_list(split_file))
+    assert set(loaded) <= train  # the test list is never read, not even for the panels
+    report = json.loads((out / "report.json").read_text())
+    used = {c for s in report["sites"].values() for part in s["cases"].values() for c in part}
+    assert used == train
+    assert (out / "overlays.png").stat().st_size > 5000
+    assert "![overlays](overlays.png)" in (out / "report.md").read_text()
+    assert main(["federate", "--phantoms", "4", "--sites", "2", "--split", str(split_file),
+                 "--out", str(tmp_path / "x")]) == 2  # fmt: skip
