@@ -238,7 +238,8 @@ def overlay_panels(
 ) -> list:
     """An overlay `Panel` per case: the image and truth on the first checkpoint's
     preprocessed grid, and each checkpoint's label map ({name: path}, in order) on that grid.
-    `dice`: {model name: {case: Dice}} to print above the predictions."""
+    `dice`: {model name: {case: Dice}} to print above the predictions; a model it lacks is
+    scored on the panel's grid."""
     from dpseg.train.overlay import Panel
     from dpseg.train.predict import checkpoint_preprocessing, load_trained_model
 
@@ -262,6 +263,8 @@ def overlay_panels(
                 pred = resample_to_shape(pred, lab.shape, order=0)
             preds[name] = pred
         scores = {n: float(d[case]) for n, d in (dice or {}).items() if case in d}
+        for name, pred in preds.items():  # the others, on this grid
+            scores.setdefault(name, float(np.mean(dice_per_class(pred, lab, dataset.num_classes))))
         panels.append(Panel(case, img, lab, preds, scores))
     return panels
 
