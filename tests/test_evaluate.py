@@ -413,3 +413,26 @@ def test_federate_split_and_overlays(msd, split_file, tmp_path, monkeypatch):
     assert "![overlays](overlays.png)" in (out / "report.md").read_text()
     assert main(["federate", "--phantoms", "4", "--sites", "2", "--split", str(split_file),
                  "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    # the global models score with dpseg evaluate as the run scored its held-out cases
+    from dpseg.federated.report import final_cases
+    from dpseg.train.evaluate import evaluate_checkpoint
+
+    held_out = [c for s in report["sites"].values() for c in s["cases"]["test"]]
+    for engine in ("dpseg", "none"):
+        f = evaluate_checkpoint(out / f"checkpoint_{engine}.pt", msd, held_out, progress=False)
+        assert f["checkpoint_kind"] == "federated" and f["trained_rounds"] == 1
+        for case, (dice, dice_lc) in final_cases(report, engine).items():
+            assert f["per_case"][case]["mean_dice"] == pytest.approx(dice, abs=1e-9)
+            assert f["per_case"][case]["largest_component"]["mean_dice"] == pytest.approx(
+                dice_lc, abs=1e-9
+            )
+        assert set(f["seen_in_training"]) == set(held_out)  # validation cases: not a test
+        if engine == "none":
+            assert f["epsilon"] is None
+        else:
+            assert f["epsilon"] == pytest.approx(report["max_epsilon"]["dpseg"], rel=1e-6)
+            assert set(f["epsilon_per_site"]) == set(report["sites"])
+            assert f["unit"] == "case"
+    test = read_case_list(f"{split_file}:test")
+    f = evaluate_checkpoint(out / "checkpoint_dpseg.pt", msd, test, progress=False)
+    assert f["cases"] == 3 and f["seen_in_training"] == []

@@ -469,13 +469,9 @@ def write_overlays(report: dict, out: Path, k: int = 4) -> str | None:
     private engine) with the image, the truth and each engine's final global model's
     prediction. Needs the simulator's RUN/checkpoint_<engine>.pt and the data on this
     machine; a Flower server has neither (the sites hold the data): None then."""
-    import torch
-
     from dpseg.data import MSDDataset
-    from dpseg.federated.sitedata import site_preprocessing
-    from dpseg.models import UNet
-    from dpseg.train.loop import predict_volume
-    from dpseg.train.overlay import Panel, draw_overlays, pick_cases
+    from dpseg.train.evaluate import overlay_panels
+    from dpseg.train.overlay import draw_overlays, pick_cases
 
     cfg = report["config"]
     engines = [e for e in report["engines"] if e not in report.get("timing_only", {})]
@@ -484,30 +480,15 @@ def write_overlays(report: dict, out: Path, k: int = 4) -> str | None:
     root = Path(cfg["data"]) if cfg.get("data") else out / "phantoms"
     if not engines or not (root / "dataset.json").is_file():
         return None
-    dataset = MSDDataset(root)
-    prep = site_preprocessing(dataset, cfg.get("normalize", "auto"))
-    index = {c.name: i for i, c in enumerate(dataset.cases)}
+    dataset = MSDDataset(root, check_headers=False)
+    known = {c.name for c in dataset.cases}
     lead = next((e for e in engines if e != "none"), engines[0])
-    chosen = pick_cases({c: v[0] for c, v in finals[lead].items() if c in index}, k)
-    models = {}
-    for e in engines:
-        model = UNet(
-            cfg.get("spatial_dims", 3), 1, dataset.num_classes, channels=tuple(cfg["channels"]),
-            norm=cfg.get("norm", "group"), upsample=cfg["upsample"],
-        )  # fmt: skip
-        state = torch.load(out / f"checkpoint_{e}.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state["weights"], strict=False)
-        models[e] = model.eval()
-    panels = []
-    for case in chosen:
-        image, label, _ = prep.apply(*dataset.load(index[case]))
-        preds = {
-            e: predict_volume(
-                m, image, cfg["patch"], cfg.get("spatial_dims", 3), cfg.get("eval_overlap", 0.25)
-            ).argmax(0).numpy()
-            for e, m in models.items()
-        }  # fmt: skip
-        panels.append(Panel(case, image, label, preds, {e: finals[e][case][0] for e in engines}))
+    chosen = pick_cases({c: v[0] for c, v in finals[lead].items() if c in known}, k)
+    if not chosen:
+        return None
+    checkpoints = {e: out / f"checkpoint_{e}.pt" for e in engines}
+    dice = {e: {c: v[0] for c, v in finals[e].items()} for e in engines}
+    panels = overlay_panels(checkpoints, root, chosen, dice, device=cfg.get("device", "cpu"))
     names = {int(c): n for c, n in dataset.labels.items()}
     title = "held-out cases of every site, final global model of each engine"
     return draw_overlays(out / "overlays.png", panels, title=title, label_names=names).name

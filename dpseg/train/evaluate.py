@@ -1,11 +1,12 @@
 """`dpseg evaluate`: score a saved model on the labelled cases of any MSD folder, and compare
 two scorings case by case.
 
-`evaluate_checkpoint` predicts every case (or a listed subset) with the checkpoint's own
+`evaluate_checkpoint` takes a `dpseg train` checkpoint or a `dpseg federate` one (its global
+model; dpseg.train.saved_model) and predicts every case (or a listed subset) with its own
 preprocessing and sliding window, scores Dice per label on the case's own grid (a run that
 resampled has its class scores resampled back first, as `dpseg predict` does), as predicted
 and with each label's largest connected component kept, and reads the privacy guarantee from
-the checkpoint's ledger. Its result is F.json::
+the checkpoint's ledger(s). Its result is F.json::
 
     {"cases": n, "dice_per_label": {"1": d, "2": d}, "mean_dice": d,
      "largest_component": {"dice_per_label": ..., "mean_dice": d},
@@ -36,6 +37,7 @@ from dpseg.data import DataError, MSDDataset, resample_to_shape
 from dpseg.train.loop import predict_volume
 from dpseg.train.metrics import dice_per_class
 from dpseg.train.postprocess import keep_largest_component
+from dpseg.train.saved_model import SavedModel, ledger_privacy, load_saved_model, model_label
 
 __all__ = [
     "evaluate_checkpoint",
@@ -49,58 +51,6 @@ __all__ = [
 ]
 
 FORMAT = "dpseg-evaluate-1"
-
-
-# --- privacy -------------------------------------------------------------------------------
-def ledger_privacy(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    """{"epsilon", "delta", "unit", "adjacency", "accountant", "noise_multiplier",
-    "sample_rate", "dp_steps"} of a `dpseg train` checkpoint, from its privacy ledger: epsilon
-    recomputed by the ledger's accountant over its recorded steps. Every value is None for a
-    run without DP. A ledger written before it recorded "unit" and "adjacency" gets the
-    unit of that engine (one row per case: the case) and add/remove adjacency (Poisson
-    sampling), named in "inferred"."""
-    cfg = ckpt.get("config", {})
-    privacy = ckpt.get("privacy") or {}
-    ledger = privacy.get("ledger")
-    keys = ("epsilon", "delta", "unit", "adjacency", "accountant", "noise_multiplier")
-    out: dict[str, Any] = dict.fromkeys((*keys, "sample_rate", "dp_steps"))
-    if not cfg.get("dp", True) or not ledger:
-        return out
-    from opacus.accountants import create_accountant
-
-    name = ledger.get("accountant", ledger.get("mechanism"))
-    history = [tuple(h) for h in ledger.get("history", [])]
-    delta = float(ledger.get("delta", cfg.get("delta", 1e-5)))
-    if history:
-        acc = create_accountant(name)
-        acc.history = history
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            eps = float(acc.get_epsilon(delta=delta))
-    else:
-        eps = 0.0
-    inferred = [k for k in ("unit", "adjacency") if k not in ledger]
-    out.update(
-        epsilon=eps,
-        delta=delta,
-        unit=ledger.get("unit", "case"),
-        adjacency=ledger.get("adjacency", "add/remove"),
-        accountant=name,
-        noise_multiplier=privacy.get("noise_multiplier"),
-        sample_rate=privacy.get("sample_rate"),
-        dp_steps=int(sum(h[2] for h in history)) if history else 0,
-    )
-    if inferred:
-        out["inferred"] = inferred
-    return out
-
-
-def model_label(ckpt: Mapping[str, Any], privacy: Mapping[str, Any] | None = None) -> str:
-    """What a panel or a table calls the model: "non-private" or "DP eps 7.99"."""
-    privacy = privacy if privacy is not None else ledger_privacy(ckpt)
-    if privacy.get("epsilon") is None:
-        return "non-private"
-    return f"DP eps {privacy['epsilon']:.2f}"
 
 
 # --- scoring -------------------------------------------------------------------------------
@@ -154,25 +104,25 @@ def evaluate_checkpoint(
     overlap: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """F.json's dict. `cases`: None (every labelled case), a split spec ``FILE[:KEY]`` (KEY
-    defaults to "test") or a list of case ids."""
-    from dpseg.train.predict import checkpoint_preprocessing, load_trained_model
-
+    """F.json's dict for a `dpseg train` or `dpseg federate` checkpoint. `cases`: None (every
+    labelled case), a split spec ``FILE[:KEY]`` (KEY defaults to "test") or a list of ids."""
     t0 = time.perf_counter()
-    model, cfg, ckpt = load_trained_model(checkpoint, device)
-    dataset = _dataset_for(data, ckpt, checkpoint, cfg.channel)
-    k = int(ckpt["model_args"]["out_channels"])
+    saved = load_saved_model(checkpoint, device)
+    dataset = MSDDataset(data, channel=saved.channel)
+    saved.check_dataset(dataset)
+    k = saved.out_channels
     labels = list(range(1, k))
     picked, source = _case_indices(dataset, cases)
-    prep = checkpoint_preprocessing(ckpt)
-    split = ckpt.get("split") or {}
-    trained = set(split.get("train", [])) | set(split.get("val", []))
-    overlap = cfg.overlap if overlap is None else overlap
+    prep = saved.preprocessing(dataset)
+    overlap = saved.overlap if overlap is None else overlap
     per_case: dict[str, dict] = {}
     for i in tqdm(picked, desc="evaluating", unit="case", disable=None if progress else True):
         image, label = dataset.load(i)
         img, _, _ = prep.apply(image, label)
-        scores = predict_volume(model, img, cfg.patch, cfg.spatial_dims, overlap, device)
+        scores = predict_volume(
+            saved.model, img, saved.patch, saved.spatial_dims, overlap, device,
+            softmax=saved.softmax,
+        )  # fmt: skip
         if tuple(scores.shape[1:]) != label.shape:  # the run resampled: score on the case's grid
             scores = torch.from_numpy(
                 np.stack([resample_to_shape(s.numpy(), label.shape, order=1) for s in scores])
@@ -183,8 +133,7 @@ def evaluate_checkpoint(
         row["largest_component"] = _scores(keep_largest_component(pred, k), truth, labels, k)
         per_case[dataset.cases[i].name] = row
     rows = list(per_case.values())
-    privacy = ledger_privacy(ckpt)
-    seen = sorted(set(per_case) & trained)
+    seen = sorted(set(per_case) & saved.seen)
     if seen:
         warnings.warn(
             f"{len(seen)} of the {len(per_case)} scored cases were used to train or validate "
@@ -195,20 +144,18 @@ def evaluate_checkpoint(
     return {
         "format": FORMAT,
         "checkpoint": str(checkpoint),
+        "checkpoint_kind": saved.kind,
         "data": str(data),
         "case_source": source,
         "cases": len(rows),
         "label_names": {str(c): dataset.labels.get(c, str(c)) for c in labels},
         **_summary(rows, labels),
         "largest_component": _summary([r["largest_component"] for r in rows], labels),
-        **privacy,
-        "model": model_label(ckpt, privacy),
+        **saved.privacy,
+        "model": saved.label,
         "seen_in_training": seen,
-        "train_config": {
-            key: cfg.as_dict()[key]
-            for key in ("dp", "steps", "patch", "batch", "channels", "lr", "lr_schedule", "seed")
-        },
-        "trained_steps": int(ckpt.get("step", 0)),
+        "train_config": saved.train_config,
+        ("trained_steps" if saved.kind == "train" else "trained_rounds"): saved.steps,
         "overlap": overlap,
         "device": str(device),
         "seconds": time.perf_counter() - t0,
@@ -216,48 +163,39 @@ def evaluate_checkpoint(
     }
 
 
-def _dataset_for(data, ckpt: Mapping[str, Any], checkpoint, channel) -> MSDDataset:
-    dataset = MSDDataset(data, channel=channel)
-    k = int(ckpt["model_args"]["out_channels"])
-    if dataset.num_classes != k:
-        raise DataError(
-            f"{dataset.json_path}: declares {dataset.num_classes} classes (labels "
-            f"{sorted(dataset.labels)}) but the checkpoint {checkpoint} predicts {k}. Score it "
-            "on a dataset with the labels it was trained on."
-        )
-    return dataset
-
-
 def overlay_panels(
-    checkpoints: Mapping[str, str | Path],
+    checkpoints: Mapping[str, str | Path | SavedModel],
     data: str | Path,
     case_names: Sequence[str],
     dice: Mapping[str, Mapping[str, float]] | None = None,
     *,
     device: str | torch.device = "cpu",
 ) -> list:
-    """An overlay `Panel` per case: the image and truth on the first checkpoint's
-    preprocessed grid, and each checkpoint's label map ({name: path}, in order) on that grid.
-    `dice`: {model name: {case: Dice}} to print above the predictions; a model it lacks is
-    scored on the panel's grid."""
+    """An overlay `Panel` per case: the image and truth on the first model's preprocessed
+    grid, and each model's label map ({name: checkpoint path or SavedModel}, in order) on
+    that grid. `dice`: {model name: {case: Dice}} to print above the predictions; a model it
+    lacks is scored on the panel's grid."""
     from dpseg.train.overlay import Panel
-    from dpseg.train.predict import checkpoint_preprocessing, load_trained_model
 
-    models = {}
-    for name, path in checkpoints.items():
-        model, cfg, ckpt = load_trained_model(path, device)
-        models[name] = (model, cfg, checkpoint_preprocessing(ckpt), ckpt)
+    models = {
+        name: m if isinstance(m, SavedModel) else load_saved_model(m, device)
+        for name, m in checkpoints.items()
+    }
     first = next(iter(models.values()))
-    dataset = _dataset_for(data, first[3], next(iter(checkpoints.values())), first[1].channel)
+    dataset = MSDDataset(data, channel=first.channel)
+    first.check_dataset(dataset)
     index = {c.name: i for i, c in enumerate(dataset.cases)}
+    preps = {name: m.preprocessing(dataset) for name, m in models.items()}
     panels = []
     for case in case_names:
         image, label = dataset.load(index[case])
-        img, lab, _ = first[2].apply(image, label)
+        img, lab, _ = preps[next(iter(models))].apply(image, label)
         preds = {}
-        for name, (model, cfg, prep, _) in models.items():
-            x, _, _ = prep.apply(image)
-            p = predict_volume(model, x, cfg.patch, cfg.spatial_dims, cfg.overlap, device)
+        for name, m in models.items():
+            x, _, _ = preps[name].apply(image)
+            p = predict_volume(
+                m.model, x, m.patch, m.spatial_dims, m.overlap, device, softmax=m.softmax
+            )
             pred = p.argmax(0).numpy().astype(np.uint8)
             if pred.shape != lab.shape:
                 pred = resample_to_shape(pred, lab.shape, order=0)

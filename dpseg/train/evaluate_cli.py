@@ -26,13 +26,13 @@ def add_evaluate_parser(sub) -> None:
         "label, epsilon), or compare two scorings case by case",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Scores a `dpseg train` checkpoint on every labelled case of an MSD folder (or the "
-            "cases of a split list) with the run's own preprocessing and sliding window: Dice "
-            "per label and its mean, as predicted and with each label's largest connected "
-            "component kept, per case and over cases, with epsilon, delta, unit and adjacency "
-            "from the checkpoint's privacy ledger (null without DP). Writes F.json, F.md and "
-            "F_overlays.png (a few cases from the worst to the best Dice: image, truth, each "
-            "model's prediction) and prints a table.\n\n"
+            "Scores a `dpseg train` (or `dpseg federate`) checkpoint on every labelled case "
+            "of an MSD folder (or the cases of a split list) with the run's own preprocessing "
+            "and sliding window: Dice per label and its mean, as predicted and with each "
+            "label's largest connected component kept, per case and over cases, with epsilon, "
+            "delta, unit and adjacency from the checkpoint's privacy ledger (null without DP). "
+            "Writes F.json, F.md and F_overlays.png (a few cases from the worst to the best "
+            "Dice: image, truth, each model's prediction) and prints a table.\n\n"
             "  dpseg evaluate --checkpoint RUN/checkpoint.pt --data MSD --out F.json \\\n"
             "      --cases docs/results/hippocampus/split.json:test \\\n"
             "      [--also non-private=RUN2/checkpoint.pt]\n"
@@ -41,7 +41,12 @@ def add_evaluate_parser(sub) -> None:
             "A - B and its 95% paired bootstrap interval (cases resampled with replacement)."
         ),
     )
-    p.add_argument("--checkpoint", type=Path, help="RUN/checkpoint.pt of `dpseg train`")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="RUN/checkpoint.pt of `dpseg train`, or RUN/checkpoint_<engine>.pt of `dpseg "
+        "federate` (its global model; epsilon: the largest over sites)",
+    )
     p.add_argument("--data", type=Path, help="MSD folder (dataset.json, imagesTr/, labelsTr/)")
     p.add_argument(
         "--out", type=Path, help="F.json to write (F.md and F_overlays.png go beside it)"
@@ -125,10 +130,10 @@ def _evaluate(args) -> int:
         evaluate_checkpoint,
         format_markdown,
         format_table,
-        model_label,
         overlay_panels,
     )
     from dpseg.train.overlay import draw_overlays, pick_cases
+    from dpseg.train.saved_model import load_saved_model
 
     missing = [f"--{k}" for k in ("checkpoint", "data", "out") if getattr(args, k) is None]
     if missing:
@@ -164,18 +169,14 @@ def _evaluate(args) -> int:
         )  # fmt: skip
     overlay = None
     if args.overlay_cases:
-        from dpseg.train.checkpoint import load_checkpoint
-        from dpseg.train.evaluate import ledger_privacy
-
         name = args.name or result["model"]
-        checkpoints = {name: args.checkpoint}
+        checkpoints = {name: load_saved_model(args.checkpoint, args.device)}
         for other, path in others:
-            if other is None:
-                ck = load_checkpoint(path)
-                other = model_label(ck, ledger_privacy(ck))
+            saved = load_saved_model(path, args.device)
+            other = other or saved.label
             if other in checkpoints:
                 other = f"{other} ({path.parent.name})"
-            checkpoints[other] = path
+            checkpoints[other] = saved
         cases = pick_cases(
             {c: r["mean_dice"] for c, r in result["per_case"].items()}, args.overlay_cases
         )
