@@ -7,13 +7,15 @@
 # Each run writes $R/[tune/]NAME/ (report, checkpoint), NAME.cmd (its command) and NAME.log.
 # A run whose folder holds a report.json is skipped, so the script can be rerun after a stop.
 #
-# Add a configuration: one "NAME|OPTIONS" line in TUNE (model selection: validation is drawn
-# from inside the 160 training cases, the 40 test cases are never loaded) or in FINAL (trained
-# on all 160 with --val-fraction 0, then `dpseg evaluate` on the 40 test cases). A DP line is
-# the same with --target-epsilon 8 (and, once the engine has it, its patches-per-case option)
-# in place of --no-dp.
+# Add a configuration: one "NAME|TRAIN OPTIONS" line in TUNE (model selection: validation is
+# drawn from inside the 160 training cases, the 40 test cases are never loaded) or one
+# "NAME|TRAIN OPTIONS|EVALUATE OPTIONS" line in FINAL (trained on all 160 with
+# --val-fraction 0, then `dpseg evaluate` on the 40 test cases; e.g. EVALUATE OPTIONS
+# "--also non-private=$R/nodp_s0/checkpoint.pt" puts that model's predictions beside this
+# one's in the overlay panels). A DP line is the same with --target-epsilon 8 (and, once the
+# engine has it, its patches-per-case option) in place of --no-dp.
 set -euo pipefail
-cd "$(dirname "$0")/../../.."
+cd "${ROOT:-$(dirname "$0")/../../..}"  # ROOT: the repository, when run from a copy
 D=${D:-.venv/bin/dpseg}
 DATA=${DATA:-../shared/data/hippocampus}
 SPLIT=docs/results/hippocampus/split.json
@@ -28,6 +30,11 @@ TUNE=(
   "t02_pct|--no-dp $BASE --steps 300"
   "t03_1000|--no-dp $BASE --steps 1000 --eval-every 250"
   "t04_p32b8|--no-dp --patch 32 --channels 8,16,32 --batch 8 --lr 3e-3 --lr-schedule cosine --steps 1000 --eval-every 250"
+  # learning rate, at the 300 steps of t02
+  "t05_lr1e-2|--no-dp --patch 24 --channels 8,16,32 --batch 16 --lr 1e-2 --lr-schedule cosine --steps 300"
+  "t06_lr1e-3|--no-dp --patch 24 --channels 8,16,32 --batch 16 --lr 1e-3 --lr-schedule cosine --steps 300"
+  # depth: a fourth level (4^3 at the bottom of a 32^3 patch)
+  "t07_l4|--no-dp --patch 32 --channels 8,16,32,64 --batch 8 --lr 3e-3 --lr-schedule cosine --steps 1000 --eval-every 250"
 )
 FINAL=(
 )
@@ -43,11 +50,20 @@ run_one() {  # run_one DIR NAME OPTIONS
   tail -n 4 "$dir/$name.log" | head -n 1
 }
 
-score() {  # score NAME: the 40 test cases, with the final model beside any --also
-  local name=$1
+score() {  # score NAME [EVALUATE OPTIONS]: the 40 test cases
+  local name=$1 extra=${2:-}
   # shellcheck disable=SC2086
   nice -n 10 $D evaluate --checkpoint "$R/$name/checkpoint.pt" --data "$DATA" \
-    --cases "$SPLIT:test" --out "$R/$name/test.json" --threads 1 --quiet ${ALSO:-}
+    --cases "$SPLIT:test" --out "$R/$name/test.json" --threads 1 --quiet $extra \
+    > "$R/$name.test.log" 2>&1
+  head -n 5 "$R/$name.test.log"
+}
+
+final_one() {  # final_one "NAME|TRAIN OPTIONS[|EVALUATE OPTIONS]"
+  local name opts extra
+  IFS='|' read -r name opts extra <<< "$1"
+  run_one "$R" "$name" "$opts"
+  [ -f "$R/$name/test.json" ] || score "$name" "$extra"
 }
 
 lookup() {  # lookup NAME ARRAY...: the options of NAME
@@ -61,15 +77,10 @@ targets=("$@")
 for t in "${targets[@]}"; do
   case $t in
     tune) for line in "${TUNE[@]}"; do run_one "$R/tune" "${line%%|*}" "${line#*|}"; done ;;
-    final)
-      for line in "${FINAL[@]}"; do
-        run_one "$R" "${line%%|*}" "${line#*|}"
-        [ -f "$R/${line%%|*}/test.json" ] || score "${line%%|*}"
-      done ;;
+    final) for line in "${FINAL[@]}"; do final_one "$line"; done ;;
     *)
       if opts=$(lookup "$t" "${TUNE[@]}"); then run_one "$R/tune" "$t" "$opts"
-      elif opts=$(lookup "$t" "${FINAL[@]}"); then
-        run_one "$R" "$t" "$opts"; [ -f "$R/$t/test.json" ] || score "$t"
+      elif opts=$(lookup "$t" "${FINAL[@]}"); then final_one "$t|$opts"
       else echo "no configuration named $t in run.sh" >&2; exit 2; fi ;;
   esac
 done
