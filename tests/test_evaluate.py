@@ -257,6 +257,7 @@ def test_ledger_unit_and_adjacency_are_read_when_present():
         "history": [(1.0, 0.25, 10)],
         "unit": "patient",
         "adjacency": "add/remove one patient",
+        "sampling": "poisson",
     }
     ckpt = {"config": {"dp": True, "delta": 1e-5}, "privacy": {"ledger": ledger}}
     p = ledger_privacy(ckpt)

@@ -30,12 +30,18 @@ __all__ = ["SavedModel", "ledger_privacy", "load_saved_model", "model_label"]
 DEFAULT_UNIT, DEFAULT_ADJACENCY = "case", "add/remove"
 
 
-def _epsilon(accountant: str, history: list, delta: float) -> float:
-    from opacus.accountants import create_accountant
+def _make_accountant(name: str):
+    try:  # the engine's own names (replace-one, shuffled) where it has them
+        from dpseg.privacy.accountants import make_accountant
+    except ImportError:
+        from opacus.accountants import create_accountant as make_accountant
+    return make_accountant(name)
 
+
+def _epsilon(accountant: str, history: list, delta: float) -> float:
     if not history:
         return 0.0
-    acc = create_accountant(accountant)
+    acc = _make_accountant(accountant)
     acc.history = [tuple(h) for h in history]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -43,7 +49,7 @@ def _epsilon(accountant: str, history: list, delta: float) -> float:
 
 
 def _none() -> dict[str, Any]:
-    keys = ("epsilon", "delta", "unit", "adjacency", "accountant", "noise_multiplier")
+    keys = ("epsilon", "delta", "unit", "adjacency", "sampling", "accountant", "noise_multiplier")
     return dict.fromkeys((*keys, "sample_rate", "dp_steps"))
 
 
@@ -56,17 +62,18 @@ def _from_ledger(ledger: Mapping[str, Any], delta: float) -> dict[str, Any]:
         "delta": delta,
         "unit": ledger.get("unit", DEFAULT_UNIT),
         "adjacency": ledger.get("adjacency", DEFAULT_ADJACENCY),
+        "sampling": ledger.get("sampling", "poisson"),
         "accountant": name,
         "dp_steps": int(sum(h[2] for h in history)),
     }
-    inferred = [k for k in ("unit", "adjacency") if k not in ledger]
+    inferred = [k for k in ("unit", "adjacency", "sampling") if k not in ledger]
     if inferred:
         out["inferred"] = inferred
     return out
 
 
 def ledger_privacy(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    """{"epsilon", "delta", "unit", "adjacency", "accountant", "noise_multiplier",
+    """{"epsilon", "delta", "unit", "adjacency", "sampling", "accountant", "noise_multiplier",
     "sample_rate", "dp_steps"} (and "inferred": the keys an older ledger lacked) of a
     `dpseg train` checkpoint; all None without DP."""
     cfg = ckpt.get("config", {})

@@ -35,6 +35,8 @@ TUNE=(
   "t06_lr1e-3|--no-dp --patch 24 --channels 8,16,32 --batch 16 --lr 1e-3 --lr-schedule cosine --steps 300"
   # depth: a fourth level (4^3 at the bottom of a 32^3 patch)
   "t07_l4|--no-dp --patch 32 --channels 8,16,32,64 --batch 8 --lr 3e-3 --lr-schedule cosine --steps 1000 --eval-every 250"
+  # width: 12,24,48 (191 k parameters, ~2x the compute of 8,16,32)
+  "t08_c12|--no-dp --patch 32 --channels 12,24,48 --batch 8 --lr 3e-3 --lr-schedule cosine --steps 1000 --eval-every 250"
 )
 FINAL=(
 )
@@ -47,7 +49,7 @@ run_one() {  # run_one DIR NAME OPTIONS
   echo "$(date +%T) $name"
   # shellcheck disable=SC2086
   ( time nice -n 10 $D train $COMMON $opts --out "$dir/$name" ) > "$dir/$name.log" 2>&1
-  tail -n 4 "$dir/$name.log" | head -n 1
+  grep -m 1 "validation Dice" "$dir/$name.log" || tail -n 5 "$dir/$name.log"
 }
 
 score() {  # score NAME [EVALUATE OPTIONS]: the 40 test cases
