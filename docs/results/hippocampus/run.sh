@@ -37,6 +37,8 @@ TUNE=(
   "t07_l4|--no-dp --patch 32 --channels 8,16,32,64 --batch 8 --lr 3e-3 --lr-schedule cosine --steps 1000 --eval-every 250"
   # width: 12,24,48 (191 k parameters, ~2x the compute of 8,16,32)
   "t08_c12|--no-dp --patch 32 --channels 12,24,48 --batch 8 --lr 3e-3 --lr-schedule cosine --steps 1000 --eval-every 250"
+  # learning rate at t04's configuration (1e-2 beat 3e-3 at 300 steps of patch 24, batch 16)
+  "t09_lr6e-3|--no-dp --patch 32 --channels 8,16,32 --batch 8 --lr 6e-3 --lr-schedule cosine --steps 1000 --eval-every 250"
 )
 FINAL=(
 )

@@ -15,6 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 REFERENCE = {"1": 0.90, "2": 0.89}  # nnU-Net on the MSD test set (Isensee et al. 2021)
 KEEP = ("report.json", "report.md", "loss.png", "dice.png", "epsilon.png", "overlays.png",
@@ -48,31 +50,45 @@ def _config(rep: dict) -> str:
     )
 
 
+def _paired(rep: dict, best: dict) -> str:
+    """rep - best in validation Dice, mean over the shared validation cases +/- its standard
+    error over cases (paired: both runs scored the same cases)."""
+    a = {r["case"]: r["dice"] for r in rep["per_case"]}
+    b = {r["case"]: r["dice"] for r in best["per_case"]}
+    if rep is best or set(a) != set(b) or len(a) < 2:
+        return "-"
+    d = np.array([a[c] - b[c] for c in sorted(a)])
+    return f"{d.mean():+.3f} +/- {d.std(ddof=1) / np.sqrt(len(d)):.3f}"
+
+
 def tuning(runs: Path) -> list[str]:
     rows = []
     for rep_path in sorted((runs / "tune").glob("*/report.json")):
         rep = json.loads(rep_path.read_text())
         run = rep_path.parent
         rows.append((run.name, rep, _cmd(run)))
+    best = max(rows, key=lambda r: r[1]["dice"])
     md = [
         "# Tuning the non-private 3-D baseline (validation inside the 160 training cases)",
         "",
         "Every configuration tried, in order. Validation: 32 cases drawn (seed 0) from inside "
         "the 160 training cases of split.json, the other 128 trained on; the 40 test cases were "
         "never loaded. Mean foreground Dice over the two labels, as predicted and with each "
-        "label's largest connected component kept. Minutes: training time at one thread on a "
-        "shared 2-core machine (other jobs were running, so wall times vary by 2x for one "
-        "configuration); CPU minutes: the process's user time (loading, training, validation).",
+        "label's largest connected component kept; against the best: the paired difference in "
+        f"validation Dice to {best[0]} over the same 32 cases, +/- its standard error over "
+        "cases. Minutes: training wall time at one thread on a shared 2-core machine (other "
+        "jobs were running, so wall times vary by 2x for one configuration); CPU minutes: the "
+        "process's user time (loading, training, validation).",
         "",
-        "| run | configuration | parameters | val Dice | val Dice, largest comp. | minutes "
-        "| CPU minutes |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| run | configuration | parameters | val Dice | val Dice, largest comp. "
+        "| against the best | minutes | CPU minutes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, rep, _ in rows:
         md.append(
             f"| {name} | {_config(rep)} | {rep['parameters']:,} | {rep['dice']:.3f} | "
-            f"{rep['dice_largest_component']:.3f} | {rep['minutes']:.1f} | "
-            f"{_cpu_minutes(runs / 'tune' / name)} |"
+            f"{rep['dice_largest_component']:.3f} | {_paired(rep, best[1])} | "
+            f"{rep['minutes']:.1f} | {_cpu_minutes(runs / 'tune' / name)} |"
         )
     md += ["", "## Commands", ""]
     for name, _, cmd in rows:
