@@ -12,7 +12,7 @@ from scipy import ndimage
 from dpseg.cli import main
 from dpseg.data import MSDDataset
 from dpseg.train.config import resolve_normalize
-from dpseg.train.evaluate import paired_bootstrap, read_scores
+from dpseg.train.scoring import paired_bootstrap, read_scores
 from dpseg.train.overlay import best_slice, pick_cases, take_slice
 from dpseg.train.splits import make_split, parse_split_spec, read_case_list
 
@@ -253,7 +253,7 @@ def test_evaluate_reads_the_privacy_ledger(msd, runs, tmp_path):
 
 
 def test_ledger_unit_and_adjacency_are_read_when_present():
-    from dpseg.train.evaluate import ledger_privacy
+    from dpseg.train.scoring import ledger_privacy
 
     ledger = {
         "accountant": "rdp",
@@ -419,7 +419,7 @@ def test_federate_split_and_overlays(msd, split_file, tmp_path, monkeypatch):
                  "--out", str(tmp_path / "x")]) == 2  # fmt: skip
     # the global models score with dpseg evaluate as the run scored its held-out cases
     from dpseg.federated.report import final_cases
-    from dpseg.train.evaluate import evaluate_checkpoint
+    from dpseg.train.scoring import evaluate_checkpoint
 
     held_out = [c for s in report["sites"].values() for c in s["cases"]["test"]]
     for engine in ("dpseg", "none"):

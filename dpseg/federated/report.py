@@ -548,7 +548,7 @@ def write_overlays(report: dict, out: Path, k: int = 4) -> str | None:
     prediction. Needs the simulator's RUN/checkpoint_<engine>.pt and the data on this
     machine; a Flower server has neither (the sites hold the data): None then."""
     from dpseg.data import MSDDataset
-    from dpseg.train.evaluate import overlay_panels
+    from dpseg.train.scoring import overlay_panels
     from dpseg.train.overlay import draw_overlays, pick_cases
 
     cfg = report["config"]

@@ -1,4 +1,4 @@
-"""`dpseg evaluate`: the argparse front end of dpseg.train.evaluate."""
+"""`dpseg evaluate`: the argparse front end of dpseg.train.scoring."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def _run(args) -> int:
 
 
 def _compare(args) -> int:
-    from dpseg.train.evaluate import compare_scores, format_comparison, read_scores
+    from dpseg.train.scoring import compare_scores, format_comparison, read_scores
 
     given = [f"--{k}" for k in ("checkpoint", "data", "cases") if getattr(args, k) is not None]
     if given or args.also:
@@ -126,7 +126,7 @@ def _compare(args) -> int:
 def _evaluate(args) -> int:
     import torch
 
-    from dpseg.train.evaluate import (
+    from dpseg.train.scoring import (
         evaluate_checkpoint,
         format_markdown,
         format_table,

@@ -98,7 +98,7 @@ def tuning(runs: Path) -> list[str]:
 
 def test_table(runs: Path) -> list[str]:
     sys.path.insert(0, str(HERE.parents[2]))
-    from dpseg.train.evaluate import compare_scores
+    from dpseg.train.scoring import compare_scores
 
     found = sorted(runs.glob("*/test.json"))
     scores = {p.parent.name: json.loads(p.read_text()) for p in found}
