@@ -17,6 +17,7 @@ from dpseg.audit.cli import add_audit_parser
 from dpseg.cli_types import UsageError, csv_list
 from dpseg.federated.cli import add_demo_parser, add_federate_parser
 from dpseg.train.cli import add_phantoms_parser, add_predict_parser, add_train_parser
+from dpseg.train.evaluate_cli import add_evaluate_parser
 
 
 # --- bench --------------------------------------------------------------------------------
@@ -242,7 +243,8 @@ def _run_profile(args) -> int:
 
 # --- entry point --------------------------------------------------------------------------
 COMMANDS = [
-    add_phantoms_parser, add_train_parser, add_predict_parser, _add_bench, _add_profile,
+    add_phantoms_parser, add_train_parser, add_predict_parser, add_evaluate_parser, _add_bench,
+    _add_profile,
     add_federate_parser, add_demo_parser, add_attack_parser, add_audit_parser,
 ]  # fmt: skip
 

@@ -16,7 +16,7 @@ from dpseg.federated.demo import DEMO
 from dpseg.federated.partition import PARTITIONS
 from dpseg.federated.site import ENGINES
 from dpseg.federated.strategies import STRATEGIES
-from dpseg.train.config import LR_SCHEDULES
+from dpseg.train.config import LR_SCHEDULES, NORMALIZE
 
 __all__ = ["DEMO", "add_demo_parser", "add_federate_parser", "config_from_args"]
 
@@ -77,6 +77,21 @@ def add_federate_parser(sub) -> argparse.ArgumentParser:
     )
     data.add_argument("--test-fraction", type=float, default=0.25, help="held-out cases per site")
     data.add_argument("--size", type=int, default=32, help="phantom edge in voxels")
+    data.add_argument(
+        "--split",
+        default=None,
+        metavar="FILE[:KEY]",
+        help="use only the cases of list KEY (default 'train') of a split file, e.g. "
+        "docs/results/hippocampus/split.json: the sites partition them and hold their "
+        "--test-fraction out of them; no other case is loaded",
+    )
+    data.add_argument(
+        "--normalize",
+        choices=NORMALIZE,
+        default="auto",
+        help="intensities: auto windows CT, scales other modalities by each volume's "
+        "0.5-99.5 percentiles",
+    )
 
     fed = p.add_argument_group("federation")
     fed.add_argument("--rounds", type=int, default=5)
@@ -284,7 +299,8 @@ def config_from_args(args):
     return FederatedConfig(
         data=str(args.data) if args.data else None, phantoms=args.phantoms, sites=args.sites,
         partition=args.partition, alpha=args.alpha, test_fraction=args.test_fraction,
-        size=args.size, spatial_dims=args.spatial_dims, channels=tuple(args.channels),
+        size=args.size, split=args.split, normalize=args.normalize,
+        spatial_dims=args.spatial_dims, channels=tuple(args.channels),
         upsample=args.upsample, patch=args.patch,
         p_foreground=args.p_foreground, rounds=args.rounds, local_steps=local_steps,
         local_epochs=args.local_epochs, fraction=args.fraction, strategy=args.strategy,

@@ -532,14 +532,52 @@ def write_markdown(report: dict, out: Path, images: list[str]) -> None:
         md.append(f"| {k} | " + " | ".join(cells) + " |")
     if images:
         md += ["", "## Plots", ""] + [f"![{Path(i).stem}]({i})" for i in images]
+        if "overlays.png" in images:
+            md += [
+                "",
+                "Overlays: held-out cases from the worst to the best Dice, each on the slice "
+                "with the most truth voxels: the image, the truth and each engine's prediction "
+                "(white: the truth's outline).",
+            ]
     (out / "report.md").write_text("\n".join(md) + "\n")
+
+
+def write_overlays(report: dict, out: Path, k: int = 4) -> str | None:
+    """overlays.png: k held-out cases (spread from the worst to the best Dice of the first
+    private engine) with the image, the truth and each engine's final global model's
+    prediction. Needs the simulator's RUN/checkpoint_<engine>.pt and the data on this
+    machine; a Flower server has neither (the sites hold the data): None then."""
+    from dpseg.data import MSDDataset
+    from dpseg.train.scoring import overlay_panels
+    from dpseg.train.overlay import draw_overlays, pick_cases
+
+    cfg = report["config"]
+    engines = [e for e in report["engines"] if e not in report.get("timing_only", {})]
+    finals = {e: final_cases(report, e) for e in engines}
+    engines = [e for e in engines if finals[e] and (out / f"checkpoint_{e}.pt").is_file()]
+    root = Path(cfg["data"]) if cfg.get("data") else out / "phantoms"
+    if not engines or not (root / "dataset.json").is_file():
+        return None
+    dataset = MSDDataset(root, check_headers=False)
+    known = {c.name for c in dataset.cases}
+    lead = next((e for e in engines if e != "none"), engines[0])
+    chosen = pick_cases({c: v[0] for c, v in finals[lead].items() if c in known}, k)
+    if not chosen:
+        return None
+    checkpoints = {e: out / f"checkpoint_{e}.pt" for e in engines}
+    dice = {e: {c: v[0] for c, v in finals[e].items()} for e in engines}
+    panels = overlay_panels(checkpoints, root, chosen, dice, device=cfg.get("device", "cpu"))
+    names = {int(c): n for c, n in dataset.labels.items()}
+    title = "held-out cases of every site, final global model of each engine"
+    return draw_overlays(out / "overlays.png", panels, title=title, label_names=names).name
 
 
 def write_report(report: dict, out: str | Path, plots: bool = True) -> None:
     out = Path(out)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     images = write_plots(report, out) if plots else []
-    write_markdown(report, out, images)
+    overlay = write_overlays(report, out) if plots else None
+    write_markdown(report, out, images + ([overlay] if overlay else []))
 
 
 def _sampling_text(cfg: dict) -> str:

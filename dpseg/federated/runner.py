@@ -45,6 +45,8 @@ class FederatedConfig:
     alpha: float = 0.5
     test_fraction: float = 0.25
     size: int = 32
+    split: str | None = None  # FILE[:KEY]: only these cases (dpseg.train.splits)
+    normalize: str = "auto"  # dpseg.train.config.NORMALIZE: percentiles for MR, window for CT
     # model and patches
     spatial_dims: int = 3  # 2: a 2-D U-Net on one axial slice per patient per draw
     channels: tuple[int, ...] = (8, 16, 32)
@@ -134,6 +136,12 @@ class FederatedConfig:
                     f"--phantoms {self.phantoms} over {self.sites} sites leaves {per_site} "
                     "case(s) a site; each site needs at least 2 (one to train, one held out)"
                 )
+        from dpseg.train.config import NORMALIZE
+
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"--normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+        if self.split and self.data is None:
+            raise ValueError("--split lists cases of --data; it does not apply to --phantoms")
         if self.eval_every < 1:
             raise ValueError(f"--eval-every must be >= 1, got {self.eval_every}")
         if self.spatial_dims not in (2, 3):
@@ -385,7 +393,7 @@ def load_data(cfg: FederatedConfig, out: Path, progress: bool) -> tuple[list[Sit
         )  # fmt: skip
     return load_sites(
         cfg.data, partition=cfg.partition, sites=cfg.sites, alpha=cfg.alpha,
-        test_fraction=cfg.test_fraction, seed=cfg.seed,
+        test_fraction=cfg.test_fraction, seed=cfg.seed, split=cfg.split, normalize=cfg.normalize,
     )  # fmt: skip
 
 

@@ -28,7 +28,10 @@ from dpseg.federated.partition import (
 from dpseg.federated.site import derive_seed
 from dpseg.train.metrics import dice_per_class
 
-__all__ = ["SiteData", "evaluate_dice", "load_sites", "partition_cases", "phantom_sites"]
+__all__ = [
+    "SiteData", "evaluate_dice", "load_sites", "partition_cases", "phantom_sites",
+    "site_preprocessing",
+]  # fmt: skip
 
 
 @dataclass
@@ -82,6 +85,14 @@ def partition_cases(
     return {f"site{k}": p for k, p in enumerate(parts)}
 
 
+def site_preprocessing(dataset: MSDDataset, normalize: str = "auto") -> Preprocessing:
+    """Every site's preprocessing: the CT window for CT, each volume's percentiles for MR
+    (dpseg.train.config.resolve_normalize, as `dpseg train`)."""
+    from dpseg.train.config import resolve_normalize
+
+    return Preprocessing(normalize=resolve_normalize(normalize, dataset.modality))
+
+
 def load_sites(
     root: str | Path,
     *,
@@ -92,12 +103,25 @@ def load_sites(
     seed: int = 0,
     preprocessing: Preprocessing | None = None,
     label_map: dict[int, int] | None = None,
+    split: str | None = None,
+    normalize: str = "auto",
 ) -> tuple[list[SiteData], int]:
-    """(sites, number of classes) from an MSD folder; each site holds some patients out."""
+    """(sites, number of classes) from an MSD folder; each site holds some patients out.
+    `split` (``FILE[:KEY]``, dpseg.train.splits): only the listed cases are partitioned and
+    loaded, each site's held-out cases drawn from them."""
     dataset = MSDDataset(root, label_map=label_map)
-    groups = [c.site for c in dataset.cases]
-    parts = partition_cases(groups, partition, sites, alpha, seed)
-    prep = preprocessing or Preprocessing()
+    listed = list(range(len(dataset)))
+    if split:
+        from dpseg.train.splits import read_case_list, select_cases
+
+        names = [c.name for c in dataset.cases]
+        listed = select_cases(names, read_case_list(split), split)
+    groups = [dataset.cases[i].site for i in listed]
+    parts = {
+        name: [listed[j] for j in part]
+        for name, part in partition_cases(groups, partition, sites, alpha, seed).items()
+    }
+    prep = preprocessing or site_preprocessing(dataset, normalize)
     out = []
     for k, (name, indices) in enumerate(parts.items()):
         train, test = train_test_split(indices, test_fraction, derive_seed(seed, 4, k))

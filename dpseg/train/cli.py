@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpseg.cli_types import UsageError, csv_list
-from dpseg.train.config import LR_SCHEDULES
+from dpseg.train.config import LR_SCHEDULES, NORMALIZE
 
 __all__ = ["add_train_parser", "add_predict_parser", "add_phantoms_parser"]
 
@@ -118,6 +118,21 @@ def add_train_parser(sub) -> None:
     p.add_argument("--upsample", choices=["transpose", "interp"], default=None)
     p.add_argument("--channel", type=int, default=None, help="channel of 4-D images")
     p.add_argument("--site", default=None, help="train on this site's cases only")
+    p.add_argument(
+        "--split",
+        default=None,
+        metavar="FILE[:KEY]",
+        help="train only on the cases of list KEY (default 'train') of a split file, e.g. "
+        "docs/results/hippocampus/split.json; validation cases are drawn from inside that "
+        "list and no other case is loaded",
+    )
+    p.add_argument(
+        "--normalize",
+        choices=NORMALIZE,
+        default=None,
+        help="intensities: auto (default) windows CT to [-200, 300] HU and scales every other "
+        "modality (dataset.json) by the volume's own 0.5-99.5 percentiles",
+    )
     p.add_argument(
         "--spacing", type=csv_list(float), default=None, help="resample to mm, e.g. 3,3,3"
     )

@@ -10,6 +10,19 @@ LR_SCHEDULES = ("constant", "cosine")  # dpseg.train.loop.lr_at, and federate's 
 
 DEFAULT_STEPS = 200
 ENGINES = ("dpseg", "opacus")
+# "auto": the CT window for CT (or an undeclared modality), the volume's own 0.5-99.5
+# percentiles for anything else: MR has no absolute scale (Task04's maxima run from ~100 to
+# ~1.7e6; under the CT window 80% of a typical case's voxels saturate at 1).
+NORMALIZE = ("auto", "window", "percentile", "zscore")
+
+
+def resolve_normalize(normalize: str, modality: dict[str, str]) -> str:
+    """The Preprocessing.normalize of a run: `normalize`, or for "auto" the one the
+    dataset.json modality calls for."""
+    if normalize != "auto":
+        return normalize
+    kinds = {str(v).strip().upper() for v in modality.values()}
+    return "window" if not kinds or kinds == {"CT"} else "percentile"
 
 
 @dataclass
@@ -55,6 +68,8 @@ class TrainConfig:
     p_foreground: float = 0.5
     overlap: float = 0.25
     seed: int = 0
+    split: str | None = None  # FILE[:KEY]: train only on this list of cases (dpseg.train.splits)
+    normalize: str = "auto"  # intensities: see NORMALIZE
     eval_every: int = 0
     checkpoint_every: int = 50
     epsilon_every: int = 10
@@ -123,5 +138,7 @@ class TrainConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.nproc > 1 and self.dp and self.engine != "dpseg":
             raise ValueError("nproc > 1 runs dpseg's distributed DP step; use engine 'dpseg'")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
         if self.target_epsilon is not None and not self.target_epsilon > 0:
             raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")

@@ -27,6 +27,16 @@ def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu
     return model.to(device).eval(), cfg, ckpt
 
 
+def checkpoint_preprocessing(ckpt: dict) -> Preprocessing:
+    """The preprocessing the checkpoint's run applied to its training cases."""
+    pp = ckpt["preprocessing"]
+    spacing = tuple(pp["target_spacing"]) if pp.get("target_spacing") else None
+    kwargs = {"percentiles": tuple(pp["percentiles"])} if pp.get("percentiles") else {}
+    return Preprocessing(
+        normalize=pp["normalize"], window=tuple(pp["window"]), target_spacing=spacing, **kwargs
+    )
+
+
 def predict_file(
     checkpoint: str | Path,
     image: str | Path,
@@ -51,12 +61,7 @@ def predict_file(
     out = Path(out)
     _check_out(out.parent)
     volume = load_nifti(image, channel=cfg.channel if channel is None else channel)
-    pp = ckpt["preprocessing"]
-    spacing = tuple(pp["target_spacing"]) if pp.get("target_spacing") else None
-    prep = Preprocessing(
-        normalize=pp["normalize"], window=tuple(pp["window"]), target_spacing=spacing
-    )
-    img, _, _ = prep.apply(volume)
+    img, _, _ = checkpoint_preprocessing(ckpt).apply(volume)
     scores = predict_volume(
         model, img, cfg.patch, cfg.spatial_dims, cfg.overlap if overlap is None else overlap, device
     )

@@ -175,6 +175,17 @@ def format_markdown(report: dict[str, Any]) -> str:
     for note in report.get("notes", []):
         lines.append(f"| note | {note} |")
     lines += ["", "![loss](loss.png) ![Dice](dice.png) ![epsilon](epsilon.png)", ""]
+    if report.get("overlays"):
+        lines += [
+            "## Segmentations",
+            "",
+            "Validation cases from the worst to the best Dice, each on the slice with the most "
+            "truth voxels: the image, the truth, the final model's prediction (white: the "
+            "truth's outline).",
+            "",
+            f"![overlays]({report['overlays']})",
+            "",
+        ]
     if report["per_case"]:
         lines += [
             "## Validation cases",

@@ -17,7 +17,7 @@ from tqdm import tqdm
 import dpseg
 from dpseg.data import DataError, MSDDataset, Preprocessing
 from dpseg.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from dpseg.train.config import TrainConfig
+from dpseg.train.config import TrainConfig, resolve_normalize
 from dpseg.train.loop import (
     build_model,
     build_optimizer,
@@ -96,6 +96,16 @@ def _case_indices(dataset: MSDDataset, site: str | None) -> list[int]:
     return by_site[site]
 
 
+def _listed(dataset: MSDDataset, indices: list[int], spec: str) -> list[int]:
+    from dpseg.train.splits import read_case_list, select_cases
+
+    listed = set(select_cases([c.name for c in dataset.cases], read_case_list(spec), spec))
+    kept = [i for i in indices if i in listed]
+    if not kept:
+        raise DataError(f"--split {spec}: none of its cases is in this site; check --site.")
+    return kept
+
+
 def run_training(
     cfg: TrainConfig,
     resume: bool = False,
@@ -152,6 +162,8 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
         ckpt = load_checkpoint(ckpt_path)
         saved = TrainConfig.from_dict(ckpt["config"])
         saved.out = str(out)
+        if "normalize" not in ckpt["config"]:  # saved before the setting: it used the window
+            saved.normalize = "window"
         for key, value in (overrides or {}).items():
             setattr(saved, key, value)
         if overrides and ("steps" in overrides) != ("epochs" in overrides):
@@ -180,6 +192,8 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
 
     dataset = MSDDataset(cfg.data, channel=cfg.channel)
     indices = _case_indices(dataset, cfg.site)
+    if cfg.split:  # only the listed cases are ever loaded; validation is drawn from them
+        indices = _listed(dataset, indices, cfg.split)
     train_idx, val_idx = split_cases(indices, cfg.val_fraction, cfg.seed)
     names = [c.name for c in dataset.cases]
     split = {"train": [names[i] for i in train_idx], "val": [names[i] for i in val_idx]}
@@ -188,7 +202,9 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
             f"{cfg.data}: the cases differ from those the checkpoint {ckpt_path} was trained on "
             "(a changed dataset.json?). Resume with the same --data, or start a new run."
         )
-    prep = Preprocessing(target_spacing=cfg.spacing)
+    prep = Preprocessing(
+        normalize=resolve_normalize(cfg.normalize, dataset.modality), target_spacing=cfg.spacing
+    )
     num_classes = dataset.num_classes
     tr_images, tr_labels, _ = load_cases(dataset, prep, train_idx, progress)
     va_images, va_labels, va_volumes = load_cases(dataset, prep, val_idx, progress and lead)
@@ -259,6 +275,7 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
                 "preprocessing": {
                     "normalize": prep.normalize,
                     "window": list(prep.window),
+                    "percentiles": list(prep.percentiles),
                     "target_spacing": list(cfg.spacing) if cfg.spacing else None,
                 },  # fmt: skip
                 "optimizer": _optimizer_state(optimizer),
@@ -334,6 +351,7 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
     trained = _global_sum(sum(history["batch"][len(history["batch"]) - (step - start) :]))
     if not lead:
         return {}
+    overlays = _overlays(out, unwrap(model), va_images, va_labels, rows, cfg, dataset, device)
     report = {
         "dice": float(np.mean([r["dice"] for r in rows])) if rows else None,
         "dice_largest_component": (
@@ -371,12 +389,22 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
         "parameters": sum(p.numel() for p in unwrap(model).parameters()),
         "resumed_from_step": start if ckpt is not None else None,
         "per_case": rows,
+        "overlays": overlays,
         "config": cfg.as_dict(),
         "versions": {"dpseg": dpseg.__version__, "torch": torch.__version__},
         "history": history,
     }
     write_report(out, report)
     return report
+
+
+def _overlays(out, model, images, labels, rows, cfg, dataset, device) -> str | None:
+    from dpseg.train.overlay import validation_overlays
+
+    name = f"DP ({cfg.engine})" if cfg.dp else "non-private"
+    return validation_overlays(
+        out / "overlays.png", model, images, labels, rows, cfg, dataset.labels, name, device=device
+    )
 
 
 def _global_sum(value: int) -> int:

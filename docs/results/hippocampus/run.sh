@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The runs behind docs/results/hippocampus (issue 24), one at a time, one thread each, niced:
+#   bash docs/results/hippocampus/run.sh tune          # every tuning configuration below
+#   bash docs/results/hippocampus/run.sh final         # the chosen ones on all 160, scored on the 40 test cases
+#   bash docs/results/hippocampus/run.sh NAME [NAME..] # some configurations, by name
+#   .venv/bin/python docs/results/hippocampus/summarize.py   # tuning.md, test.md, copies the finals here
+# Each run writes $R/[tune/]NAME/ (report, checkpoint), NAME.cmd (its command) and NAME.log.
+# A run whose folder holds a report.json is skipped, so the script can be rerun after a stop.
+#
+# Add a configuration: one "NAME|TRAIN OPTIONS" line in TUNE (model selection: validation is
+# drawn from inside the 160 training cases, the 40 test cases are never loaded) or one
+# "NAME|TRAIN OPTIONS|EVALUATE OPTIONS" line in FINAL (trained on all 160 with
+# --val-fraction 0, then `dpseg evaluate` on the 40 test cases; e.g. EVALUATE OPTIONS
+# "--also non-private=$R/nodp_s0/checkpoint.pt" puts that model's predictions beside this
+# one's in the overlay panels). A DP line is the same with --target-epsilon 8 (and, once the
+# engine has it, its patches-per-case option) in place of --no-dp.
+set -euo pipefail
+cd "${ROOT:-$(dirname "$0")/../../..}"  # ROOT: the repository, when run from a copy
+D=${D:-.venv/bin/dpseg}
+DATA=${DATA:-../shared/data/hippocampus}
+SPLIT=docs/results/hippocampus/split.json
+R=${R:-runs/hippocampus}
+COMMON="--data $DATA --split $SPLIT --threads 1 --quiet"
+BASE="--patch 24 --channels 8,16,32 --batch 16 --lr 3e-3 --lr-schedule cosine"
+
+TUNE=(
+  # the issue's configuration, with main's CT window on MR (before --normalize existed) and with
+  # each volume's percentiles (auto for MRI)
+  "t01_window|--no-dp $BASE --steps 300 --normalize window"
+  "t02_pct|--no-dp $BASE --steps 300"
+  "t03_1000|--no-dp $BASE --steps 1000 --eval-every 250"
+  "t04_p32b8|--no-dp --patch 32 --channels 8,16,32 --batch 8 --lr 3e-3 --lr-schedule cosine --steps 1000 --eval-every 250"
+  # learning rate, at the 300 steps of t02
+  "t05_lr1e-2|--no-dp --patch 24 --channels 8,16,32 --batch 16 --lr 1e-2 --lr-schedule cosine --steps 300"
+  "t06_lr1e-3|--no-dp --patch 24 --channels 8,16,32 --batch 16 --lr 1e-3 --lr-schedule cosine --steps 300"
+  # depth: a fourth level (4^3 at the bottom of a 32^3 patch)
+  "t07_l4|--no-dp --patch 32 --channels 8,16,32,64 --batch 8 --lr 3e-3 --lr-schedule cosine --steps 1000 --eval-every 250"
+  # width: 12,24,48 (191 k parameters, ~2x the compute of 8,16,32)
+  "t08_c12|--no-dp --patch 32 --channels 12,24,48 --batch 8 --lr 3e-3 --lr-schedule cosine --steps 1000 --eval-every 250"
+  # learning rate at t04's configuration (1e-2 beat 3e-3 at 300 steps of patch 24, batch 16)
+  "t09_lr6e-3|--no-dp --patch 32 --channels 8,16,32 --batch 8 --lr 6e-3 --lr-schedule cosine --steps 1000 --eval-every 250"
+)
+FINAL=(
+)
+
+run_one() {  # run_one DIR NAME OPTIONS
+  local dir=$1 name=$2 opts=$3
+  mkdir -p "$dir"
+  if [ -f "$dir/$name/report.json" ]; then echo "skip $name (done)"; return; fi
+  echo "dpseg train $COMMON $opts --out $dir/$name" > "$dir/$name.cmd"
+  echo "$(date +%T) $name"
+  # shellcheck disable=SC2086
+  ( time nice -n 10 $D train $COMMON $opts --out "$dir/$name" ) > "$dir/$name.log" 2>&1
+  grep -m 1 "validation Dice" "$dir/$name.log" || tail -n 5 "$dir/$name.log"
+}
+
+score() {  # score NAME [EVALUATE OPTIONS]: the 40 test cases
+  local name=$1 extra=${2:-}
+  # shellcheck disable=SC2086
+  nice -n 10 $D evaluate --checkpoint "$R/$name/checkpoint.pt" --data "$DATA" \
+    --cases "$SPLIT:test" --out "$R/$name/test.json" --threads 1 --quiet $extra \
+    > "$R/$name.test.log" 2>&1
+  head -n 5 "$R/$name.test.log"
+}
+
+final_one() {  # final_one "NAME|TRAIN OPTIONS[|EVALUATE OPTIONS]"
+  local name opts extra
+  IFS='|' read -r name opts extra <<< "$1"
+  run_one "$R" "$name" "$opts"
+  [ -f "$R/$name/test.json" ] || score "$name" "$extra"
+}
+
+lookup() {  # lookup NAME ARRAY...: the options of NAME
+  local want=$1; shift
+  for line in "$@"; do [ "${line%%|*}" = "$want" ] && { echo "${line#*|}"; return 0; }; done
+  return 1
+}
+
+targets=("$@")
+[ ${#targets[@]} -eq 0 ] && targets=(tune final)
+for t in "${targets[@]}"; do
+  case $t in
+    tune) for line in "${TUNE[@]}"; do run_one "$R/tune" "${line%%|*}" "${line#*|}"; done ;;
+    final) for line in "${FINAL[@]}"; do final_one "$line"; done ;;
+    *)
+      if opts=$(lookup "$t" "${TUNE[@]}"); then run_one "$R/tune" "$t" "$opts"
+      elif opts=$(lookup "$t" "${FINAL[@]}"); then final_one "$t|$opts"
+      else echo "no configuration named $t in run.sh" >&2; exit 2; fi ;;
+  esac
+done

@@ -1,0 +1,174 @@
+"""Tables of docs/results/hippocampus from the run folders run.sh wrote.
+
+    .venv/bin/python docs/results/hippocampus/summarize.py [RUNS]   (default runs/hippocampus)
+
+Writes tuning.md (every configuration tried, validation inside the 160 training cases) and
+test.md (the final models on the 40 test cases, per label, with the paired bootstrap between
+models where there are several), and copies each final run's report, plots, checkpoint and
+test scores into docs/results/hippocampus/NAME/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REFERENCE = {"1": 0.90, "2": 0.89}  # nnU-Net on the MSD test set (Isensee et al. 2021)
+KEEP = ("report.json", "report.md", "loss.png", "dice.png", "epsilon.png", "overlays.png",
+        "checkpoint.pt", "test.json", "test.md", "test_overlays.png")  # fmt: skip
+
+
+def _cmd(run: Path) -> str:
+    cmd = run.with_suffix(".cmd")
+    return cmd.read_text().strip() if cmd.exists() else "?"
+
+
+def _cpu_minutes(run: Path) -> str:
+    """The process's user CPU time from the `time` line of NAME.log (training, loading and
+    validation): steadier than wall time on a shared machine."""
+    log = run.with_suffix(".log")
+    for line in log.read_text().splitlines() if log.exists() else []:
+        if line.startswith("user"):
+            m, s = line.split()[1].rstrip("s").split("m")
+            return f"{int(m) + float(s) / 60:.1f}"
+    return "?"
+
+
+def _config(rep: dict) -> str:
+    c = rep["config"]
+    return (
+        f"patch {c['patch']}, ch {','.join(map(str, c['channels']))}, batch {c['batch']}, "
+        f"lr {c['lr']:g} {c['lr_schedule']}, {rep['steps']} steps"
+        + (f", {c['optimizer']}" if c["optimizer"] != "adam" else "")
+        + (f", norm {c.get('normalize', 'window')}" if c.get("normalize", "auto") != "auto" else "")
+        + (f", p_fg {c['p_foreground']:g}" if c["p_foreground"] != 0.5 else "")
+    )
+
+
+def _paired(rep: dict, best: dict) -> str:
+    """rep - best in validation Dice, mean over the shared validation cases +/- its standard
+    error over cases (paired: both runs scored the same cases)."""
+    a = {r["case"]: r["dice"] for r in rep["per_case"]}
+    b = {r["case"]: r["dice"] for r in best["per_case"]}
+    if rep is best or set(a) != set(b) or len(a) < 2:
+        return "-"
+    d = np.array([a[c] - b[c] for c in sorted(a)])
+    return f"{d.mean():+.3f} +/- {d.std(ddof=1) / np.sqrt(len(d)):.3f}"
+
+
+def tuning(runs: Path) -> list[str]:
+    rows = []
+    for rep_path in sorted((runs / "tune").glob("*/report.json")):
+        rep = json.loads(rep_path.read_text())
+        run = rep_path.parent
+        rows.append((run.name, rep, _cmd(run)))
+    best = max(rows, key=lambda r: r[1]["dice"])
+    md = [
+        "# Tuning the non-private 3-D baseline (validation inside the 160 training cases)",
+        "",
+        "Every configuration tried, in order. Validation: 32 cases drawn (seed 0) from inside "
+        "the 160 training cases of split.json, the other 128 trained on; the 40 test cases were "
+        "never loaded. Mean foreground Dice over the two labels, as predicted and with each "
+        "label's largest connected component kept; against the best: the paired difference in "
+        f"validation Dice to {best[0]} over the same 32 cases, +/- its standard error over "
+        "cases. Minutes: training wall time at one thread on a shared 2-core machine (other "
+        "jobs were running, so wall times vary by 2x for one configuration); CPU minutes: the "
+        "process's user time (loading, training, validation).",
+        "",
+        "| run | configuration | parameters | val Dice | val Dice, largest comp. "
+        "| against the best | minutes | CPU minutes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, rep, _ in rows:
+        md.append(
+            f"| {name} | {_config(rep)} | {rep['parameters']:,} | {rep['dice']:.3f} | "
+            f"{rep['dice_largest_component']:.3f} | {_paired(rep, best[1])} | "
+            f"{rep['minutes']:.1f} | {_cpu_minutes(runs / 'tune' / name)} |"
+        )
+    md += ["", "## Commands", ""]
+    for name, _, cmd in rows:
+        md += [f"- {name}: `{cmd}`"]
+    return md
+
+
+def test_table(runs: Path) -> list[str]:
+    sys.path.insert(0, str(HERE.parents[2]))
+    from dpseg.train.scoring import compare_scores
+
+    found = sorted(runs.glob("*/test.json"))
+    scores = {p.parent.name: json.loads(p.read_text()) for p in found}
+    md = [
+        "# The final models on the 40 test cases",
+        "",
+        "Trained on all 160 training cases of split.json (no validation split; the "
+        "configuration was chosen in tuning.md), scored with `dpseg evaluate --cases "
+        "split.json:test`. Dice per label (1 anterior, 2 posterior) and their mean; lc: each "
+        "label's largest connected component kept. Reference: nnU-Net, about 0.90 / 0.89 on "
+        "the MSD test set (a different test set: the Decathlon's hidden one).",
+        "",
+        "| model | epsilon | Dice 1 | Dice 2 | mean | lc: Dice 1 | lc: Dice 2 | lc: mean |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, f in scores.items():
+        lc = f["largest_component"]
+        eps = "inf" if f["epsilon"] is None else f"{f['epsilon']:.2f}"
+        md.append(
+            f"| [{name}]({name}/test.md) | {eps} | {f['dice_per_label']['1']:.3f} | "
+            f"{f['dice_per_label']['2']:.3f} | {f['mean_dice']:.3f} | "
+            f"{lc['dice_per_label']['1']:.3f} | {lc['dice_per_label']['2']:.3f} | "
+            f"{lc['mean_dice']:.3f} |"
+        )
+    names = list(scores)
+    if len(names) > 1:
+        md += [
+            "",
+            "Paired over the 40 test cases (A - B, mean Dice over labels; 95% percentile "
+            "bootstrap interval, 10,000 resamples of cases):",
+            "",
+            "| A | B | A - B | interval | lc: A - B | lc: interval |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                rows = [
+                    r for r in compare_scores(scores[a], scores[b]) if r["metric"] == "mean_dice"
+                ]
+                md.append(f"| {a} | {b} | " + " | ".join(_gap(r) for r in rows) + " |")
+    return md
+
+
+def _gap(r: dict) -> str:
+    return f"{r['diff']:+.3f} | [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
+
+
+def copy_finals(runs: Path) -> None:
+    for test in sorted(runs.glob("*/test.json")):
+        run, dest = test.parent, HERE / test.parent.name
+        dest.mkdir(exist_ok=True)
+        for name in KEEP:
+            if (run / name).exists():
+                shutil.copy2(run / name, dest / name)
+        if run.with_suffix(".cmd").exists():
+            shutil.copy2(run.with_suffix(".cmd"), dest / "command.txt")
+        # test.md/F.json name the checkpoint where it was scored; point them at the copy
+        for name in ("test.json", "test.md"):
+            text = (dest / name).read_text().replace(str(run / "checkpoint.pt"), "checkpoint.pt")
+            (dest / name).write_text(text)
+
+
+def main() -> None:
+    runs = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/hippocampus")
+    (HERE / "tuning.md").write_text("\n".join(tuning(runs)) + "\n")
+    if any(runs.glob("*/test.json")):
+        copy_finals(runs)
+        (HERE / "test.md").write_text("\n".join(test_table(runs)) + "\n")
+    print(f"wrote {HERE / 'tuning.md'}" + (" and test.md" if any(runs.glob("*/test.json")) else ""))
+
+
+if __name__ == "__main__":
+    main()
