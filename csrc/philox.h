@@ -1,4 +1,4 @@
-// Counter-based Gaussian noise shared by every dpseg backend (CPU here, CUDA and Triton later).
+// Counter-based Gaussian noise shared by every dpseg backend (CPU and CUDA; Triton mirrors it).
 //
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) turns
 // (key, counter) into four 32-bit words with no state, so the noise of an element is a pure
@@ -6,10 +6,10 @@
 // draws the same numbers. dpseg/ops/philox.py mirrors this file operation for operation and
 // the tests hold the two equal bit for bit.
 //
-// Why no std::log / std::cos: libm, SLEEF and CUDA's libdevice differ in the last bits, so
-// ln and cos(2*pi*u) are built here from IEEE-exact operations only (+ - * / sqrt, exponent
-// extraction, comparisons, truncation). Compile with -ffp-contract=off (nvcc: --fmad=false)
-// so no fused multiply-add changes a rounding.
+// Why no std::log / std::cos / std::sin: libm, SLEEF and CUDA's libdevice differ in the last
+// bits, so ln and cos, sin of 2*pi*u are built here from IEEE-exact operations only (+ - * /
+// sqrt, exponent extraction, comparisons, truncation). Compile with -ffp-contract=off (nvcc:
+// --fmad=false) so no fused multiply-add changes a rounding.
 #pragma once
 
 #include <cmath>
@@ -100,9 +100,13 @@ DPSEG_HD inline double exact_ops_log(double x) {
   return de * kLn2Hi + (ln_m + de * kLn2Lo);
 }
 
-// cos(2 pi u) for u in [0, 1) a multiple of 2^-53. The reduction to a quarter turn is exact:
-// v = 4u, k = trunc(v), r = v - k (|r| <= 1/2 after folding), theta = r * pi/2.
-DPSEG_HD inline double exact_ops_cos_2pi(double u) {
+// cos(2 pi u) and sin(2 pi u) for u in [0, 1) a multiple of 2^-53: one reduction, both series.
+// The reduction to a quarter turn is exact: v = 4u, k = trunc(v), r = v - k (|r| <= 1/2
+// after folding), theta = r * pi/2, and 2 pi u = k pi/2 + theta.
+struct SinCos {
+  double cos, sin;
+};
+DPSEG_HD inline SinCos exact_ops_sincos_2pi(double u) {
   const double v = u * 4.0;
   int k = static_cast<int>(v);
   double r = v - static_cast<double>(k);
@@ -114,46 +118,69 @@ DPSEG_HD inline double exact_ops_cos_2pi(double u) {
   const double z = t * t;
   constexpr double kCosC[9] = {DPSEG_COS_COEFFS};
   constexpr double kSinC[9] = {DPSEG_SIN_COEFFS};
-  if ((k & 1) == 0) {
-    double p = kCosC[8];
-    for (int n = 7; n >= 0; --n) p = p * z + kCosC[n];
-    const double c = 1.0 + z * p;
-    return (k & 2) ? -c : c;
+  double pc = kCosC[8], ps = kSinC[8];
+  for (int n = 7; n >= 0; --n) {
+    pc = pc * z + kCosC[n];
+    ps = ps * z + kSinC[n];
   }
-  double p = kSinC[8];
-  for (int n = 7; n >= 0; --n) p = p * z + kSinC[n];
-  const double s = t + t * (z * p);
-  return (k & 2) ? s : -s;  // cos(pi/2 + t) = -sin t, cos(3pi/2 + t) = sin t
+  const double c = 1.0 + z * pc;      // cos theta
+  const double s = t + t * (z * ps);  // sin theta
+  // Quarter turn k = 0..4: cos = c, -s, -c, s, c and sin = s, c, -s, -c, s.
+  const double cos_v = (k & 1) ? s : c, sin_v = (k & 1) ? c : s;
+  return SinCos{((k + 1) & 2) ? -cos_v : cos_v, (k & 2) ? -sin_v : sin_v};
 }
 
-// One standard normal per Philox block (Box-Muller, cosine branch), key = seed, counter =
-// (draw index, step). u1 in (0, 1] so the log is finite; sqrt is correctly rounded (IEEE).
-DPSEG_HD inline double philox_normal(uint64_t seed, uint64_t step, uint64_t draw) {
-  Philox4 c{{static_cast<uint32_t>(draw), static_cast<uint32_t>(draw >> 32),
+DPSEG_HD inline double exact_ops_cos_2pi(double u) { return exact_ops_sincos_2pi(u).cos; }
+
+// The noise stream: normal d of (seed, step) is output d & 1 of Philox block q = d >> 1, key =
+// seed, counter = (q, step). A block's four words make two uniforms (27 + 26 bits each: an
+// integer below 2^53, exact in double), and Box-Muller turns them into two independent
+// standard normals, radius times cos and times sin of the same angle: half the Philox rounds,
+// logarithms and square roots per normal of taking the cosine alone. u1 in (0, 1] so the log
+// is finite; sqrt is correctly rounded (IEEE).
+struct NormalPair {
+  double n0, n1;
+};
+DPSEG_HD inline NormalPair philox_normal_pair(uint64_t seed, uint64_t step, uint64_t q) {
+  Philox4 c{{static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32),
              static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)}};
   c = philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  // 27 + 26 bits as an integer below 2^53: hi * 2^26 + lo is exact in double.
+  // hi * 2^26 + lo is exact in double.
   const double n1 = static_cast<double>(c.x[0] >> 5) * 67108864.0 + static_cast<double>(c.x[1] >> 6);
   const double n2 = static_cast<double>(c.x[2] >> 5) * 67108864.0 + static_cast<double>(c.x[3] >> 6);
   const double u1 = (n1 + 0.5) * 0x1p-53;
   const double u2 = n2 * 0x1p-53;
-  return sqrt(-2.0 * exact_ops_log(u1)) * exact_ops_cos_2pi(u2);
+  const double radius = sqrt(-2.0 * exact_ops_log(u1));
+  const SinCos a = exact_ops_sincos_2pi(u2);
+  return NormalPair{radius * a.cos, radius * a.sin};
 }
 
-// The noise z of element e: the mean of `draws` normals times sqrt(draws), i.e. unit variance.
-// draws = 4 is Opacus's secure mode (sum of four normals over 2). root = sqrt(double(draws)).
+DPSEG_HD inline double philox_normal(uint64_t seed, uint64_t step, uint64_t d) {
+  const NormalPair p = philox_normal_pair(seed, step, d >> 1);
+  return (d & 1) ? p.n1 : p.n0;
+}
+
+// The noise z of element e: normals e * draws .. e * draws + draws - 1 summed in that order,
+// divided by root = sqrt(double(draws)) when draws > 1 (unit variance). draws = 4 is Opacus's
+// secure mode (sum of four normals over 2); with draws even an element owns draws / 2 whole
+// blocks, with draws = 1 two neighbouring elements share one.
 DPSEG_HD inline double philox_noise(uint64_t seed, uint64_t step, uint64_t e, int64_t draws,
                                     double root) {
   const uint64_t first = e * static_cast<uint64_t>(draws);
-  double s = philox_normal(seed, step, first);
-  for (int64_t k = 1; k < draws; ++k) s = s + philox_normal(seed, step, first + k);
-  return s / root;
+  const uint64_t last = first + static_cast<uint64_t>(draws) - 1;
+  double s = 0.0;
+  for (uint64_t q = first >> 1; q <= (last >> 1); ++q) {
+    const NormalPair p = philox_normal_pair(seed, step, q);
+    if (2 * q >= first) s = (2 * q == first) ? p.n0 : s + p.n0;
+    if (2 * q + 1 <= last) s = (2 * q + 1 == first) ? p.n1 : s + p.n1;
+  }
+  return draws == 1 ? s : s / root;
 }
 
 #if !defined(__CUDACC__)
 namespace cpu {
 // out[j] = philox_noise(seed, step, e0 + j, draws, sqrt(draws)) for 0 <= j < n, the same bits,
-// computed a block at a time in SIMD-friendly loops. Defined in csrc/cpu/noise_cpu.cpp.
+// computed many blocks at a time in SIMD-friendly loops. Defined in csrc/cpu/noise_cpu.cpp.
 void philox_noise_block(uint64_t seed, uint64_t step, uint64_t e0, int64_t n, int64_t draws,
                         double* out);
 }  // namespace cpu

@@ -14,14 +14,14 @@ namespace dpseg {
 namespace cpu {
 namespace {
 
-// The scalar philox_noise costs ~58 ns per normal on one core (branches on the quarter turn
-// and the mantissa range). Here each stage is a straight loop over a block, with selects of
-// constants instead of branches and exact bit tricks instead of int64 -> double conversions,
-// so GCC 12 vectorises them: Philox for every clone, ln and cos in the AVX-512 clone (the
-// AVX2 one still sees control flow); ~31 ns per normal on a loaded AMD EPYC core. Vector
-// + - * / are the same IEEE operations as scalar ones (and -ffp-contract=off forbids FMA),
-// so the bits do not change: tests/test_ops_philox.py checks it.
-constexpr int64_t kBlock = 256;
+// Each stage below is a straight loop over a batch of Philox blocks, with bit masks instead of
+// branches or selects (AVX2 has no mask registers: GCC 12 leaves a `?:` of doubles as control
+// flow and gives up on the loop) and exact bit tricks instead of int64 -> double conversions,
+// so GCC vectorises every stage in each clone. Vector + - * / sqrt are the same IEEE
+// operations as scalar ones (and -ffp-contract=off forbids FMA), so the bits do not change:
+// tests/test_ops_philox.py checks it. 128 blocks per batch: the five 1 KiB arrays of a batch
+// stay in L1 beside the caller's buffers.
+constexpr int64_t kPairs = 128;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define DPSEG_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -43,10 +43,11 @@ inline uint64_t double_to_bits(double d) {
 constexpr uint64_t kTwo52Bits = 0x4330000000000000ull;
 constexpr double kTwo52 = 4503599627370496.0;
 inline double small_uint_to_double(uint64_t v) { return bits_to_double(kTwo52Bits | v) - kTwo52; }
+constexpr uint64_t kOneBits = 0x3FF0000000000000ull;  // 1.0
 
-// normals[j] = philox_normal(seed, step, d0 + j), n <= kBlock.
-DPSEG_CPU_CLONES void normals_block(uint64_t seed, uint64_t step, uint64_t d0, int64_t n,
-                                    double* normals) {
+// out[2i], out[2i + 1] = philox_normal_pair(seed, step, q0 + i), i < nq <= kPairs.
+DPSEG_CPU_CLONES void normal_pairs(uint64_t seed, uint64_t step, uint64_t q0, int64_t nq,
+                                   double* __restrict__ out) {
   uint32_t k0[10], k1[10];
   k0[0] = static_cast<uint32_t>(seed);
   k1[0] = static_cast<uint32_t>(seed >> 32);
@@ -55,10 +56,11 @@ DPSEG_CPU_CLONES void normals_block(uint64_t seed, uint64_t step, uint64_t d0, i
     k1[r] = k1[r - 1] + kPhiloxW1;
   }
   const uint32_t s0 = static_cast<uint32_t>(step), s1 = static_cast<uint32_t>(step >> 32);
-  double u1[kBlock], u2[kBlock];
-  for (int64_t j = 0; j < n; ++j) {
-    const uint64_t d = d0 + static_cast<uint64_t>(j);
-    uint32_t c0 = static_cast<uint32_t>(d), c1 = static_cast<uint32_t>(d >> 32), c2 = s0, c3 = s1;
+  double u1[kPairs], rad[kPairs], rem[kPairs];
+  uint64_t quarter[kPairs];
+  for (int64_t i = 0; i < nq; ++i) {
+    const uint64_t q = q0 + static_cast<uint64_t>(i);
+    uint32_t c0 = static_cast<uint32_t>(q), c1 = static_cast<uint32_t>(q >> 32), c2 = s0, c3 = s1;
 #pragma GCC unroll 10
     for (int r = 0; r < 10; ++r) {
       const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
@@ -71,19 +73,22 @@ DPSEG_CPU_CLONES void normals_block(uint64_t seed, uint64_t step, uint64_t d0, i
       c2 = n2;
     }
     const double n1 = small_uint_to_double(c0 >> 5) * 67108864.0 + small_uint_to_double(c1 >> 6);
-    const double n2 = small_uint_to_double(c2 >> 5) * 67108864.0 + small_uint_to_double(c3 >> 6);
-    u1[j] = (n1 + 0.5) * 0x1p-53;
-    u2[j] = n2 * 0x1p-53;
+    u1[i] = (n1 + 0.5) * 0x1p-53;
+    // The angle's quarter turn and remainder straight from n2 = (c2 >> 5) 2^26 + (c3 >> 6):
+    // 4 u2 = n2 2^-51, so trunc(4 u2) = c2 >> 30 and 4 u2 - trunc(4 u2) = (n2 mod 2^51) 2^-51,
+    // the values exact_ops_sincos_2pi computes (exactly) from u2 in double.
+    quarter[i] = c2 >> 30;
+    rem[i] = (small_uint_to_double((c2 >> 5) & 0x1FFFFFFu) * 67108864.0 +
+              small_uint_to_double(c3 >> 6)) *
+             0x1p-51;
   }
-  // -2 ln u1, as exact_ops_log (u1 is normal: its exponent field is never 0).
-  for (int64_t j = 0; j < n; ++j) {
-    const uint64_t bits = double_to_bits(u1[j]);
-    double m = bits_to_double((bits & 0x000FFFFFFFFFFFFFull) | 0x3FE0000000000000ull);
-    double e = small_uint_to_double(bits >> 52) - 1022.0;
-    // Selects of constants, not of results: if-conversion must not speculate an FP op.
-    const bool small = m < kSqrtHalf;
-    m = m * (small ? 2.0 : 1.0);  // exact either way, as are e - 1 and e - 0
-    e = e - (small ? 1.0 : 0.0);
+  // sqrt(-2 ln u1), ln as exact_ops_log (u1 is normal: its exponent field is never 0).
+  for (int64_t i = 0; i < nq; ++i) {
+    const uint64_t bits = double_to_bits(u1[i]);
+    const uint64_t mant = (bits & 0x000FFFFFFFFFFFFFull) | 0x3FE0000000000000ull;  // [0.5, 1)
+    const uint64_t small = bits_to_double(mant) < kSqrtHalf;
+    const double m = bits_to_double(mant + (small << 52));  // times 2 when small: exact
+    const double e = small_uint_to_double((bits >> 52) - small) - 1022.0;
     const double f = m - 1.0;
     const double s = f / (f + 2.0);
     const double z = s * s;
@@ -91,58 +96,73 @@ DPSEG_CPU_CLONES void normals_block(uint64_t seed, uint64_t step, uint64_t d0, i
 #pragma GCC unroll 10
     for (int k = 9; k >= 0; --k) q = q * z + kLnC[k];
     const double ln_m = 2.0 * (s + s * (z * q));
-    u1[j] = -2.0 * (e * kLn2Hi + (ln_m + e * kLn2Lo));
+    // sqrt vectorises only without errno: setup.py builds with -fno-math-errno.
+    rad[i] = sqrt(-2.0 * (e * kLn2Hi + (ln_m + e * kLn2Lo)));
   }
-  // cos(2 pi u2), as exact_ops_cos_2pi, both polynomials then a select.
-  for (int64_t j = 0; j < n; ++j) {
-    const double v = u2[j] * 4.0;
-    const int32_t kt = static_cast<int32_t>(v);
-    double r = v - static_cast<double>(kt);
-    const bool fold = r > 0.5;
-    r = r - (fold ? 1.0 : 0.0);
-    const int32_t k = kt + (fold ? 1 : 0);
+  // cos and sin of 2 pi u2, as exact_ops_sincos_2pi: both series, then the quarter turn's
+  // swap and signs as bit operations.
+  for (int64_t i = 0; i < nq; ++i) {
+    const uint64_t fold = rem[i] > 0.5;
+    const double r = rem[i] - bits_to_double((0 - fold) & kOneBits);  // r - 1 or r - 0
+    const uint64_t k = quarter[i] + fold;
     const double t = r * kPiOver2;
     const double z = t * t;
     double pc = kCosC[8], ps = kSinC[8];
 #pragma GCC unroll 8
-    for (int i = 7; i >= 0; --i) {
-      pc = pc * z + kCosC[i];
-      ps = ps * z + kSinC[i];
+    for (int n = 7; n >= 0; --n) {
+      pc = pc * z + kCosC[n];
+      ps = ps * z + kSinC[n];
     }
-    const double c = 1.0 + z * pc;
-    const double sn = t + t * (z * ps);
-    const double val = (k & 1) ? sn : c;
-    const double sign = ((k + 1) & 2) ? -1.0 : 1.0;  // quarter turns 1, 2 are negative
-    normals[j] = val * sign;
+    const uint64_t cb = double_to_bits(1.0 + z * pc), sb = double_to_bits(t + t * (z * ps));
+    const uint64_t odd = 0 - (k & 1);  // all ones for quarter turns 1, 3: cos and sin swap
+    const uint64_t cos_bits = ((cb & ~odd) | (sb & odd)) ^ (((k + 1) & 2) << 62);
+    const uint64_t sin_bits = ((sb & ~odd) | (cb & odd)) ^ ((k & 2) << 62);
+    out[2 * i] = rad[i] * bits_to_double(cos_bits);
+    out[2 * i + 1] = rad[i] * bits_to_double(sin_bits);
   }
-  // sqrt in its own loop: without -fno-math-errno its errno branch would stop the loops above
-  // from vectorising.
-  for (int64_t j = 0; j < n; ++j) normals[j] = sqrt(u1[j]) * normals[j];
+}
+
+// out[j] = philox_normal(seed, step, d0 + j), j < n: whole blocks, both outputs used (one
+// spare output at each end of an odd-aligned range).
+void normals(uint64_t seed, uint64_t step, uint64_t d0, int64_t n, double* out) {
+  double pairs[2 * kPairs];
+  for (int64_t j = 0; j < n;) {
+    const uint64_t d = d0 + static_cast<uint64_t>(j);
+    const int64_t skip = static_cast<int64_t>(d & 1);
+    const int64_t take = std::min(2 * kPairs - skip, n - j);
+    const int64_t nq = (skip + take + 1) >> 1;
+    if (skip == 0 && take == 2 * nq) {
+      normal_pairs(seed, step, d >> 1, nq, out + j);
+    } else {
+      normal_pairs(seed, step, d >> 1, nq, pairs);
+      std::memcpy(out + j, pairs + skip, static_cast<size_t>(take) * sizeof(double));
+    }
+    j += take;
+  }
 }
 
 }  // namespace
 
 void philox_noise_block(uint64_t seed, uint64_t step, uint64_t e0, int64_t n, int64_t draws,
                         double* out) {
-  if (draws == 1) {  // s / sqrt(1) == s exactly: no division
-    for (int64_t j = 0; j < n; j += kBlock) {
-      normals_block(seed, step, e0 + j, std::min(kBlock, n - j), out + j);
-    }
+  if (draws == 1) {  // the noise is the normal itself: no sum, no division
+    normals(seed, step, e0, n, out);
     return;
   }
   const double root = std::sqrt(static_cast<double>(draws));
-  if (draws > kBlock) {  // not a real use; keep it simple
+  constexpr int64_t kNormals = 2 * kPairs;
+  if (draws > kNormals) {  // not a real use; keep it simple
     for (int64_t j = 0; j < n; ++j) out[j] = philox_noise(seed, step, e0 + j, draws, root);
     return;
   }
-  double normals[kBlock];
-  const int64_t per = kBlock / draws;  // elements per block of normals
+  double buf[kNormals];
+  const int64_t per = kNormals / draws;  // elements per batch of normals
   for (int64_t j = 0; j < n; j += per) {
     const int64_t m = std::min(per, n - j);
-    normals_block(seed, step, (e0 + j) * static_cast<uint64_t>(draws), m * draws, normals);
+    normals(seed, step, (e0 + j) * static_cast<uint64_t>(draws), m * draws, buf);
     for (int64_t i = 0; i < m; ++i) {
-      double s = normals[i * draws];
-      for (int64_t k = 1; k < draws; ++k) s = s + normals[i * draws + k];
+      double s = buf[i * draws];
+      for (int64_t k = 1; k < draws; ++k) s = s + buf[i * draws + k];
       out[j + i] = s / root;
     }
   }
@@ -156,6 +176,16 @@ namespace {
 // 2048 normals (tens of microseconds) amortise the thread hand-off.
 constexpr int64_t kNoiseGrain = 2048;
 
+// n <= kNoiseGrain values of noise into out: float64 directly, float32 through a buffer.
+void fill_noise(uint64_t seed, uint64_t step, uint64_t e0, int64_t n, int64_t draws, double* out) {
+  dpseg::cpu::philox_noise_block(seed, step, e0, n, draws, out);
+}
+void fill_noise(uint64_t seed, uint64_t step, uint64_t e0, int64_t n, int64_t draws, float* out) {
+  double z[kNoiseGrain];
+  dpseg::cpu::philox_noise_block(seed, step, e0, n, draws, z);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(z[i]);
+}
+
 void gaussian_noise_cpu_(at::Tensor& out, int64_t seed, int64_t step, int64_t offset,
                          int64_t draws) {
   TORCH_CHECK(out.dim() == 1 && out.is_contiguous(),
@@ -167,12 +197,9 @@ void gaussian_noise_cpu_(at::Tensor& out, int64_t seed, int64_t step, int64_t of
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "gaussian_noise_", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, out.numel(), kNoiseGrain, [&](int64_t lo, int64_t hi) {
-      double z[kNoiseGrain];
       for (int64_t j = lo; j < hi; j += kNoiseGrain) {
-        const int64_t len = std::min(kNoiseGrain, hi - j);
-        const uint64_t e0 = static_cast<uint64_t>(offset + j);
-        dpseg::cpu::philox_noise_block(useed, ustep, e0, len, draws, z);
-        for (int64_t i = 0; i < len; ++i) o[j + i] = static_cast<scalar_t>(z[i]);
+        fill_noise(useed, ustep, static_cast<uint64_t>(offset + j), std::min(kNoiseGrain, hi - j),
+                   draws, o + j);
       }
     });
   });
