@@ -180,7 +180,7 @@ DPSEG_HD inline double philox_noise(uint64_t seed, uint64_t step, uint64_t e, in
 #if !defined(__CUDACC__)
 namespace cpu {
 // out[j] = philox_noise(seed, step, e0 + j, draws, sqrt(draws)) for 0 <= j < n, the same bits,
-// computed many blocks at a time in SIMD-friendly loops. Defined in csrc/cpu/noise_cpu.cpp.
+// computed many blocks at a time in SIMD-friendly loops. Defined in csrc/cpu/philox_cpu.cpp.
 void philox_noise_block(uint64_t seed, uint64_t step, uint64_t e0, int64_t n, int64_t draws,
                         double* out);
 }  // namespace cpu

@@ -2,7 +2,10 @@
 C++ kernel equal to the PyTorch mirror bit for bit."""
 
 import math
+import shutil
+import subprocess
 from fractions import Fraction
+from pathlib import Path
 
 import mpmath
 import pytest
@@ -166,3 +169,23 @@ def test_cpp_noise_equals_torch_bitwise(dtype, numel, seed, step, offset, draws)
 def test_cpp_noise_equals_torch_bitwise_large():
     cpp = gaussian_noise(1_000_003, 42, 17, offset=999, dtype=torch.float64, backend="cpp")
     assert torch.equal(cpp, gaussian_noise(1_000_003, 42, 17, 999, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("versions", ["1", "0"], ids=["per-target", "portable"])
+def test_cpu_block_generator_equals_the_scalar_header(tmp_path, versions):
+    """The vectorised CPU generator (AVX2 intrinsics where the CPU has them, else GCC's
+    vectorisation) and the portable path, each bitwise the scalar philox.h, compiled with
+    setup.py's flags. The extension's own path is held to the torch mirror above."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "check"
+    cmd = [cxx, "-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno",
+           f"-DDPSEG_X86_VERSIONS={versions}", "-I", str(root / "csrc"),
+           str(root / "tests" / "cpp" / "philox_block_check.cpp"),
+           str(root / "csrc" / "cpu" / "philox_cpu.cpp"), "-o", str(exe)]  # fmt: skip
+    built = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    ran = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stdout
