@@ -44,10 +44,10 @@ def test_philox_known_answers_cpp():
 
 
 def test_series_constants_are_the_rationals_rounded():
-    assert P.LN_COEFFS == tuple(float(Fraction(1, 2 * k + 1)) for k in range(1, 12))
+    assert P.LN_COEFFS == tuple(float(Fraction(1, 2 * k + 1)) for k in range(1, 10))
     fact = math.factorial
-    assert P.COS_COEFFS == tuple(float(Fraction((-1) ** n, fact(2 * n))) for n in range(1, 10))
-    assert P.SIN_COEFFS == tuple(float(Fraction((-1) ** n, fact(2 * n + 1))) for n in range(1, 10))
+    assert P.COS_COEFFS == tuple(float(Fraction((-1) ** n, fact(2 * n))) for n in range(1, 9))
+    assert P.SIN_COEFFS == tuple(float(Fraction((-1) ** n, fact(2 * n + 1))) for n in range(1, 9))
     mpmath.mp.prec = 200
     assert P.LN2_HI + P.LN2_LO == float(mpmath.log(2))
     assert P.PI_OVER_2 == float(mpmath.pi / 2) and P.SQRT_HALF == float(mpmath.sqrt(0.5))

@@ -199,9 +199,9 @@ DPSEG_INLINE void pairs_from_uniforms(const Uniforms& u, int64_t nq, double* __r
     const double f = m - 1.0;
     const double s = f / (f + 2.0);
     const double z = s * s;
-    double q = kLnC[10];
-#pragma GCC unroll 10
-    for (int k = 9; k >= 0; --k) q = q * z + kLnC[k];
+    double q = kLnC[8];
+#pragma GCC unroll 8
+    for (int k = 7; k >= 0; --k) q = q * z + kLnC[k];
     const double ln_m = 2.0 * (s + s * (z * q));
     // sqrt vectorises only without errno: setup.py builds with -fno-math-errno.
     rad[i] = sqrt(-2.0 * (e * kLn2Hi + (ln_m + e * kLn2Lo)));
@@ -214,9 +214,9 @@ DPSEG_INLINE void pairs_from_uniforms(const Uniforms& u, int64_t nq, double* __r
     const uint64_t k = quarter[i] + fold;
     const double t = r * kPiOver2;
     const double z = t * t;
-    double pc = kCosC[8], ps = kSinC[8];
-#pragma GCC unroll 8
-    for (int n = 7; n >= 0; --n) {
+    double pc = kCosC[7], ps = kSinC[7];
+#pragma GCC unroll 7
+    for (int n = 6; n >= 0; --n) {
       pc = pc * z + kCosC[n];
       ps = ps * z + kSinC[n];
     }
