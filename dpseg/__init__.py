@@ -10,6 +10,6 @@ The public surface mirrors Opacus so that switching is a change of import::
 
 __version__ = "0.1.0"
 
-from dpseg.privacy import BatchMemoryManager, PrivacyEngine, fix  # noqa: E402
+from dpseg.privacy import BatchMemoryManager, PrivacyEngine, check_loss, fix  # noqa: E402
 
-__all__ = ["BatchMemoryManager", "PrivacyEngine", "fix", "__version__"]
+__all__ = ["BatchMemoryManager", "PrivacyEngine", "check_loss", "fix", "__version__"]

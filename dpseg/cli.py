@@ -106,6 +106,16 @@ def _add_bench(sub):
         "--engines",
         type=csv_list(str),
         default=("none", "dpseg", "opacus-hooks", "opacus-functorch"),
+        help="comma list of none, dpseg, dpseg-grouped (with --rows-per-patient), "
+        "opacus-hooks, opacus-functorch",
+    )
+    p.add_argument(
+        "--rows-per-patient",
+        type=int,
+        default=1,
+        metavar="K",
+        help="dpseg-grouped: the batch's rows are patients of K consecutive rows, averaged and "
+        "clipped as one (the price of the patient unit, against dpseg on the same rows)",
     )
     p.add_argument(
         "--amp", type=csv_list(str), default=("none",), help="none, bf16, fp16 (comma list)"
@@ -162,6 +172,7 @@ def _run_bench(args) -> int:
                 physical_batch=args.physical_batch,
                 spatial_dims=args.spatial_dims,
                 upsample=args.upsample,
+                rows_per_patient=args.rows_per_patient,
             )
             reports.append(_show(args, run_step_benchmark(cfg, progress=_running)))
     return _write_reports(args, reports)

@@ -47,6 +47,7 @@ def run_demo(
     model = UNet(3, 1, 2, channels=(8, 16, 32), norm="group")
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     engine = dpseg.PrivacyEngine(accountant="prv")
+    loss_fn = DiceCELoss()
     model, optimizer, loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -54,8 +55,11 @@ def run_demo(
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         noise_seed=seed,
+        # Constants of the demo's settings, not read off the data: add/remove adjacency.
+        sample_rate=min(1.0, batch / cases),
+        expected_batch_size=batch,
+        criterion=loss_fn,
     )
-    loss_fn = DiceCELoss()
     print(
         f"DP-SGD: sigma={noise_multiplier}, C={max_grad_norm}, Poisson q={engine.sample_rate:.3f} "
         f"over {cases} patients (one patch per patient per batch)"

@@ -50,6 +50,10 @@ def train(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
             max_grad_norm=cfg["C"],
             loss_reduction=cfg["reduction"],
             noise_seed=None if secure else cfg["seed"],
+            # Declared (q = batch / n per rank's loader = the global rate, E = that batch):
+            # add/remove adjacency, the single-process accountant's.
+            sample_rate=cfg["batch"] / cfg.get("n", 12),
+            expected_batch_size=cfg["batch"],
         )
         loss_fn = seg_loss_mean if cfg["reduction"] == "mean" else seg_loss_sum
         seen, states = [], [{k: v.clone() for k, v in model.state_dict().items()}]
@@ -101,6 +105,7 @@ def batch_memory_manager(rank: int, world: int, port: int, out: str, cfg: dict) 
         pmodel, opt, loader = dpseg.PrivacyEngine(accountant="rdp").make_private(
             module=ddp, optimizer=torch.optim.SGD(ddp.parameters(), lr=1.0), data_loader=loader,
             noise_multiplier=cfg["sigma"], max_grad_norm=cfg["C"], noise_seed=cfg["seed"],
+            sample_rate=cfg["batch"] / cfg.get("n", 12), expected_batch_size=cfg["batch"],
         )  # fmt: skip
         seen, states, current = [], [{k: v.clone() for k, v in model.state_dict().items()}], []
         with dpseg.BatchMemoryManager(
@@ -116,6 +121,50 @@ def batch_memory_manager(rank: int, world: int, port: int, out: str, cfg: dict) 
                     seen.append(torch.cat(current))
                     current = []
                     states.append({k: v.clone() for k, v in model.state_dict().items()})
+        torch.save({"seen": seen, "states": states, "steps_taken": opt.steps_taken},
+                   os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+PATIENT_OF_ITEM = [0, 0, 1, 2, 2, 2, 3, 4, 4, 5, 5, 5]  # 6 patients of 1 to 3 items
+
+
+def patient_units(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
+    """Declared patients (k items each) through BatchMemoryManager under DDP: each rank
+    clips its own patients, whole."""
+    init(rank, world, port)
+    try:
+        torch.manual_seed(0)
+        model = SmallSegNet().double()
+        x, y = data(len(PATIENT_OF_ITEM))
+        ddp = DistributedDataParallel(model)
+        loader = DataLoader(TensorDataset(x, y, torch.arange(len(x))), batch_size=4)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pmodel, opt, loader = dpseg.PrivacyEngine(accountant="rdp").make_private(
+                module=ddp, optimizer=torch.optim.SGD(ddp.parameters(), lr=1.0),
+                data_loader=loader, noise_multiplier=0.0, max_grad_norm=cfg["C"],
+                noise_seed=cfg["seed"], sample_rate=cfg["q"], expected_batch_size=cfg["expected"],
+                patient_ids=PATIENT_OF_ITEM, items_per_patient=cfg["k"],
+            )  # fmt: skip
+        seen, states, current = [], [{k: v.clone() for k, v in model.state_dict().items()}], []
+        with dpseg.BatchMemoryManager(
+            data_loader=loader, max_physical_batch_size=cfg["physical"], optimizer=opt
+        ) as physical:
+            for _ in range(cfg["passes"]):
+                for xb, yb, idx in physical:
+                    opt.zero_grad()
+                    seg_loss_mean(pmodel(xb), yb).backward()
+                    before = opt.steps_taken
+                    opt.step()
+                    current.append(idx)
+                    if opt.steps_taken > before:
+                        seen.append(torch.cat(current))
+                        current = []
+                        states.append({k: v.clone() for k, v in model.state_dict().items()})
         torch.save({"seen": seen, "states": states, "steps_taken": opt.steps_taken},
                    os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
     finally:

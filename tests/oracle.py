@@ -40,3 +40,24 @@ def dp_sum(per_sample: dict, max_grad_norm: float) -> tuple[torch.Tensor, dict]:
         n: (g * factors.view(-1, *([1] * (g.dim() - 1)))).sum(0) for n, g in per_sample.items()
     }
     return norms, summed
+
+
+def per_unit_grads(model: nn.Module, loss_fn, x: torch.Tensor, y, groups):
+    """{name: (U, *shape)}: unit u's gradient is that of loss_fn over its own rows
+    (``groups[u]``, indices into x and y) alone, a loop over units; with a loss that is a
+    mean over rows, the mean of the rows' per-sample gradients."""
+    model = copy.deepcopy(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    out = {n: [] for n in names}
+    for rows in groups:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x[rows]), None if y is None else y[rows]).backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                out[n].append(p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+    params = dict(model.named_parameters())
+    return {
+        n: torch.stack(g) if g else params[n].new_zeros((0, *params[n].shape))
+        for n, g in out.items()
+    }

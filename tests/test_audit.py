@@ -110,11 +110,9 @@ def test_without_noise_the_audit_finds_a_large_epsilon():
 def test_clipping_that_skips_the_canary_is_caught(monkeypatch):
     original = DPOptimizer._clip_factors
 
-    def skip_big(self, grads):
-        norms, factors = original(self, grads)
-        batch = grads[0].shape[0]
-        scale_in = float(batch) if self.loss_reduction == "mean" else 1.0
-        unclipped = torch.full_like(factors, scale_in)
+    def skip_big(self, grads, units):
+        norms, factors = original(self, grads, units)
+        unclipped = units.row_scale(self.loss_reduction)
         return norms, torch.where(norms > 2 * self.max_grad_norm, unclipped, factors)
 
     monkeypatch.setattr(DPOptimizer, "_clip_factors", skip_big)
@@ -234,3 +232,94 @@ def test_triton_backend_releases_the_bits_of_the_torch_backend(triton_device):
     np.testing.assert_allclose(s0_t, s0_r, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(s1_t, s1_r, rtol=1e-6, atol=1e-6)
     assert claimed == pytest.approx(4.39, abs=0.01)
+
+
+# --- the patient as the unit: canaries of k rows -----------------------------------------
+@pytest.mark.parametrize(
+    "layout,collate", [("multi-sample", "monai"), ("multi-sample", "dpseg"), ("patients", "dpseg")]
+)
+def test_a_patient_canary_of_four_rows_moves_its_slot_by_c_once(layout, collate):
+    # Through the real loader: MONAI's list_data_collate (and dpseg's), or a declared
+    # patient map. The four rows are averaged and clipped as one: the bound stays under the
+    # claim of one unit.
+    if collate == "monai":
+        pytest.importorskip("monai")
+    cfg = AuditConfig(
+        noise_multiplier=1.0, trials=6000, slots=2000, rows_per_canary=4, canary_layout=layout,
+        collate=collate, seed=4,
+    )  # fmt: skip
+    r = run_audit(cfg)
+    assert r.epsilon_lower <= r.epsilon_claimed, r
+    assert r.unit == ("patient" if layout == "patients" else "item")
+
+
+@pytest.mark.parametrize("layout", ["multi-sample", "patients"])
+def test_clipping_rows_apart_is_caught(monkeypatch, layout):
+    # Test-only sabotage: the grouping switched off, each row clipped alone, so a canary
+    # patient of 4 rows moves its slot by 4C while the accountant assumes C.
+    from dpseg.privacy.units import RowUnits, UnitFeed
+
+    monkeypatch.setattr(UnitFeed, "for_forward", lambda self, rows: RowUnits.identity(rows))
+    cfg = AuditConfig(
+        noise_multiplier=1.0, trials=6000, slots=2000, rows_per_canary=4, canary_layout=layout,
+        seed=5,
+    )  # fmt: skip
+    r = run_audit(cfg)
+    assert r.epsilon_lower > r.epsilon_claimed, r
+
+
+# --- add/remove worlds: what surrounds the step -------------------------------------------
+def test_add_remove_worlds_hold_with_declared_constants():
+    from dpseg.audit.worlds import WorldsConfig, run_worlds_audit, verdict
+
+    r = run_worlds_audit(WorldsConfig(noise_multiplier=3.0, runs=64, dims=300, seed=1))
+    assert r.adjacency == "add/remove" and r.steps == {0: [10], 1: [10]}
+    assert r.epsilon_lower <= r.epsilon_claimed and verdict(r) == "ok", r
+
+
+def test_add_remove_worlds_catch_q_steps_and_divisor_derived_from_n(monkeypatch):
+    # Test-only sabotage: the old behaviour, Opacus's N-derived q, steps and divisor while
+    # the add/remove claim stands. N = 100 against 101 at batch 10: 10 steps against 11,
+    # divisors 10 and 9; the energy of the released updates tells them apart.
+    from dpseg.audit.worlds import WorldsConfig, run_worlds_audit
+    from dpseg.privacy.sampling_plan import SamplingPlan
+
+    monkeypatch.setattr(SamplingPlan, "adjacency", property(lambda self: "add/remove"))
+    cfg = WorldsConfig(
+        noise_multiplier=3.0, runs=64, dims=300, sample_rate=None, expected_batch_size=None,
+        seed=2,
+    )  # fmt: skip
+    r = run_worlds_audit(cfg)
+    assert r.steps == {0: [10], 1: [11]}
+    assert r.epsilon_lower > r.epsilon_claimed, r
+    assert r.best_score in ("energy", "-energy")
+
+
+# --- tokens and windows: the transformer paths ---------------------------------------------
+@pytest.mark.parametrize("structure", ["tokens", "windows"])
+def test_token_and_window_canaries_stay_under_the_claim(structure):
+    # The canary's gradient reaches the layer as 4 tokens of one row ((B, T, D)), or as two
+    # windows of two tokens each a row of their own ((B x windows, 2, D), summed back per
+    # sample through the unit map): clipped per sample either way.
+    r = run_audit(AuditConfig(noise_multiplier=1.0, trials=8000, slots=2000, structure=structure))
+    assert r.epsilon_lower <= r.epsilon_claimed, r
+
+
+def test_per_window_clipping_is_caught(monkeypatch):
+    # Test-only sabotage: each window its own unit, clipped alone; a canary sample of four
+    # windows then moves its slot by 4C while the accountant assumes C.
+    from dpseg.privacy.capture import ForwardPasses
+    from dpseg.privacy.units import RowUnits
+
+    def per_window(self, call_units):
+        rows = call_units.rows if call_units is not None else self.batch
+        windows = RowUnits.identity(rows)
+        return self.id_for_call(), windows, windows
+
+    monkeypatch.setattr(ForwardPasses, "pass_info", per_window)
+    cfg = AuditConfig(
+        noise_multiplier=1.0, trials=8000, slots=2000, structure="windows", tokens=8,
+        magnitude=16.0, seed=6,
+    )  # fmt: skip
+    r = run_audit(cfg)
+    assert r.epsilon_lower > r.epsilon_claimed, r

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import dpseg
 from dpseg.privacy.data_loader import DistributedPoissonBatchSampler, PoissonBatchSampler
 from tests import ddp_workers
-from tests.oracle import dp_sum, per_sample_grads
+from tests.oracle import dp_sum, per_sample_grads, per_unit_grads
 from tests.test_engine_oracle import SmallSegNet, seg_loss_mean
 
 WORLD = 2
@@ -86,6 +86,36 @@ def test_batch_memory_manager_under_ddp(tmp_path):
     for r in runs:
         r["expected_batch"] = 4
     _assert_matches_oracle(runs, 0.5, "mean")
+
+
+def test_declared_patients_stay_whole_on_one_rank(tmp_path):
+    # 6 patients of 1-3 items, k = 2 items each (with replacement for the one-item ones),
+    # physical batches of 2: every patient's rows on one rank, in one physical batch, and
+    # each update the per-patient oracle's on the union of the ranks' patients.
+    cfg = dict(C=0.05, seed=7, q=0.6, expected=3.6, k=2, physical=2, passes=3)
+    runs = _spawn(ddp_workers.patient_units, tmp_path, cfg)
+    owner = ddp_workers.PATIENT_OF_ITEM
+    torch.manual_seed(0)
+    model = SmallSegNet().double()
+    x, y = ddp_workers.data(len(owner))
+    steps = len(runs[0]["seen"])
+    assert steps == runs[1]["steps_taken"] == 3 * 2  # round(1 / 0.6) = 2 steps a pass
+    for step in range(steps):
+        groups = []
+        for r, run in enumerate(runs):
+            rows = run["seen"][step].tolist()
+            assert all(owner[i] % WORLD == r for i in rows)  # a patient lives on one rank
+            groups += [rows[i : i + 2] for i in range(0, len(rows), 2)]
+        assert all(owner[g[0]] == owner[g[1]] for g in groups)
+        _, summed = dp_sum(per_unit_grads(model, seg_loss_mean, x, y, groups), 0.05)
+        update = {n: summed[n] / 3.6 for n, _ in model.named_parameters()}
+        expected = torch.cat([u.flatten() for u in update.values()])
+        for run in runs:
+            got = _flat(run["states"][step]) - _flat(run["states"][step + 1])
+            assert (got - expected).abs().max() <= 1e-9 * max(expected.abs().max(), 1e-300)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.sub_(update[n])
 
 
 def test_noise_is_added_once_and_the_replicas_are_bit_identical(tmp_path):

@@ -91,7 +91,7 @@ def test_non_finite_per_sample_norm_raises_with_index_and_applies_nothing():
     x = torch.randn(3, 1, 6, 6)
     x[1, 0, 2, 2] = float("inf")
     F.cross_entropy(model(x), torch.zeros(3, 6, 6, dtype=torch.long)).backward()
-    with pytest.raises(FloatingPointError, match=r"sample\(s\) \[1\]"):
+    with pytest.raises(FloatingPointError, match=r"item\(s\) \[1\]"):
         opt.step()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -179,8 +179,11 @@ def test_make_private_returns_a_poisson_loader_with_q_one_over_len():
 
 
 def test_training_loop_steps_and_epsilon_matches_opacus_accountant():
+    # Declared constants: add/remove adjacency, Opacus's own accountant.
     engine = dpseg.PrivacyEngine(accountant="rdp")
-    model, opt, loader = _make(engine, noise_multiplier=1.1, noise_seed=1)
+    model, opt, loader = _make(
+        engine, noise_multiplier=1.1, noise_seed=1, sample_rate=0.25, expected_batch_size=4
+    )
     for x, y in loader:
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -192,9 +195,13 @@ def test_training_loop_steps_and_epsilon_matches_opacus_accountant():
     assert engine.get_epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
 
 
-def test_make_private_with_epsilon_hits_the_target():
+@pytest.mark.parametrize("declared", [True, False])
+def test_make_private_with_epsilon_hits_the_target(declared):
+    # Under the accountant that reports the run: Opacus's RDP when q and the normaliser
+    # are declared, dp_accounting's replace-one PLD when they were derived from N.
     engine = dpseg.PrivacyEngine(accountant="rdp")
     model, opt, loader = _setup()
+    kw = {"sample_rate": 0.25, "expected_batch_size": 4} if declared else {}
     model, opt, loader = engine.make_private_with_epsilon(
         module=model,
         optimizer=opt,
@@ -203,7 +210,9 @@ def test_make_private_with_epsilon_hits_the_target():
         target_delta=1e-5,
         epochs=3,
         max_grad_norm=1.0,
+        **kw,
     )
+    assert engine.accountant.mechanism() == ("rdp" if declared else "pld-replace-one")
     for _ in range(3 * len(loader)):
         engine.accountant.step(
             noise_multiplier=opt.noise_multiplier, sample_rate=engine.sample_rate
@@ -223,21 +232,27 @@ def test_prv_accountant_and_zero_steps():
 
 def test_checkpoint_keeps_the_ledger_and_the_noise_counter():
     engine = dpseg.PrivacyEngine(accountant="rdp")
-    model, opt, loader = _make(engine, noise_seed=5)
+    model, opt, loader = _make(engine, noise_seed=5, sample_rate=0.25, expected_batch_size=4)
     for x, y in loader:
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
     eps = engine.get_epsilon(1e-5)
     state = {"engine": engine.state_dict(), "optimizer": opt.state_dict()}
+    assert state["engine"]["adjacency"] == "add/remove" and state["engine"]["unit"] == "item"
     engine2 = dpseg.PrivacyEngine(accountant="rdp")
-    _, opt2, _ = _make(engine2)
+    _, opt2, _ = _make(engine2, sample_rate=0.25, expected_batch_size=4)
     engine2.load_state_dict(state["engine"])
     opt2.load_state_dict(state["optimizer"])
     assert engine2.get_epsilon(1e-5) == eps > 0
     assert opt2.steps_taken == 4 and opt2.noise_seed == 5
     with pytest.raises(ValueError, match="accountant='rdp'"):
         dpseg.PrivacyEngine(accountant="prv").load_state_dict(state["engine"])
+    # A ledger kept under add/remove cannot continue under another guarantee.
+    engine3 = dpseg.PrivacyEngine(accountant="rdp")
+    engine3.load_state_dict(state["engine"])
+    with pytest.raises(ValueError, match="kept per item, add/remove"):
+        _make(engine3)  # q derived from N: replace-one
 
 
 def test_release_returns_the_plain_model():

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpseg
-from dpseg.privacy.capture import capture_layers, release_layers
+from dpseg.privacy.capture import ForwardPasses, capture_layers, release_layers
 from tests.oracle import dp_sum, per_sample_grads
 
 RTOL = 1e-9  # float64 throughout
@@ -25,9 +25,12 @@ def sum_sq(pred, _y):
 
 def assert_grad_samples(model, x, loss_fn=sum_sq, y=None, rtol=RTOL):
     expected = per_sample_grads(model, loss_fn, x, y)
-    layers = capture_layers(model)
+    passes = ForwardPasses(strict=False)
+    layers = capture_layers(model, passes=passes)
     try:
-        loss_fn(model(x), y).backward()
+        with passes.running(batch=x.shape[0]):  # as PrivateModule runs a pass
+            out = model(x)
+        loss_fn(out, y).backward()
     finally:
         release_layers(layers)
     for name, p in model.named_parameters():

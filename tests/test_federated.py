@@ -84,10 +84,16 @@ def test_fedavg_of_sites_equals_centralized_sgd_on_pooled_data():
     assert not torch.equal(want["0.weight"], _mlp()[0].weight.detach())  # it did train
 
 
-def _dp_site(k, n, engine="dpseg", accountant="rdp", sigma=1.1, batch=3, max_epsilon=None, seed=0):
+def _dp_site(
+    k, n, engine="dpseg", accountant="rdp", sigma=1.1, batch=3, max_epsilon=None, seed=0,
+    declared=True,
+):  # fmt: skip
+    """A site of n cases. ``declared``: q (Opacus's 1 / ceil(n / batch), as a constant) and
+    the normaliser declared, so the site's epsilon is for add/remove adjacency."""
     x, y = _seg_data(n, seed=k)
+    q = poisson_rate(n, batch)[0] if declared else None
     cfg = SiteConfig(engine=engine, optimizer="sgd", lr=0.05, batch_size=batch,
-                     accountant=accountant,
+                     sample_rate=q, accountant=accountant,
                      max_epsilon=max_epsilon, delta=1e-5)  # fmt: skip
     return Site(f"s{k}", k, TensorDataset(x, y), _conv_net, cfg, noise_multiplier=sigma, seed=seed,
                 loss_fn=_ce)  # fmt: skip
@@ -114,6 +120,18 @@ def test_ledger_composes_like_a_hand_run_accountant(engine, accountant):
         assert site.epsilon == pytest.approx(hand.get_epsilon(1e-5), rel=1e-9)
     # A larger site has a smaller q, so it spends less for the same steps.
     assert sites[1].epsilon < sites[0].epsilon
+
+
+def test_a_site_whose_rate_reads_its_size_reports_replace_one():
+    from dpseg.privacy.accountants import ReplaceOneAccountant
+
+    site = _dp_site(0, 6, declared=False)
+    sim = Simulator([site], _conv_net(), FedAvg(), local_steps=2)
+    sim.run(1)
+    assert isinstance(site.ledger.accountant, ReplaceOneAccountant)
+    hand = ReplaceOneAccountant()
+    hand.history = [(1.1, 0.5, 2)]
+    assert site.epsilon == pytest.approx(hand.get_epsilon(1e-5), rel=1e-12)
 
 
 class _Flaky(Dataset):

@@ -11,7 +11,8 @@ from dpseg.train.checkpoint import load_checkpoint
 # 2 sites x 4 phantoms of 16^3, a (4, 8) U-Net, 16^3 patches: about a second per round.
 TINY = [
     "--phantoms", "8", "--sites", "2", "--size", "16", "--patch", "16", "--channels", "4,8",
-    "--local-steps", "2", "--batch", "2", "--accountant", "rdp", "--no-plots",
+    "--local-steps", "2", "--batch", "2", "--sample-rate", "0.5", "--accountant", "rdp",
+    "--no-plots",
 ]  # fmt: skip
 
 

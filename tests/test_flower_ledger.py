@@ -39,7 +39,7 @@ def simulated(tmp_path_factory):
 
 
 def _deploy(out: Path, **kw):
-    from dpseg.federated.flower_deploy import run_flower_deployment
+    from dpseg.federated.flower.deploy import run_flower_deployment
 
     return run_flower_deployment(
         FederatedConfig(**TINY), out, plots=False, threads=torch.get_num_threads(),

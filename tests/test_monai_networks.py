@@ -1,7 +1,7 @@
 """MONAI's networks under dpseg, held against the float64 microbatch oracle: every
 parameter's per-sample gradient, PReLU through its closed form, and the parameters MONAI's
 transformers own beside submodules (UNETR's position embedding, SwinUNETR's relative-position
-bias tables inside its windowed blocks) through torch.func."""
+bias tables inside its windowed blocks) through their forward overrides, with no replay."""
 
 from __future__ import annotations
 
@@ -55,3 +55,65 @@ def test_monai_network_per_sample_grads_match_the_oracle(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert_grad_samples(model, x, loss_fn=seg_loss_sum, y=y, rtol=1e-8)
+
+
+def test_window_attention_and_position_embedding_group_patients_without_replay():
+    # MONAI's WindowAttention (relative position bias table) and PatchEmbeddingBlock
+    # (position embedding) through their forward overrides, inside a model whose batch
+    # holds patients of 1-3 rows: each patient's rows' windows summed, clipped as one,
+    # against the float64 loop over patients; and no module goes through torch.func.
+    import copy
+
+    from monai.networks.blocks.patchembedding import PatchEmbeddingBlock
+    from monai.networks.nets.swin_unetr import WindowAttention
+    from torch.utils.data import DataLoader
+
+    import dpseg
+    from dpseg.data import flatten_collate
+    from tests.oracle import dp_sum, per_unit_grads
+    from tests.test_privacy_unit import MultiSample, _row_groups
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = PatchEmbeddingBlock(1, (4, 4, 4), (2, 2, 2), 8, 2, proj_type="conv")
+            self.attn = WindowAttention(8, 2, (2, 2, 1))  # windows of 4 tokens
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            t = self.embed(x)  # (B, 8 tokens, 8 features)
+            b = t.shape[0]
+            w = self.attn(t.reshape(b * 2, 4, 8), None)  # 2 windows a sample, batch-major
+            return self.head(w.reshape(b, 8, 8)).mean(1)  # (B, 2)
+
+    def loss(out, _y):
+        return (out**2).sum(1).mean()
+
+    counts = [2, 1, 3]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(counts), 1, 4, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.zeros(sum(counts), 4, 4, 2)
+    torch.manual_seed(0)
+    model = Tiny().double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    oracle = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pmodel, opt, loader = dpseg.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=DataLoader(MultiSample(x, y, counts), batch_size=3,
+                                   collate_fn=flatten_collate),
+            noise_multiplier=0.0, max_grad_norm=0.05, sample_rate=1.0, expected_batch_size=3,
+        )  # fmt: skip
+    assert not any("torch.func" in str(w.message) for w in caught)
+    xb, yb, rows = next(iter(loader))
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    loss(pmodel(xb), yb).backward()
+    opt.step()
+    groups = _row_groups(rows, counts)
+    _, summed = dp_sum(per_unit_grads(oracle, loss, x, y, groups), 0.05)
+    expected = torch.cat([summed[n].flatten() / 3 for n, _ in oracle.named_parameters()])
+    got = before - torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-14)

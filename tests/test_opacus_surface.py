@@ -32,6 +32,8 @@ def _loader(n=6, batch=3, seed=0):
 
 
 def _make(model, engine=None, **kw):
+    """make_private on 6 patients in batches of 3, q = 1/2 and the normaliser 3 declared
+    (add/remove adjacency, so Opacus's own accountants apply)."""
     engine = engine or dpseg.PrivacyEngine(accountant="rdp")
     args = dict(
         module=model,
@@ -39,6 +41,8 @@ def _make(model, engine=None, **kw):
         data_loader=_loader(),
         noise_multiplier=0.0,
         max_grad_norm=1.0,
+        sample_rate=0.5,
+        expected_batch_size=3,
     )
     args.update(kw)
     return engine, engine.make_private(**args)

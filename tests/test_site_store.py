@@ -12,7 +12,8 @@ pytest.importorskip("flwr")
 
 from flwr.app import Context, RecordDict  # noqa: E402
 
-from dpseg.federated.flower import _load_site, _model_fn, _save_site, run_config_for  # noqa: E402
+from dpseg.federated.flower.client import load_site, save_site  # noqa: E402
+from dpseg.federated.flower.config import model_fn, run_config_for  # noqa: E402
 from dpseg.federated.runner import FederatedConfig  # noqa: E402
 from dpseg.federated.site import BudgetExhausted  # noqa: E402
 from dpseg.federated.site_store import RELEASES_FILE, STATE_FILE, SiteStore, StaleSiteState  # noqa: E402
@@ -33,17 +34,17 @@ def _context(out, state_dir=None, **cfg) -> Context:
 
 def _round(context: Context, r: int, weights: dict) -> dict:
     """What the ClientApp's train does with one message: load, fit, persist, reply."""
-    _cfg, site, _data, _ = _load_site(context)
+    _cfg, site, _data, _ = load_site(context)
     update = site.fit(weights, 2, {})
-    _save_site(context, site, {"round": r, "steps": update.steps, "epsilon": site.epsilon})
+    save_site(context, site, {"round": r, "steps": update.steps, "epsilon": site.epsilon})
     return {"delta": update.delta, "epsilon": site.epsilon}
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     context = _context(tmp_path_factory.mktemp("w"))
-    _cfg, _site, _data, num_classes = _load_site(context)
-    return _model_fn(FederatedConfig(**TINY), num_classes)().state_dict()
+    _cfg, _site, _data, num_classes = load_site(context)
+    return model_fn(FederatedConfig(**TINY), num_classes)().state_dict()
 
 
 def test_a_restarted_node_continues_bit_for_bit_from_its_disk(tmp_path, weights):
@@ -69,12 +70,12 @@ def test_a_spent_budget_stays_spent_after_a_restart(tmp_path, weights):
     first = _round(_context(tmp_path, state_dir), 1, weights)
     limit = first["epsilon"] * 1.01  # room for one round, not for two
     context = _context(tmp_path, state_dir, max_epsilon=limit)
-    _cfg, site, _data, _ = _load_site(context)
+    _cfg, site, _data, _ = load_site(context)
     with pytest.raises(BudgetExhausted):
         site.fit(weights, 2, {})
-    _save_site(context, site)  # the refusal is persisted too, as the ClientApp does
+    save_site(context, site)  # the refusal is persisted too, as the ClientApp does
     restarted = _context(tmp_path, state_dir, max_epsilon=limit)
-    _cfg, site, _data, _ = _load_site(restarted)
+    _cfg, site, _data, _ = load_site(restarted)
     assert site.exhausted and site.epsilon == first["epsilon"] <= limit
     with pytest.raises(BudgetExhausted):
         site.fit(weights, 2, {})
@@ -88,11 +89,11 @@ def test_a_state_older_than_the_release_log_is_refused(tmp_path, weights):
 
     (state_dir / STATE_FILE).write_bytes(backup)  # put back: it has spent less than round 2
     with pytest.raises(StaleSiteState, match="older than the log"):
-        _load_site(_context(tmp_path, state_dir))
+        load_site(_context(tmp_path, state_dir))
 
     (state_dir / STATE_FILE).unlink()  # lost altogether while the log survived
     with pytest.raises(StaleSiteState, match="ledger is lost"):
-        _load_site(_context(tmp_path, state_dir))
+        load_site(_context(tmp_path, state_dir))
 
 
 def test_a_release_line_torn_by_a_crash_is_cut_before_the_next_release(tmp_path):
@@ -131,11 +132,12 @@ def test_one_state_dir_serves_one_process_at_a_time(tmp_path):
 
 def test_the_flower_server_samples_remote_sites_under_client_level_dp():
     # RemoteSite is a plain dataclass (unhashable): the client-level sampler keys on names.
-    from dpseg.federated.flower import RemoteSite, _simulator
+    from dpseg.federated.flower.remote import RemoteSite
+    from dpseg.federated.flower.server import make_simulator
 
     cfg = FederatedConfig(**TINY, client_clip=1.0, client_noise=1.0, fraction=0.5)
-    sites = [RemoteSite(f"site{k}", k, k + 1, 3, 1, 0.5, 2, 1.0, 2) for k in range(2)]
-    sim = _simulator(cfg, sites, num_classes=2)
+    sites = [RemoteSite(f"site{k}", k, k + 1, 0.5, 2, 1.0, 2, 4) for k in range(2)]
+    sim = make_simulator(cfg, sites, num_classes=2)
     draws = [[s.name for s in sim.sample()] for _ in range(40)]
     assert {tuple(d) for d in draws} >= {("site0",), ("site1",)}  # each site, independently
     assert all(set(d) <= {"site0", "site1"} for d in draws)

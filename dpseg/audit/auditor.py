@@ -14,18 +14,36 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from dpseg.audit.canaries import CanaryDataset, canary_model, collate_batch, make_inputs
+from dpseg.audit.canaries import (
+    CanaryDataset,
+    MultiSampleCanaries,
+    canary_model,
+    collate_batch,
+    make_inputs,
+    patient_rows,
+    spread_over_tokens,
+)
 from dpseg.audit.statistics import epsilon_lower_bound, gdp_epsilon, log_likelihood_ratio
 from dpseg.privacy import BatchMemoryManager, DPDataLoader, PrivacyEngine
 
 PATHS = ("plain", "batch_memory_manager", "ddp")
 DDP_WORLD = 2  # the "ddp" path: two gloo processes, the model wrapped in DDP
+# How a canary patient of k rows reaches the step: as one dataset item holding a list of its
+# k samples (MONAI's multi-sample transforms; collated by dpseg's flatten_collate or MONAI's
+# list_data_collate), or as k items of a declared patient (make_private(patient_ids=...)).
+CANARY_LAYOUTS = ("multi-sample", "patients")
+# How a sample reaches the layer: one row (flat), T tokens of one row ((B, T, D): the Linear
+# rule's per-sample sum over positions), or windows of two tokens, each window a row of its
+# own ((B x windows, 2, D): the rows Swin's window attention sees, summed back per sample).
+STRUCTURES = ("flat", "tokens", "windows")
+COLLATES = ("dpseg", "monai")
 
 
 @dataclass
@@ -47,6 +65,11 @@ class AuditConfig:
     accountant: str = "prv"
     seed: int = 0
     device: str = "cpu"
+    rows_per_canary: int = 1  # k: a canary patient's rows, clipped as one unit
+    canary_layout: str = "multi-sample"  # with k > 1: one of CANARY_LAYOUTS
+    collate: str = "dpseg"  # the multi-sample layout's collate: one of COLLATES
+    structure: str = "flat"  # one of STRUCTURES
+    tokens: int = 4  # tokens a sample under "tokens" and "windows"
 
     def check(self) -> None:
         if not self.noise_multiplier >= 0:
@@ -63,6 +86,16 @@ class AuditConfig:
             raise ValueError(f"trials must be >= 8 per world, got {self.trials}")
         if self.path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        if not (isinstance(self.rows_per_canary, int) and self.rows_per_canary >= 1):
+            raise ValueError(f"rows_per_canary must be an int >= 1, got {self.rows_per_canary}")
+        if self.canary_layout not in CANARY_LAYOUTS:
+            raise ValueError(f"canary_layout must be one of {CANARY_LAYOUTS}")
+        if self.collate not in COLLATES:
+            raise ValueError(f"collate must be one of {COLLATES}")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}")
+        if self.structure == "windows" and (self.tokens < 2 or self.tokens % 2):
+            raise ValueError(f"windows of two tokens need an even tokens >= 2, got {self.tokens}")
         if not self.magnitude > 1:
             raise ValueError(
                 f"magnitude must be > 1 (the canary's gradient must exceed C), got {self.magnitude}"
@@ -96,6 +129,11 @@ class AuditResult:
     epsilon_gdp: float
     runs: int
     seconds: float
+    rows_per_canary: int = 1
+    canary_layout: str = "rows"
+    unit: str = "item"
+    adjacency: str = "add/remove"
+    structure: str = "flat"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,32 +153,50 @@ def _one_run(cfg: AuditConfig, run: int):
         world1, cfg.slots, cfg.data_dims, cfg.ordinary, cfg.max_grad_norm, cfg.magnitude, gen,
         device=cfg.device,
     )  # fmt: skip
+    if cfg.structure != "flat":
+        x = spread_over_tokens(x, cfg.tokens)
     distributed = torch.distributed.is_initialized()
     shard = (torch.distributed.get_rank(), DDP_WORLD) if distributed else None
+    units = len(x)  # canaries and ordinary samples: the same count in both worlds
+    dataset, collate, patient_ids, k = CanaryDataset(x), collate_batch, None, cfg.rows_per_canary
+    if k > 1:  # a canary patient of k identical rows: clipped as one, it moves its slot by C
+        rows, counts = patient_rows(x, len(world1), k)
+        if cfg.canary_layout == "multi-sample":
+            dataset, collate = MultiSampleCanaries(rows, counts), _multi_sample_collate(cfg)
+        else:
+            dataset = CanaryDataset(rows)
+            patient_ids = [p for p, n in enumerate(counts) for _ in range(n)]
     loader = DPDataLoader(
-        CanaryDataset(x),
+        dataset,
         sample_rate=cfg.sample_rate,
         steps=cfg.steps,
-        collate_fn=collate_batch,
+        collate_fn=collate,
         generator=torch.Generator().manual_seed(_seed(cfg.seed, run, 1)),
         distributed=shard,  # each rank its share of one Poisson draw
     )
-    model = canary_model(cfg.slots, cfg.data_dims, device=cfg.device)
+    model = canary_model(
+        cfg.slots, cfg.data_dims, device=cfg.device, structure=cfg.structure, tokens=cfg.tokens
+    )
     engine = PrivacyEngine(accountant=cfg.accountant)
     wrapped = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model)
-    pmodel, optimizer, loader = engine.make_private(
-        module=wrapped,
-        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        data_loader=loader,
-        noise_multiplier=cfg.noise_multiplier,
-        max_grad_norm=cfg.max_grad_norm,
-        backend=cfg.backend,
-        noise_seed=_seed(cfg.seed, run, 2),
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what the epsilon is about: said in the report
+        pmodel, optimizer, loader = engine.make_private(
+            module=wrapped,
+            optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=loader,
+            noise_multiplier=cfg.noise_multiplier,
+            max_grad_norm=cfg.max_grad_norm,
+            backend=cfg.backend,
+            noise_seed=_seed(cfg.seed, run, 2),
+            expected_batch_size=units * cfg.sample_rate,  # a constant of the audit
+            patient_ids=patient_ids,
+            items_per_patient=k if patient_ids is not None else 1,
+        )
     released = []
     last = model.weight.detach()[0, : cfg.slots].clone()
 
@@ -159,8 +215,8 @@ def _one_run(cfg: AuditConfig, run: int):
         for (xb,) in loader:
             train_on(xb)
     else:
-        expected = max(1, int(len(x) * cfg.sample_rate))
-        physical = cfg.physical_batch or max(1, expected // 4)
+        expected = max(1, int(units * cfg.sample_rate))
+        physical = max(cfg.physical_batch or max(1, expected // 4), k)
         with BatchMemoryManager(
             data_loader=loader, max_physical_batch_size=physical, optimizer=optimizer
         ) as batches:
@@ -172,6 +228,16 @@ def _one_run(cfg: AuditConfig, run: int):
     obs = torch.stack(released).to(torch.float64) * optimizer.expected_batch_size
     obs = (obs / cfg.max_grad_norm).cpu().numpy()  # (steps, slots)
     return obs[:, world0.numpy()].T, obs[:, world1.numpy()].T, engine
+
+
+def _multi_sample_collate(cfg: AuditConfig):
+    if cfg.collate == "monai":
+        from monai.data import list_data_collate
+
+        return list_data_collate
+    from dpseg.data import flatten_collate
+
+    return flatten_collate
 
 
 def trial_scores(
@@ -267,4 +333,8 @@ def run_audit(cfg: AuditConfig, progress: Callable[[int, int], None] | None = No
         epsilon_gdp=eps_gdp,
         runs=cfg.runs,
         seconds=time.perf_counter() - start,
+        rows_per_canary=cfg.rows_per_canary,
+        canary_layout=cfg.canary_layout if cfg.rows_per_canary > 1 else "rows",
+        unit="patient" if cfg.rows_per_canary > 1 and cfg.canary_layout == "patients" else "item",
+        structure=cfg.structure,
     )

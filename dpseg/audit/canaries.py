@@ -20,12 +20,68 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dpseg.privacy.rules.transformer import register_forward_override
 
-def canary_model(slots: int, data_dims: int, dtype=torch.float32, device="cpu") -> nn.Module:
-    model = nn.Linear(slots + data_dims, 1, bias=False).to(device=device, dtype=dtype)
+
+def canary_model(
+    slots: int, data_dims: int, dtype=torch.float32, device="cpu", structure: str = "flat",
+    tokens: int = 1,
+) -> nn.Module:  # fmt: skip
+    """The one-layer canary model; ``structure`` "tokens" takes (B, tokens, features) and
+    sums the tokens' outputs (the Linear's (B, T, D) path), "windows" cuts the tokens into
+    windows of two and runs the Linear on (B x windows, 2, features), as Swin's window
+    attention does (the B x windows path). A sample's gradient is the same in all three:
+    the sum of its tokens' inputs."""
+    linear = nn.Linear(slots + data_dims, 1, bias=False).to(device=device, dtype=dtype)
     with torch.no_grad():
-        model.weight.zero_()
-    return model
+        linear.weight.zero_()
+    if structure == "flat":
+        return linear
+    if structure == "tokens":
+        return TokenCanary(linear)
+    return WindowedCanary(linear, tokens)
+
+
+class TokenCanary(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def forward(self, x):  # (B, T, D) -> (B, 1)
+        return self.linear(x).sum(1)
+
+
+class WindowedCanary(TokenCanary):
+    """(B, T, D) cut into windows of two tokens, sample after sample, each window a row of
+    (B x T/2, 2, D): a layout the capture is told of (dpseg.audit's forward override,
+    registered below), as for Swin's window attention."""
+
+    def __init__(self, linear: nn.Linear, tokens: int):
+        super().__init__(linear)
+        if tokens % 2:
+            raise ValueError(f"the windowed canary needs an even number of tokens, got {tokens}")
+        self.tokens = tokens
+
+    def forward(self, x):
+        b, t, d = x.shape
+        return self.linear(x.reshape(b * t // 2, 2, d)).reshape(b, t, 1).sum(1)
+
+
+def windowed_canary_forward(override, x):
+    """WindowedCanary.forward with its windows declared batch-major to the capture."""
+    b, t, d = x.shape
+    with override.passes.batch_major(b * t // 2):
+        return type(override.module).forward(override.module, x)
+
+
+def spread_over_tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(N, D) samples -> (N, tokens, D), each sample's input split evenly over its tokens
+    (same per-sample gradient: the tokens' inputs sum to the sample's)."""
+    return (x / tokens).unsqueeze(1).expand(-1, tokens, -1).contiguous()
 
 
 class CanaryDataset(Dataset):
@@ -63,6 +119,32 @@ def collate_batch(batch):
     return [torch.stack([item[0] for item in batch])]
 
 
+class MultiSampleCanaries(Dataset):
+    """A patient canary of k rows, the way MONAI's multi-sample transforms hand a patient
+    over: item i is a list of its rows, each a one-field tuple (collated by
+    ``dpseg.data.flatten_collate`` or MONAI's ``list_data_collate``, which lay the lists out
+    one sample a row). ``rows`` (R, d) holds the items' rows one item after another."""
+
+    def __init__(self, rows: torch.Tensor, rows_per_item: list[int]):
+        self.rows, self.counts = rows, list(rows_per_item)
+        self.starts = torch.tensor([0, *self.counts]).cumsum(0).tolist()
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, i):
+        return [(self.rows[r],) for r in range(self.starts[i], self.starts[i + 1])]
+
+
+def patient_rows(x: torch.Tensor, canaries: int, k: int) -> tuple[torch.Tensor, list[int]]:
+    """The first ``canaries`` rows of x (the canaries) each repeated k times, then the
+    rest once: (rows laid out patient by patient, rows per patient)."""
+    if k == 1:
+        return x, [1] * len(x)
+    rows = torch.cat([x[:canaries].repeat_interleave(k, dim=0), x[canaries:]])
+    return rows, [k] * canaries + [1] * (len(x) - canaries)
+
+
 def make_inputs(
     world1_slots: torch.Tensor,
     slots: int,
@@ -85,3 +167,6 @@ def make_inputs(
         norms = torch.empty(ordinary, dtype=torch.float64).uniform_(0.5, 2.0, generator=generator)
         x[n:, slots:] = (d / d.norm(dim=1, keepdim=True) * norms[:, None] * max_grad_norm).to(dtype)
     return x.to(device)
+
+
+register_forward_override(f"{__name__}.WindowedCanary", windowed_canary_forward)

@@ -14,10 +14,18 @@ from dpseg.cli_types import UsageError, csv_list
 
 __all__ = ["add_audit_parser", "run_audit_command"]
 
-_RECORDED = (
-    "noise_multiplier", "steps", "sample_rate", "trials", "backend", "path", "delta",
-    "confidence", "accountant", "slots", "physical_batch", "seed", "device", "out",
-)  # fmt: skip
+_RECORDED = {
+    "slots": (
+        "noise_multiplier", "steps", "sample_rate", "trials", "backend", "path", "delta",
+        "confidence", "accountant", "slots", "physical_batch", "rows_per_canary",
+        "canary_layout", "collate", "structure", "tokens", "seed", "device", "out",
+    ),
+    "add-remove": (
+        "worlds", "noise_multiplier", "sample_rate", "patients", "batch_size",
+        "expected_batch_size", "epochs", "dims", "rows_per_canary", "runs", "opacus_convention",
+        "delta", "confidence", "accountant", "seed", "out",
+    ),
+}  # fmt: skip
 
 
 def add_audit_parser(sub) -> None:
@@ -49,7 +57,10 @@ def add_audit_parser(sub) -> None:
     )
     p.add_argument("--steps", type=int, default=1, help="DP steps per run, T (default 1)")
     p.add_argument(
-        "--sample-rate", type=float, default=1.0, help="Poisson sample rate q (default 1)"
+        "--sample-rate",
+        type=float,
+        default=None,
+        help="Poisson sample rate q (default 1 for slots, 0.1 for add-remove worlds)",
     )
     p.add_argument(
         "--trials",
@@ -71,6 +82,67 @@ def add_audit_parser(sub) -> None:
         "gloo processes, the model in DistributedDataParallel)",
     )
     p.add_argument("--out", type=Path, required=True, help="run folder (created)")
+    p.add_argument(
+        "--worlds",
+        choices=("slots", "add-remove"),
+        default="slots",
+        help="slots (default): many canary slots in every run, the DP step itself. "
+        "add-remove: one world a run, a canary patient present (N + 1 patients) or absent "
+        "(N), through the user's DataLoader, the Poisson loader, the collate, the "
+        "normaliser and the steps a pass; scored on the raw released updates (the canary "
+        "coordinate, and their energy, which sees their scale and count)",
+    )
+    units = p.add_argument_group("the unit (patient canaries)")
+    units.add_argument(
+        "--rows-per-canary",
+        type=int,
+        default=1,
+        help="k rows of one canary patient, averaged and clipped as one (default 1)",
+    )
+    units.add_argument(
+        "--canary-layout",
+        choices=("multi-sample", "patients"),
+        default="multi-sample",
+        help="how the k rows reach the step: one item holding a list of k samples "
+        "(MONAI's multi-sample transforms), or k items of a declared patient",
+    )
+    units.add_argument(
+        "--collate",
+        choices=("dpseg", "monai"),
+        default="dpseg",
+        help="the multi-sample layout's collate: dpseg.data.flatten_collate or MONAI's "
+        "list_data_collate (needs monai)",
+    )
+    units.add_argument(
+        "--structure",
+        choices=("flat", "tokens", "windows"),
+        default="flat",
+        help="how a sample reaches the layer: one row, --tokens tokens of one row ((B, T, D), "
+        "a transformer's Linear), or windows of two tokens each a row ((B x windows, 2, D), "
+        "Swin's window attention), summed back per sample",
+    )
+    units.add_argument("--tokens", type=int, default=4, help="tokens a sample (default 4)")
+    worlds = p.add_argument_group("add-remove worlds")
+    worlds.add_argument("--patients", type=int, default=100, help="N, world 0 (default 100)")
+    worlds.add_argument(
+        "--batch-size", type=int, default=10, help="the user's DataLoader batch (default 10)"
+    )
+    worlds.add_argument(
+        "--expected-batch-size",
+        type=float,
+        default=10.0,
+        help="the declared normaliser (default 10); --sample-rate is the declared q "
+        "(default 0.1 for these worlds)",
+    )
+    worlds.add_argument("--epochs", type=int, default=1, help="passes over the loader")
+    worlds.add_argument("--dims", type=int, default=2000, help="model parameters (default 2000)")
+    worlds.add_argument("--runs", type=int, default=400, help="runs per world (default 400)")
+    worlds.add_argument(
+        "--opacus-convention",
+        action="store_true",
+        help="derive q, the steps and the normaliser from N as Opacus does (N is then "
+        "public: the claim is for replace-one and is not audited by these worlds)",
+    )
     extra = p.add_argument_group("details")
     extra.add_argument("--delta", type=float, default=1e-5)
     extra.add_argument("--confidence", type=float, default=0.95)
@@ -92,9 +164,12 @@ def add_audit_parser(sub) -> None:
 
 def _command(args) -> str:
     parts = ["dpseg", "audit"]
-    for key in _RECORDED:
+    for key in _RECORDED[args.worlds]:
         value = getattr(args, key)
-        if value is None:
+        if value is None or value is False:
+            continue
+        if value is True:
+            parts.append(f"--{key.replace('_', '-')}")
             continue
         if isinstance(value, tuple):
             value = ",".join(map(str, value))
@@ -102,7 +177,78 @@ def _command(args) -> str:
     return " ".join(parts)
 
 
+def _check_all(configs) -> None:
+    for cfg in configs:
+        try:
+            cfg.check()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+
+def _run_worlds(args) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from dpseg.audit.worlds import WorldsConfig, run_worlds_audit, verdict, worlds_markdown
+    from dpseg.perf import environment
+
+    if (args.out / "report.json").exists():
+        raise UsageError(f"{args.out} already holds an audit; choose a new --out")
+    declared = not args.opacus_convention
+    configs = [
+        WorldsConfig(
+            noise_multiplier=sigma,
+            patients=args.patients,
+            batch_size=args.batch_size,
+            sample_rate=(0.1 if args.sample_rate is None else args.sample_rate)
+            if declared
+            else None,
+            expected_batch_size=args.expected_batch_size if declared else None,
+            epochs=args.epochs,
+            dims=args.dims,
+            rows_per_canary=args.rows_per_canary,
+            runs=args.runs,
+            delta=args.delta,
+            confidence=args.confidence,
+            accountant=args.accountant,
+            backend=args.backend[0],
+            seed=args.seed,
+        )  # fmt: skip
+        for sigma in args.noise_multiplier
+    ]
+    _check_all(configs)
+    results = []
+    for cfg in configs:
+        label = f"add/remove worlds, sigma {cfg.noise_multiplier:g}"
+        with tqdm(total=2 * cfg.runs, desc=label, unit="run", disable=None, leave=False) as bar:
+            r = run_worlds_audit(cfg, progress=lambda done, total: bar.update(1))
+        claimed = "inf" if r.epsilon_claimed is None else f"{r.epsilon_claimed:.2f}"
+        print(
+            f"{label}: epsilon lower {r.epsilon_lower:.2f} (95%, {r.best_score}), claimed "
+            f"{claimed} ({r.adjacency}), {r.runs} runs a world, steps {r.steps}, "
+            f"{r.seconds:.0f} s: {verdict(r)}",
+            flush=True,
+        )
+        results.append(r)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "command": _command(args),
+        "environment": environment(args.device),
+        "worlds": [{**r.as_dict(), "verdict": verdict(r)} for r in results],
+    }
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    (args.out / "report.md").write_text(worlds_markdown(results, report["command"]))
+    print(f"wrote {args.out / 'report.json'} and report.md")
+    leaks = [r for r in results if verdict(r).startswith("LEAKS")]
+    return 1 if leaks else 0
+
+
 def run_audit_command(args) -> int:
+    if args.worlds == "add-remove":
+        return _run_worlds(args)
+    if args.sample_rate is None:
+        args.sample_rate = 1.0
     import torch
     from tqdm import tqdm
 
@@ -139,16 +285,17 @@ def run_audit_command(args) -> int:
             accountant=args.accountant,
             seed=args.seed,
             device=args.device,
+            rows_per_canary=args.rows_per_canary,
+            canary_layout=args.canary_layout,
+            collate=args.collate,
+            structure=args.structure,
+            tokens=args.tokens,
         )  # fmt: skip
         for sigma in args.noise_multiplier
         for backend in args.backend
         for path in args.path
     ]
-    for cfg in configs:
-        try:
-            cfg.check()
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+    _check_all(configs)
     results = []
     for cfg in configs:
         label = f"sigma {cfg.noise_multiplier:g}, {cfg.backend}, {cfg.path}"

@@ -1,6 +1,7 @@
 """Data layer: NIfTI I/O in canonical orientation, MSD datasets, preprocessing, patches,
 and the synthetic phantom generator that is the project's built-in data."""
 
+from .collate import flatten_collate
 from .msd import Case, MSDDataset
 from .nifti import DataError, Volume, load_nifti, save_like
 from .patches import PatchDataset, extract_patch, pad_to_shape, sample_patch_start
@@ -24,6 +25,7 @@ __all__ = [
     "SiteParams",
     "Volume",
     "extract_patch",
+    "flatten_collate",
     "load_nifti",
     "make_phantom",
     "normalize_percentile",

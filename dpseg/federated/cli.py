@@ -158,7 +158,26 @@ def add_federate_parser(sub) -> argparse.ArgumentParser:
         "need it to settle",
     )
     model.add_argument(
-        "--batch", dest="batch_size", type=int, default=4, help="expected (Poisson) batch size"
+        "--batch",
+        dest="batch_size",
+        type=int,
+        default=4,
+        help="expected (Poisson) batch size, patients: each site's normaliser",
+    )
+    model.add_argument(
+        "--sample-rate",
+        type=float,
+        default=None,
+        help="each site's Poisson rate q, a public constant: with it nothing a site releases "
+        "depends on its number of cases and epsilon is for add/remove adjacency; without it "
+        "q = 1 / ceil(cases / batch) makes each site's size public (replace-one adjacency)",
+    )
+    model.add_argument(
+        "--items-per-patient",
+        type=int,
+        default=1,
+        help="patches (2-D: slices) each sampled patient brings, averaged before clipping "
+        "(default 1)",
     )
 
     priv = p.add_argument_group("privacy")
@@ -196,6 +215,38 @@ def add_federate_parser(sub) -> argparse.ArgumentParser:
     priv.add_argument(
         "--client-noise", type=float, default=1.0, help="client-level noise multiplier"
     )
+
+    sec = p.add_argument_group("what the server accepts and sees (docs/flower.md, threat model)")
+    sec.add_argument(
+        "--max-update-norm", type=float, default=None, metavar="S",
+        help="refuse for its round a site's update whose L2 norm passes S (a broken or "
+        "hostile site); under --secagg the sum of n sites must stay within n S",
+    )  # fmt: skip
+    sec.add_argument(
+        "--secagg", action="store_true",
+        help="--runtime flower: secure aggregation with Flower's SecAgg+: the server learns "
+        "only the sum of the sites' updates (at least 3 sites a round; not with --client-clip)",
+    )  # fmt: skip
+    sec.add_argument(
+        "--secagg-clip-range", type=float, default=1.0, metavar="C",
+        help="SecAgg+ quantises each weighted update coordinate over [-C, C]; a site whose "
+        "update passes C refuses to send it (default 1.0)",
+    )  # fmt: skip
+    sec.add_argument(
+        "--secagg-bits", type=int, default=22, metavar="B",
+        help="SecAgg+ quantisation levels 2^B (default 22: one step is 2C / 2^22)",
+    )  # fmt: skip
+    sec.add_argument(
+        "--share-site-stats", action="store_true",
+        help="--runtime flower: sites also send their training loss, held-out Dice, case "
+        "counts and timings, computed without DP noise (the report marks them outside "
+        "epsilon); case names never leave a site",
+    )  # fmt: skip
+    sec.add_argument(
+        "--tls", action="store_true",
+        help="--runtime flower: TLS with a fresh CA, and SuperNode authentication (each "
+        "site's key registered at the SuperLink)",
+    )  # fmt: skip
     priv.add_argument("--opacus-mode", choices=("hooks", "functorch"), default="hooks")
     priv.add_argument("--backend", default="auto", help="dpseg fused-op backend")
 
@@ -239,11 +290,15 @@ def config_from_args(args):
         local_epochs=args.local_epochs, fraction=args.fraction, strategy=args.strategy,
         mu=args.mu, server_lr=args.server_lr, beta1=args.beta1, beta2=args.beta2, tau=args.tau,
         optimizer=args.optimizer, lr=args.lr, dp_lr=args.dp_lr, batch_size=args.batch_size,
+        sample_rate=args.sample_rate, items_per_patient=args.items_per_patient,
         lr_schedule=args.lr_schedule, engines=engines,
         noise_multiplier=1.0 if args.noise_multiplier is None else args.noise_multiplier,
         target_epsilon=args.target_epsilon, max_grad_norm=args.max_grad_norm, delta=args.delta,
         max_epsilon=args.max_epsilon, accountant=args.accountant, opacus_mode=args.opacus_mode,
         backend=args.backend, client_clip=args.client_clip, client_noise=args.client_noise,
+        max_update_norm=args.max_update_norm, secagg=args.secagg,
+        secagg_clip_range=args.secagg_clip_range, secagg_bits=args.secagg_bits,
+        share_site_stats=args.share_site_stats,
         device=args.device, seed=args.seed, eval_overlap=args.eval_overlap,
         engine_rounds=dict(args.engine_rounds), eval_every=args.eval_every,
         train_sites=tuple(args.train_sites),
@@ -272,11 +327,20 @@ def run_federate(args) -> int:
     if args.data is None and args.phantoms is None:
         raise UsageError("give the data: --data DIR (an MSD folder) or --phantoms N --sites K")
     if getattr(args, "runtime", "simulator") == "flower":
-        return _run_flower(config_from_args(args), args.out, args.resume, not args.no_plots)
+        return _run_flower(
+            config_from_args(args), args.out, args.resume, not args.no_plots, tls=args.tls
+        )
+    flower_only = [f for f, on in (("--tls", args.tls), ("--share-site-stats",
+                                   args.share_site_stats)) if on]  # fmt: skip
+    if flower_only:
+        raise UsageError(
+            f"{', '.join(flower_only)}: for --runtime flower (in one process nothing travels "
+            "and nothing leaves a site)"
+        )
     return _run(config_from_args(args), args.out, args.resume, not args.no_plots)
 
 
-def _run_flower(cfg, out: Path, resume: bool, plots: bool) -> int:
+def _run_flower(cfg, out: Path, resume: bool, plots: bool, tls: bool = False) -> int:
     import importlib.util
 
     from dpseg.data import DataError
@@ -286,7 +350,7 @@ def _run_flower(cfg, out: Path, resume: bool, plots: bool) -> int:
             "--runtime flower needs the Flower package, which is not installed: "
             "pip install 'dpseg[flower]' (or use --runtime simulator)"
         )
-    from dpseg.federated.flower_deploy import FlowerDeploymentError, run_flower_deployment
+    from dpseg.federated.flower.deploy import FlowerDeploymentError, run_flower_deployment
     from dpseg.federated.runner import SetupError
 
     try:
@@ -294,7 +358,7 @@ def _run_flower(cfg, out: Path, resume: bool, plots: bool) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     try:
-        run_flower_deployment(cfg, out, plots=plots, resume=resume)
+        run_flower_deployment(cfg, out, plots=plots, resume=resume, tls=tls)
     except (DataError, SetupError) as exc:
         raise UsageError(str(exc)) from None
     except FlowerDeploymentError as exc:

@@ -3,8 +3,10 @@ a 2-core CPU.
 
 Three simulated hospitals (scanners) of 400 CT phantoms each (48^3; 390 train, 10 held out)
 train one 2-D U-Net (8-16-32) on axial slices, one slice per patient per draw, FedAvg over
-12 rounds of 8 local steps at an expected batch of 97.5 patients (q = 1/4). DP: sample-level,
-the patient the unit, sigma solved for epsilon 8 per site at delta 1e-5 over the 96 steps.
+12 rounds of 8 local steps at an expected batch of 97.5 patients (q = 1/4, declared with the
+normaliser 97, so epsilon is for add/remove adjacency: nothing released reads a site's
+size). DP: the patient the unit, sigma solved for epsilon 8 per site at delta 1e-5 over the
+96 steps.
 dpseg and non-private training run every round; Opacus runs 2 rounds, for its time per
 round.
 
@@ -27,7 +29,8 @@ from pathlib import Path
 
 DEMO = {
     "phantoms": 1200, "sites": 3, "size": 48, "spatial_dims": 2, "patch": 48,
-    "channels": (8, 16, 32), "rounds": 12, "local_steps": 8, "batch_size": 128,
+    "channels": (8, 16, 32), "rounds": 12, "local_steps": 8, "batch_size": 97,
+    "sample_rate": 0.25,
     "lr": 3e-3, "dp_lr": 3e-2, "target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0,
     "test_fraction": 0.025, "engines": ("dpseg", "opacus", "none"),
     "engine_rounds": {"opacus": 2}, "eval_overlap": 0.0,

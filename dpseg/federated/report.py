@@ -12,6 +12,11 @@ report.json (one shape whether one engine ran or several):
 - "paired" (with "none" among the engines): {engine: {"dice": ..., "dice_largest_component":
   ..., "round"}}, each ``paired_gap`` at the last round both evaluated: the mean
   per-case difference, its standard error over cases, and the cases each side won.
+- "refused_updates": [{"engine", "round", "site", "reason"}] each update the server refused
+  (update_checks.py); "refused_rounds": [{"engine", "round", "reason"}] each round it refused
+  whole (the model kept as it was).
+- "outside_epsilon": {"figures", "note"}: what in the report is computed from the sites'
+  patients without DP noise, so not covered by their epsilon, and why it is there.
 - "penalty" (with two engines or more): {engine: {"seconds_per_round", "time_ratio",
   "final_dice", "dice_ratio", "max_epsilon"}}, ratios to "none" (null without it).
 """
@@ -43,11 +48,14 @@ def build_report(cfg, sims: dict, sites, sigmas: dict, env: dict) -> dict:
     site_info = {}
     for s in sites:
         sim_site = next(iter(sims.values())).sites[[x.name for x in sites].index(s.name)]
+        # A Flower site sends its case counts only under --share-site-stats, its case
+        # names never: unknown here, they are None.
+        train, test = _count(s.train_images), _count(s.test_images)
         site_info[s.name] = {
-            "train_cases": len(s.train_images), "test_cases": len(s.test_images),
+            "train_cases": train, "test_cases": test,
             "noise_multiplier": sigmas[s.name], "sample_rate": sim_site.sample_rate,
-            "expected_batch": len(s.train_images) * sim_site.sample_rate,
-            "cases": s.cases, "dice": {}, "dice_largest_component": {}, "epsilon": {},
+            "expected_batch": train * sim_site.sample_rate if train is not None else None,
+            "cases": s.cases or None, "dice": {}, "dice_largest_component": {}, "epsilon": {},
             "status": {},
         }  # fmt: skip
     for engine, sim in sims.items():
@@ -84,6 +92,7 @@ def build_report(cfg, sims: dict, sites, sigmas: dict, env: dict) -> dict:
     report = {
         "config": asdict(cfg),
         "environment": env,
+        "outside_epsilon": outside_epsilon(cfg, env.get("runtime", "simulator")),
         "engines": engines,
         "rounds_done": done,
         "rounds": rounds,
@@ -96,6 +105,17 @@ def build_report(cfg, sims: dict, sites, sigmas: dict, env: dict) -> dict:
         "timing_only": {e: done[e] for e in timing_only},
         "max_epsilon": max_eps,
         "delta": cfg.delta,
+        # update_checks.py: each update the server refused, and each round it refused whole.
+        "refused_updates": [
+            {"engine": r["engine"], "round": r["round"], **x}
+            for r in rounds
+            for x in r.get("refused", [])
+        ],
+        "refused_rounds": [
+            {"engine": r["engine"], "round": r["round"], "reason": r["refused_round"]}
+            for r in rounds
+            if r.get("refused_round")
+        ],
     }
     if client_eps:
         report["client_epsilon"] = client_eps
@@ -136,6 +156,40 @@ def build_report(cfg, sims: dict, sites, sigmas: dict, env: dict) -> dict:
             for e in engines
         }
     return report
+
+
+def _count(images) -> int | None:
+    return None if images is None else len(images)
+
+
+# What a report holds that is computed from the sites' patients without DP noise.
+_UNNOISED = [
+    "training loss (rounds[].sites[].loss)",
+    "held-out Dice: per site, pooled and per case (rounds[].sites[].dice*, "
+    "rounds[].pooled_dice*, rounds[].cases, sites[].dice*, pooled_dice*, paired)",
+    "case counts (sites[].train_cases, test_cases, expected_batch)",
+    "timings of the sites' training (rounds[].sites[].seconds, cpu_seconds)",
+]
+
+
+def outside_epsilon(cfg, runtime: str) -> dict:
+    """Which figures of the report the sites' epsilon does not cover, and why they are
+    there: in-process nothing left a site; on Flower the sites sent them only under
+    --share-site-stats (case names never: per-case Dice comes under "site/k" keys)."""
+    if runtime == "flower" and not getattr(cfg, "share_site_stats", False):
+        return {
+            "figures": [],
+            "note": "each site sent only its DP update, its epsilon and public settings "
+            "(sampling rate, noise multiplier, steps); it kept its loss and its evaluation "
+            "on its own disk",
+        }
+    note = (
+        "sent by the sites because of --share-site-stats"
+        if runtime == "flower"
+        else "computed in this one process, where nothing leaves a site"
+    )
+    figures = _UNNOISED + ([] if runtime == "flower" else ["case names (sites[].cases)"])
+    return {"figures": figures, "note": f"computed from patients without DP noise; {note}"}
 
 
 def _evaluated_rounds(report: dict, engine: str) -> set[int]:
@@ -213,6 +267,18 @@ def summary_lines(report: dict) -> list[str]:
     else:
         e = engines[0]
         lines.append(f"{e}: {_fmt(report['seconds_per_round'][e], '.2f')} s per round (median)")
+    return lines + refusal_lines(report)
+
+
+def refusal_lines(report: dict) -> list[str]:
+    lines = [
+        f"{x['engine']} round {x['round']}: the update of {x['site']} was refused ({x['reason']})"
+        for x in report.get("refused_updates", [])
+    ]
+    lines += [
+        f"{x['engine']} round {x['round']} was refused, the model kept ({x['reason']})"
+        for x in report.get("refused_rounds", [])
+    ]
     return lines
 
 
@@ -337,8 +403,8 @@ def write_markdown(report: dict, out: Path, images: list[str]) -> None:
             else f"U-Net {tuple(cfg['channels'])} ({cfg['upsample']} upsampling), "
             f"{cfg['patch']}^3 patches, "
         )
-        + f"--batch {cfg['batch_size']} (Poisson, q = 1 / ceil(n / batch)), "
-        f"{cfg['optimizer']} lr {cfg['lr']}"
+        + _sampling_text(cfg)
+        + f"{cfg['optimizer']} lr {cfg['lr']}"
         + (f" (DP engines {cfg['dp_lr']})" if cfg.get("dp_lr") else "")
         + (
             f", {cfg['lr_schedule']} over rounds"
@@ -352,7 +418,7 @@ def write_markdown(report: dict, out: Path, images: list[str]) -> None:
         )
         + "; "
         f"DP-SGD C = {cfg['max_grad_norm']}, delta = {cfg['delta']:g}, "
-        f"{cfg['accountant']} accountant; "
+        f"{_accountant_text(cfg)}; "
         f"Opacus in {cfg['opacus_mode']} mode.",
         "",
         f"Machine: {env.get('device')}, {env.get('threads')} threads, torch {env.get('torch')}, "
@@ -372,7 +438,8 @@ def write_markdown(report: dict, out: Path, images: list[str]) -> None:
     ]
     for name, s in report["sites"].items():
         md.append(
-            f"| {name} | {s['train_cases']} / {s['test_cases']} | {s['noise_multiplier']:.3g} | "
+            f"| {name} | {_fmt(s['train_cases'], 'd')} / {_fmt(s['test_cases'], 'd')} | "
+            f"{s['noise_multiplier']:.3g} | "
             f"{s['sample_rate']:.3g} | "
             + " | ".join(f"{_fmt(s['dice'][e])} | {_fmt(s['epsilon'][e], '.2f')}" for e in engines)
             + " |"
@@ -395,6 +462,17 @@ def write_markdown(report: dict, out: Path, images: list[str]) -> None:
              if not s["status"][e].startswith("training")]  # fmt: skip
     if notes:
         md += ["", *notes]
+    refusals = refusal_lines(report)
+    if refusals:
+        md += ["", "## Refused by the server", "", *(f"- {line}" for line in refusals)]
+    outside = report.get("outside_epsilon")
+    if outside is not None:
+        md += ["", "## Outside epsilon", ""]
+        if outside["figures"]:
+            md.append(f"Not covered by the epsilons above ({outside['note']}):")
+            md += ["", *(f"- {f}" for f in outside["figures"])]
+        else:
+            md.append(f"Nothing in this report is outside epsilon: {outside['note']}.")
     if "client_epsilon" in report:
         spent = ", ".join(f"{e} {v:.2f}" for e, v in report["client_epsilon"].items())
         md += ["", f"Client-level (site-level) epsilon at the server: {spent}"]
@@ -462,3 +540,26 @@ def write_report(report: dict, out: str | Path, plots: bool = True) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=1))
     images = write_plots(report, out) if plots else []
     write_markdown(report, out, images)
+
+
+def _sampling_text(cfg: dict) -> str:
+    k = cfg.get("items_per_patient", 1)
+    patches = f", {k} patches a sampled patient, averaged before clipping" if k > 1 else ""
+    if cfg.get("sample_rate") is not None:
+        return (
+            f"Poisson over patients at q = {cfg['sample_rate']:g} (declared), normaliser "
+            f"--batch {cfg['batch_size']}{patches}, "
+        )
+    return (
+        f"--batch {cfg['batch_size']} (Poisson over patients, q = 1 / ceil(n / batch)){patches}, "
+    )
+
+
+def _accountant_text(cfg: dict) -> str:
+    """What each site's epsilon is about (dpseg.privacy.accountants)."""
+    if cfg.get("sample_rate") is not None:
+        return f"epsilon per patient, add/remove adjacency ({cfg['accountant']} accountant)"
+    return (
+        "epsilon per patient, replace-one adjacency (q and the normaliser read each site's "
+        "size, which is therefore public; dp_accounting's PLD)"
+    )

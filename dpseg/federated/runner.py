@@ -72,6 +72,8 @@ class FederatedConfig:
     # and it is post-processing, so free in privacy.
     lr_schedule: str = "constant"
     batch_size: int = 4
+    sample_rate: float | None = None  # declared q (add/remove); None: from each site's size
+    items_per_patient: int = 1
     # privacy
     engines: tuple[str, ...] = ("dpseg",)
     noise_multiplier: float = 1.0
@@ -84,6 +86,20 @@ class FederatedConfig:
     backend: str = "auto"
     client_clip: float | None = None
     client_noise: float = 1.0
+    # What the server accepts (dpseg/federated/update_checks.py): an update whose L2 norm
+    # passes this is refused for its round; under SecAgg+, the bound the sum is held to.
+    max_update_norm: float | None = None
+    # Flower's SecAgg+ (--runtime flower only): the server learns only the sum of the
+    # updates. Each site's weighted update is quantised to secagg_bits bits over
+    # [-secagg_clip_range, secagg_clip_range]; a site whose update does not fit refuses to
+    # send it rather than clip it.
+    secagg: bool = False
+    secagg_clip_range: float = 1.0
+    secagg_bits: int = 22
+    # Sites also send figures computed from their patients without DP noise (training loss,
+    # held-out Dice, case counts, timings); the report marks them outside epsilon. Case
+    # names never leave a site.
+    share_site_stats: bool = False
     # where
     device: str = "cpu"
     seed: int = 0
@@ -159,12 +175,44 @@ class FederatedConfig:
             raise ValueError(f"--delta must be in (0, 1), got {self.delta}")
         if self.client_clip is not None and not self.client_clip > 0:
             raise ValueError(f"--client-clip must be > 0, got {self.client_clip}")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ValueError(f"--max-update-norm must be > 0, got {self.max_update_norm}")
+        if not self.secagg_clip_range > 0:
+            raise ValueError(f"--secagg-clip-range must be > 0, got {self.secagg_clip_range}")
+        if not 8 <= self.secagg_bits <= 30:
+            raise ValueError(f"--secagg-bits must be in [8, 30], got {self.secagg_bits}")
+        if self.secagg and self.client_clip is not None:
+            raise ValueError(
+                "--secagg with --client-clip: client-level DP clips each site's update at the "
+                "server, and under SecAgg+ the server never sees a site's update, only the "
+                "sum. Drop --client-clip (each site's per-patient DP still holds), or drop "
+                "--secagg"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(
                 f"--lr-schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
             )
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+
+    def check_secagg(self, num_sites: int) -> None:
+        """ValueError where SecAgg+ cannot protect the sites' updates as asked."""
+        if not self.secagg:
+            return
+        per_round = min(num_sites, max(1, round(self.fraction * num_sites)))
+        if per_round < 3:
+            raise ValueError(
+                f"--secagg with {per_round} site(s) a round: with two, each site learns the "
+                "other's update from the sum (and SecAgg+ needs at least two). Use at least 3 "
+                "sites a round (--sites, --fraction)"
+            )
+        # The masked sum is taken modulo 2^32: num_sites values below 2^bits must not wrap.
+        if num_sites * 2**self.secagg_bits >= 2**32:
+            raise ValueError(
+                f"--secagg-bits {self.secagg_bits} with {num_sites} sites: their sum would "
+                "wrap around 2^32; lower --secagg-bits to "
+                f"{((2**32 - 1) // num_sites).bit_length() - 1} or less"
+            )
 
     def resume_key(self) -> dict:
         """What must match for --resume (everything but the number of rounds and engines;
@@ -210,7 +258,7 @@ class FederatedConfig:
 
 
 def _steps(cfg: FederatedConfig, n: int) -> int:
-    q, per_epoch = poisson_rate(n, cfg.batch_size)
+    q, per_epoch = poisson_rate(n, cfg.batch_size, cfg.sample_rate)
     return cfg.local_steps if cfg.local_steps is not None else cfg.local_epochs * per_epoch
 
 
@@ -223,7 +271,7 @@ def noise_multipliers(cfg: FederatedConfig, sites: list[SiteData]) -> dict[str, 
 
     out = {}
     for s in sites:
-        q, _ = poisson_rate(len(s.train_images), cfg.batch_size)
+        q, _ = poisson_rate(len(s.train_images), cfg.batch_size, cfg.sample_rate)
         out[s.name] = noise_for_epsilon(cfg, q, cfg.rounds * _steps(cfg, len(s.train_images)))
     return out
 
@@ -255,6 +303,25 @@ def round_lr_schedule(cfg: FederatedConfig):
     return lambda r: cosine_scale(r - 1, rounds)
 
 
+def site_config(cfg: FederatedConfig, engine: str) -> SiteConfig:
+    """A site's local training settings: the same on the simulator and on Flower."""
+    return SiteConfig(
+        engine=engine, optimizer=cfg.optimizer, lr=cfg.lr_for(engine), batch_size=cfg.batch_size,
+        sample_rate=cfg.sample_rate, items_per_patient=cfg.items_per_patient,
+        max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant, delta=cfg.delta,
+        max_epsilon=cfg.max_epsilon, opacus_mode=cfg.opacus_mode, backend=cfg.backend,
+        device=cfg.device,
+    )  # fmt: skip
+
+
+def site_patches(cfg: FederatedConfig, data: SiteData, index: int):
+    """Site ``index``'s training items: its patients, k patches each (same seeds everywhere)."""
+    return data.patches(
+        cfg.patch, cfg.p_foreground, derive_seed(cfg.seed, 5, index), cfg.spatial_dims,
+        cfg.items_per_patient,
+    )  # fmt: skip
+
+
 def build_simulator(
     cfg: FederatedConfig,
     engine: str,
@@ -270,17 +337,12 @@ def build_simulator(
             upsample=cfg.upsample, seed=cfg.seed,
         )  # fmt: skip
 
-    site_cfg = SiteConfig(
-        engine=engine, optimizer=cfg.optimizer, lr=cfg.lr_for(engine), batch_size=cfg.batch_size,
-        max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant, delta=cfg.delta,
-        max_epsilon=cfg.max_epsilon, opacus_mode=cfg.opacus_mode, backend=cfg.backend,
-        device=cfg.device,
-    )  # fmt: skip
+    site_cfg = site_config(cfg, engine)
     members = [
         Site(
             s.name,
             k,
-            s.patches(cfg.patch, cfg.p_foreground, derive_seed(cfg.seed, 5, k), cfg.spatial_dims),
+            site_patches(cfg, s, k),
             model_fn,
             site_cfg,
             noise_multiplier=sigmas[s.name],
@@ -303,6 +365,7 @@ def build_simulator(
         members, model, strategy, local_steps=cfg.local_steps, local_epochs=cfg.local_epochs,
         fraction=cfg.fraction, seed=cfg.seed, evaluate=evaluate, client_dp=client_dp,
         label=engine, train_sites=tuple(cfg.train_sites), lr_schedule=round_lr_schedule(cfg),
+        max_update_norm=cfg.max_update_norm,
     )  # fmt: skip
     if evaluate is not None and cfg.eval_every > 1:
 
@@ -342,6 +405,11 @@ def run_federation(
 ) -> dict:
     """Runs (or resumes) every engine of ``cfg`` to ``cfg.rounds``; returns report.json's dict."""
     cfg.check()
+    if cfg.secagg:
+        raise SetupError(
+            "--secagg needs --runtime flower: in one process there is no coordinator to hide "
+            "the sites' updates from"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoints = {e: out / f"checkpoint_{e}.pt" for e in cfg.engines}
@@ -397,15 +465,17 @@ def round_line(engine: str, record: dict, rounds: int) -> str:
     parts = []
     for name, e in record["sites"].items():
         eps = e.get("epsilon")
-        tag = {"ok": "", "idle": " idle", "budget": " budget spent", "failed": " FAILED"}
+        tag = {"ok": "", "idle": " idle", "budget": " budget spent", "failed": " FAILED",
+               "refused": " REFUSED"}  # fmt: skip
         d = e.get("dice")
         parts.append(f"{name} dice {d:.3f}" if d is not None else f"{name} dice -")
         parts[-1] += (f" eps {eps:.2f}" if eps is not None else "") + tag[e["status"]]
     pooled = record.get("pooled_dice")
     pooled_s = f"{pooled:.3f}" if pooled is not None else "-"
+    refused = " | ROUND REFUSED, model kept" if record.get("refused_round") else ""
     return (
         f"[{engine:>6}] round {record['round']}/{rounds}: {record['seconds']:.1f} s, "
-        f"pooled dice {pooled_s} | " + "; ".join(parts)
+        f"pooled dice {pooled_s} | " + "; ".join(parts) + refused
     )
 
 

@@ -33,7 +33,15 @@ from tqdm import tqdm
 
 from dpseg.federated.ledger import PrivacyLedger, make_accountant
 from dpseg.federated.site import BudgetExhausted, Site
-from dpseg.federated.strategies import ClientLevelDP, Strategy, trainable_state, update_norm
+from dpseg.federated.strategies import (
+    ClientLevelDP,
+    SiteUpdate,
+    Strategy,
+    Weights,
+    trainable_state,
+    update_norm,
+)
+from dpseg.federated.update_checks import nonfinite, screen_updates
 from dpseg.train.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["FEDERATED_FORMAT", "Simulator"]
@@ -58,6 +66,7 @@ class Simulator:
         label: str = "",
         train_sites: tuple[str, ...] = (),
         lr_schedule: Callable[[int], float] | None = None,
+        max_update_norm: float | None = None,
     ):
         if not sites:
             raise ValueError("a federation needs at least one site")
@@ -78,6 +87,7 @@ class Simulator:
         self.local_steps, self.local_epochs = local_steps, local_epochs
         self.evaluate_fn, self.label = evaluate, label
         self.lr_schedule = lr_schedule  # round -> factor on the sites' learning rate
+        self.max_update_norm = max_update_norm  # the server's cap (update_checks.py)
         self.weights = trainable_state(model)
         self.round = 0
         self.history: list[dict] = []
@@ -123,6 +133,35 @@ class Simulator:
             )
             record["client_epsilon"] = self.server_ledger.record_round(r)["epsilon"]
             record["clipped_sites"] = list(self.strategy.last_clipped)
+
+    def aggregate(self, updates: list[SiteUpdate], record: dict) -> None:
+        """Checks each update (update_checks.py), aggregates those accepted and takes the
+        server step (shared with the Flower ServerApp)."""
+        accepted, refused = screen_updates(self.weights, updates, self.max_update_norm)
+        for r in refused:
+            record["sites"][r["site"]].update(status="refused", refused=r["reason"])
+            log.error("%s round %d: the update of site %s is refused: %s",
+                      self.label, record["round"], r["site"], r["reason"])  # fmt: skip
+        record["refused"] = refused
+        record["took_part"] = [u.site for u in accepted]  # the sites whose update was averaged
+        if accepted or self.server_ledger is not None:
+            self.server_step(lambda: self.strategy.aggregate(self.weights, accepted), record)
+
+    def server_step(self, step: Callable[[], Weights], record: dict) -> None:
+        """Takes ``step()`` as the new global model unless it holds a non-finite value: then
+        the round is refused, and the model and the strategy's moments stay as they were."""
+        before = self.strategy.state_dict()
+        new = step()
+        bad = nonfinite(new)
+        if not bad:
+            self.weights = new
+            return
+        after = self.strategy.state_dict()
+        if "generator" in after:  # client-level DP: never draw the same noise twice
+            before = {**before, "generator": after["generator"]}
+        self.strategy.load_state_dict(before)
+        record["refused_round"] = f"the new global model is not finite (in {bad[:3]})"
+        log.error("%s round %d refused: %s", self.label, record["round"], record["refused_round"])
 
     def fit_config(self, r: int) -> dict:
         """What each chosen site is told for round r: the strategy's settings (FedProx's mu)
@@ -175,11 +214,9 @@ class Simulator:
             )  # fmt: skip
             updates.append(update)
         bar.close()
-        record["took_part"] = [u.site for u in updates]  # the sites whose update was averaged
         record["retried"] = {}  # in-process nothing is resent (Flower: a restarted node's)
         agg_start = time.perf_counter()
-        if updates or self.server_ledger is not None:
-            self.weights = self.strategy.aggregate(self.weights, updates)
+        self.aggregate(updates, record)
         record["aggregate_seconds"] = time.perf_counter() - agg_start
         record["seconds"] = time.perf_counter() - start
         # CPU seconds of this process: on a CPU shared with other jobs they measure the work

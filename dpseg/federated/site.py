@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dpseg.data import flatten_collate
 from dpseg.federated.ledger import PrivacyLedger
 from dpseg.federated.strategies import SiteUpdate, Weights, trainable_state
 from dpseg.privacy.data_loader import DPDataLoader
@@ -62,8 +63,13 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def poisson_rate(num_examples: int, batch_size: int) -> tuple[float, int]:
-    """(q, steps per epoch) for an expected batch: q = 1 / ceil(n / B), as Opacus derives it."""
+def poisson_rate(
+    num_examples: int, batch_size: int, sample_rate: float | None = None
+) -> tuple[float, int]:
+    """(q, steps per epoch): a declared q and round(1/q), public constants; or, without one,
+    q = 1 / ceil(n / B) as Opacus derives it, which makes the site's n public."""
+    if sample_rate is not None:
+        return float(sample_rate), max(1, int(round(1 / sample_rate)))
     steps = max(1, math.ceil(num_examples / batch_size))
     return 1.0 / steps, steps
 
@@ -76,7 +82,12 @@ class SiteConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.0
-    batch_size: int = 4  # expected batch under Poisson sampling
+    batch_size: int = 4  # expected batch under Poisson sampling (patients)
+    # A declared Poisson rate: with it q and the normaliser (batch_size) are public constants
+    # and the site's epsilon is for add/remove; without it q reads the site's size (public:
+    # replace-one). Each sampled patient brings items_per_patient patches.
+    sample_rate: float | None = None
+    items_per_patient: int = 1
     poisson: bool = True  # False: shuffled fixed batches (only without DP)
     max_grad_norm: float = 1.0
     accountant: str = "prv"
@@ -95,6 +106,15 @@ class SiteConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.engine != "none" and not self.poisson:
             raise ValueError("DP engines need Poisson sampling (the accountant assumes it)")
+        if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.items_per_patient < 1:
+            raise ValueError(f"items_per_patient must be >= 1, got {self.items_per_patient}")
+        if self.items_per_patient > 1 and self.engine == "opacus":
+            raise ValueError(
+                "items_per_patient > 1 needs engine 'dpseg' (or 'none'): Opacus clips each "
+                "row alone, so a patient's k patches would move the update by k C"
+            )
 
 
 class Site:
@@ -121,18 +141,23 @@ class Site:
         self.loss_fn = loss_fn if loss_fn is not None else _default_loss()
         self.exhausted: str | None = None  # the reason, once the budget is spent
 
-        self.sample_rate, self.steps_per_epoch = poisson_rate(self.num_examples, config.batch_size)
+        self.sample_rate, self.steps_per_epoch = poisson_rate(
+            self.num_examples, config.batch_size, config.sample_rate
+        )
+        collate = flatten_collate if config.items_per_patient > 1 else None
         self.loader_generator = torch.Generator().manual_seed(derive_seed(seed, 1, index))
         self.noise_generator = torch.Generator().manual_seed(derive_seed(seed, 2, index))
         noise_seed = derive_seed(seed, 3, index)
         if config.poisson:
             loader: DataLoader = DPDataLoader(
-                dataset, self.sample_rate, self.steps_per_epoch, generator=self.loader_generator
-            )
+                dataset, self.sample_rate, self.steps_per_epoch, generator=self.loader_generator,
+                collate_fn=collate,
+            )  # fmt: skip
         else:
             loader = DataLoader(
-                dataset, batch_size=config.batch_size, shuffle=True, generator=self.loader_generator
-            )
+                dataset, batch_size=config.batch_size, shuffle=True,
+                generator=self.loader_generator, collate_fn=collate,
+            )  # fmt: skip
 
         self.module = model_fn().to(self.device)  # the plain model: weights in and out
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -149,11 +174,17 @@ class Site:
             import dpseg
 
             engine = dpseg.PrivacyEngine(accountant=config.accountant)
-            self.model, self.optimizer, self.loader = engine.make_private(
-                module=self.module, optimizer=base, data_loader=loader,
-                noise_multiplier=self.noise_multiplier, max_grad_norm=config.max_grad_norm,
-                poisson_sampling=True, noise_seed=noise_seed, backend=config.backend,
-            )  # fmt: skip
+            declared = {}
+            if config.sample_rate is not None:  # the normaliser too: add/remove adjacency
+                declared = {"expected_batch_size": config.batch_size}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # the guarantee is in the report
+                self.model, self.optimizer, self.loader = engine.make_private(
+                    module=self.module, optimizer=base, data_loader=loader,
+                    noise_multiplier=self.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                    poisson_sampling=True, noise_seed=noise_seed, backend=config.backend,
+                    **declared,
+                )  # fmt: skip
             self.ledger = PrivacyLedger(engine.accountant, config.delta, name)
         elif config.engine == "opacus":
             self.model, self.optimizer, self.loader, accountant = self._opacus(base, loader)
@@ -190,6 +221,16 @@ class Site:
     @property
     def private(self) -> bool:
         return self.ledger is not None
+
+    @property
+    def weight(self) -> int:
+        """The site's weight in FedAvg's mean: B / q, its size as its public Poisson sampling
+        rate states it (its exact number of cases is not public; strategies.py). A site
+        drawing fixed shuffled batches (non-private only) has no sampling rate and weights
+        by its number of cases, as FedAvg does."""
+        if not self.config.poisson:
+            return self.num_examples
+        return self.steps_per_epoch * self.config.batch_size
 
     @property
     def epsilon(self) -> float | None:
@@ -261,7 +302,7 @@ class Site:
         return SiteUpdate(
             site=self.name, delta=delta, num_examples=self.num_examples, steps=local_steps,
             seconds=seconds, loss=float(np.mean(losses)) if losses else None,
-            metrics={"cpu_seconds": cpu_seconds},
+            metrics={"cpu_seconds": cpu_seconds}, weight=float(self.weight),
         )  # fmt: skip
 
     def _param_names(self) -> list[str]:

@@ -41,12 +41,18 @@ class SiteData:
     cases: dict[str, list[str]] = field(default_factory=dict)  # {"train": names, "test": names}
 
     def patches(
-        self, patch: int, p_foreground: float, seed: int, spatial_dims: int = 3
+        self,
+        patch: int,
+        p_foreground: float,
+        seed: int,
+        spatial_dims: int = 3,
+        samples_per_item: int = 1,
     ) -> PatchDataset:
-        """One patch (3-D) or axial slice (2-D) per patient per draw."""
+        """``samples_per_item`` patches (3-D) or axial slices (2-D) per patient per draw."""
         return PatchDataset(
             self.train_images, self.train_labels, (patch,) * spatial_dims,
             p_foreground=p_foreground, spatial_dims=spatial_dims, seed=seed,
+            samples_per_item=samples_per_item,
         )  # fmt: skip
 
 

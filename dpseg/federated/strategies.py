@@ -4,12 +4,17 @@ Sites send ``delta_k = w_k - w`` (their weights after local training minus the g
 weights they started from). Every strategy first combines the deltas into one
 pseudo-gradient and then takes a server step with it::
 
-    combine:  delta = sum_k n_k delta_k / sum_k n_k          (n_k = training cases at site k)
+    combine:  delta = sum_k n_k delta_k / sum_k n_k          (n_k = site k's weight, below)
     FedAvg:   w <- w + eta * delta                          (eta = 1: the weighted mean of w_k)
     FedProx:  as FedAvg; each site adds mu/2 ||w_k - w||^2 to its local objective
     FedAdam:  m <- b1 m + (1-b1) delta;  v <- b2 v + (1-b2) delta^2
               w <- w + eta m / (sqrt(v) + tau)
     FedYogi:  as FedAdam but v <- v - (1-b2) delta^2 sign(v - delta^2)
+
+The weight n_k is public: B / q_k = B ceil(cases_k / B), the site's size as its Poisson
+sampling rate q_k and the expected batch B state it (``Site.weight``). Its exact number of
+training cases would be a figure of its patients released without noise (adding one patient
+changes it), and DP-SGD's accounting already declares q_k public.
 
 FedAdam/FedYogi follow Reddi et al., "Adaptive Federated Optimization" (ICLR 2021),
 Algorithm 2: m starts at 0 and v at tau^2, no bias correction. Their defaults here
@@ -72,6 +77,11 @@ class SiteUpdate:
     loss: float | None = None
     epsilon: float | None = None
     metrics: dict = field(default_factory=dict)
+    weight: float | None = None  # its weight in the mean; None: num_examples
+
+    def __post_init__(self) -> None:
+        if self.weight is None:
+            self.weight = float(self.num_examples)
 
 
 class Strategy:
@@ -91,12 +101,12 @@ class Strategy:
     def combine(self, updates: list[SiteUpdate]) -> Weights:
         if not updates:
             raise ValueError("combine needs at least one update")
-        total = float(sum(u.num_examples for u in updates))
+        total = float(sum(u.weight for u in updates))
         if not total > 0:
-            raise ValueError("the updates carry no examples to weight them by")
+            raise ValueError("the updates carry no weight to average them by")
         out = {k: torch.zeros_like(v) for k, v in updates[0].delta.items()}
         for u in updates:
-            w = u.num_examples / total
+            w = u.weight / total
             for k, d in u.delta.items():
                 out[k].add_(d, alpha=w)
         return out

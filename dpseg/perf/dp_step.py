@@ -37,6 +37,9 @@ from dpseg.perf.harness import (
 )
 
 ENGINES = ("none", "dpseg", "opacus-hooks", "opacus-functorch")
+# dpseg with the batch's rows grouped into patients of ``rows_per_patient`` rows (averaged,
+# clipped as one): against "dpseg" on the same rows it is the price of the patient unit.
+GROUPED = "dpseg-grouped"
 
 
 @dataclass
@@ -56,6 +59,7 @@ class StepBenchConfig:
     physical_batch: int | None = None  # virtual steps: physical batches of at most this
     spatial_dims: int = 3  # 2: a 2-D U-Net on size x size slices (the demo's workload)
     upsample: str = "transpose"  # "interp": the federated runs' (Opacus has no ConvTranspose)
+    rows_per_patient: int = 1  # dpseg-grouped: consecutive rows of one patient
 
 
 @dataclass
@@ -64,6 +68,9 @@ class EngineResult:
     median_s: float | None = None
     p20_s: float | None = None
     p80_s: float | None = None
+    p25_s: float | None = None
+    p75_s: float | None = None
+    samples_s: list[float] = field(default_factory=list)  # one per interleaved round
     peak_bytes: int | None = None
     error: str | None = None
     time_ratio: float | None = None
@@ -97,18 +104,26 @@ def make_step(
     virtual = cfg.physical_batch is not None
     data = TensorDataset(x, y) if virtual else TensorDataset(x.cpu(), y.cpu())
     loader = DataLoader(data, batch_size=cfg.batch)
-    if engine == "dpseg":
+    if engine in ("dpseg", GROUPED):
         import dpseg
+        from dpseg.privacy import RowUnits
 
-        model, optimizer, loader = dpseg.PrivacyEngine(accountant="rdp").make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=cfg.noise_multiplier,
-            max_grad_norm=cfg.max_grad_norm,
-            poisson_sampling=False,
-            backend=cfg.backend,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # what the epsilon is about: not the point here
+            model, optimizer, loader = dpseg.PrivacyEngine(accountant="rdp").make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=cfg.noise_multiplier,
+                max_grad_norm=cfg.max_grad_norm,
+                poisson_sampling=False,
+                backend=cfg.backend,
+            )
+        if engine == GROUPED:  # the fixed batch's rows, k consecutive rows a patient
+            k = cfg.rows_per_patient
+            if k < 1 or x.shape[0] % k:
+                raise ValueError(f"batch {x.shape[0]} is not a whole number of {k}-row patients")
+            model.unit_feed.current = RowUnits((k,) * (x.shape[0] // k), "patient")
         manager = dpseg.BatchMemoryManager
     elif engine.startswith("opacus"):
         import opacus
@@ -129,7 +144,7 @@ def make_step(
     elif engine == "none":
         manager = None
     else:
-        raise ValueError(f"unknown engine {engine!r}; use one of {ENGINES}")
+        raise ValueError(f"unknown engine {engine!r}; use one of {(*ENGINES, GROUPED)}")
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
@@ -289,6 +304,8 @@ def _run_engines(model, x, y, cfg, loss_fn, extra: dict, progress) -> StepBenchR
         t = Timing.of(samples[engine])
         r = results[engine]
         r.median_s, r.p20_s, r.p80_s = t.median_s, t.p20_s, t.p80_s
+        r.p25_s, r.p75_s = t.p25_s, t.p75_s
+        r.samples_s = list(samples[engine])
         try:
             r.peak_bytes = peak_memory_call(step, device=device)
         except torch.OutOfMemoryError:
@@ -334,4 +351,24 @@ def format_table(report: StepBenchReport) -> str:
         mr = f"{r.memory_ratio:.2f}" if r.memory_ratio else "-"
         spread = f"{r.p20_s * 1e3:.0f}-{r.p80_s * 1e3:.0f}"
         lines.append(f"{r.engine:<18}{r.median_s * 1e3:>11.0f}{spread:>16}{peak:>10}{tr:>8}{mr:>7}")
+    by = {r.engine: r for r in report.results if r.samples_s}
+    for engine, base in ((GROUPED, "dpseg"), ("dpseg", "none"), (GROUPED, "none")):
+        if engine in by and base in by:
+            q = round_ratios(by[engine].samples_s, by[base].samples_s)
+            lines.append(
+                f"{engine} / {base}, round by round: median {q[1]:.3f}x, "
+                f"IQR {q[0]:.3f}-{q[2]:.3f}x over {len(by[engine].samples_s)} rounds"
+            )
     return "\n".join(lines)
+
+
+def round_ratios(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """(25th, 50th, 75th percentiles) of a[i] / b[i]: engines timed in the same round share
+    that round's machine load, so their ratio is steadier than a ratio of medians."""
+    import statistics
+
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    qs = statistics.quantiles(ratios, n=4, method="inclusive")
+    return qs[0], statistics.median(ratios), qs[2]

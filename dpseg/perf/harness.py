@@ -34,15 +34,17 @@ class Timing:
     p20_s: float
     p80_s: float
     repeats: int
+    p25_s: float | None = None  # the interquartile range
+    p75_s: float | None = None
 
     @classmethod
     def of(cls, samples: list[float]) -> Timing:
         qs = (
-            statistics.quantiles(samples, n=10, method="inclusive")
+            statistics.quantiles(samples, n=20, method="inclusive")
             if len(samples) > 1
-            else samples * 9
+            else samples * 19
         )
-        return cls(statistics.median(samples), qs[1], qs[7], len(samples))
+        return cls(statistics.median(samples), qs[3], qs[15], len(samples), qs[4], qs[14])
 
 
 def _sync(device: torch.device) -> None:

@@ -10,7 +10,8 @@ Opacus's call, Opacus's semantics::
             optimizer.step()   # clips and accumulates; updates at the end of a logical batch
 
 The data loader's batch sampler (Poisson under make_private) still draws each logical batch;
-the manager only cuts it into consecutive chunks of at most ``max_physical_batch_size``. An
+the manager only cuts it into consecutive chunks of at most ``max_physical_batch_size``
+items, of whole units (a patient's k items are never split: its rows are clipped as one). An
 empty logical batch becomes one empty physical batch, so its step is a noise-only step as
 without the manager. Each physical batch's ``optimizer.step()`` clips its samples into a
 running clipped sum; the last one of a logical batch adds the noise once, scales once by the
@@ -30,27 +31,54 @@ from collections import deque
 
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from dpseg.privacy.data_loader import PoissonBatchSampler
+from dpseg.privacy.data_loader import PoissonBatchSampler, UnitCollate, UnitTrackingLoader
 from dpseg.privacy.optimizer import DPOptimizer
+from dpseg.privacy.units import UnitFeed
 
 
 class PhysicalBatchSampler(Sampler[list[int]]):
-    """Cuts each logical batch of ``logical`` into chunks of at most ``max_batch_size``;
-    ``ends`` receives, per chunk yielded, whether it is its logical batch's last."""
+    """Cuts each logical batch of ``logical`` into chunks of at most ``max_batch_size``
+    items, never splitting a unit (a patient's k items stay in one chunk, so its rows are
+    clipped together); ``ends`` receives, per chunk yielded, whether it is its logical
+    batch's last, and ``unit_log`` the items per unit of each chunk."""
 
     def __init__(self, logical: Sampler[list[int]], max_batch_size: int):
         self.logical, self.max_batch_size = logical, max_batch_size
         self.ends: deque[bool] = deque()
+        self.unit_log: deque[list[int]] = deque()
+
+    def _chunks(self, indices: list[int], sizes: list[int]):
+        """(items, items per unit) of each chunk: whole units, greedily up to the cap."""
+        chunks, items, units, start = [], [], [], 0
+        for n in sizes:
+            if n > self.max_batch_size:
+                raise ValueError(
+                    f"a unit of {n} items does not fit a physical batch of "
+                    f"{self.max_batch_size}: a patient's items are clipped together and "
+                    "cannot be split across physical batches. Raise max_physical_batch_size "
+                    f"to at least {n} (items_per_patient)."
+                )
+            if len(items) + n > self.max_batch_size:
+                chunks.append((items, units))
+                items, units = [], []
+            items = items + indices[start : start + n]
+            units.append(n)
+            start += n
+        if items or not chunks:  # an empty logical batch: one empty physical batch
+            chunks.append((items, units))
+        return chunks
 
     def __iter__(self):
+        log = getattr(self.logical, "unit_log", None)
+        if log is not None:
+            log.clear()
         for indices in self.logical:
             indices = list(indices)
-            chunks = [
-                indices[i : i + self.max_batch_size]
-                for i in range(0, len(indices), self.max_batch_size)
-            ] or [[]]  # an empty logical batch: one empty physical batch, a noise-only step
-            for k, chunk in enumerate(chunks):
+            sizes = log.popleft() if log is not None else [1] * len(indices)
+            chunks = self._chunks(indices, sizes)
+            for k, (chunk, units) in enumerate(chunks):
                 self.ends.append(k == len(chunks) - 1)
+                self.unit_log.append(units)
                 yield chunk
 
     @property
@@ -69,12 +97,13 @@ class PhysicalBatchSampler(Sampler[list[int]]):
                 count += math.ceil(rest / self.max_batch_size)
             return count
         if isinstance(s, PoissonBatchSampler):
-            expected = s.sample_rate * s.num_samples
+            k = s.patients.items_per_patient if s.patients is not None else 1
+            expected = s.sample_rate * s.num_samples * k
             return len(s) * max(1, math.ceil(expected / self.max_batch_size))
         return len(s)
 
 
-class _PhysicalDataLoader(DataLoader):
+class _PhysicalDataLoader(UnitTrackingLoader):
     """The logical loader's dataset, workers and collate, with physical batches; tells the
     optimizer before each batch whether its step ends the logical batch."""
 
@@ -86,11 +115,14 @@ class _PhysicalDataLoader(DataLoader):
                 prefetch_factor=loader.prefetch_factor,
                 persistent_workers=loader.persistent_workers,
             )
+        collate = loader.collate_fn
+        if not isinstance(collate, UnitCollate):
+            collate = UnitCollate(loader.dataset, collate)
         super().__init__(
             loader.dataset,
             batch_sampler=PhysicalBatchSampler(loader.batch_sampler, max_batch_size),
             num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
+            collate_fn=collate,
             pin_memory=loader.pin_memory,
             timeout=loader.timeout,
             worker_init_fn=loader.worker_init_fn,
@@ -98,13 +130,19 @@ class _PhysicalDataLoader(DataLoader):
             generator=loader.generator,
             **kwargs,
         )
+        # The private model reads each physical batch's unit map from the logical loader's
+        # feed; a plain loader (not from make_private) maps each item to a unit.
+        self.unit_feed = getattr(loader, "unit_feed", None) or UnitFeed()
         # reseed_step() and samplers that expose their generator keep working through us.
         self.sample_rate = getattr(loader, "sample_rate", None)
 
     def __iter__(self):
         ends = self.batch_sampler.ends
         ends.clear()
-        for batch in super().__iter__():
+        return self._signalled(super().__iter__(), ends)
+
+    def _signalled(self, batches, ends):
+        for batch in batches:
             self._optimizer.signal_skip_step(do_skip=not ends.popleft())
             yield batch
 

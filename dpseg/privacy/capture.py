@@ -24,10 +24,13 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from dpseg.privacy.grad_sample import accumulate_per_sample
 from dpseg.privacy.ranges import profiled
 from dpseg.privacy.rules import Rule, rule_for
 from dpseg.privacy.rules.conv_weight_grad import force_strategy
 from dpseg.privacy.rules.fallback import FuncFallbackRule
+from dpseg.privacy.rules.transformer import FORWARD_OVERRIDES
+from dpseg.privacy.units import RowUnits, UnitMapError
 
 
 class ForwardPasses:
@@ -43,19 +46,57 @@ class ForwardPasses:
         self.strict = strict
         self._count = 0
         self._current: int | None = None
-        self.batch: int | None = None  # the running pass's batch size, when known
+        self.batch: int | None = None  # the running pass's batch size (rows), when known
+        self.units: RowUnits | None = None  # which rows are one unit (dpseg.privacy.units)
+        # Leading sizes declared batch-major by a forward override (window attention sees
+        # B x windows rows, sample b's windows consecutive): size -> rows per sample.
+        self._batch_major: dict[int, int] = {}
 
     @contextmanager
-    def running(self, batch: int | None = None):
-        outer, outer_batch = self._current, self.batch
-        if outer is None:  # a nested call (a model calling itself) stays in the outer pass
+    def running(self, batch: int | None = None, units: RowUnits | None = None):
+        outer = self._current, self.batch, self.units
+        if outer[0] is None:  # a nested call (a model calling itself) stays in the outer pass
             self._count += 1
             self._current = self._count
-            self.batch = batch
+            self.batch, self.units = batch, units
         try:
             yield
         finally:
-            self._current, self.batch = outer, outer_batch
+            self._current, self.batch, self.units = outer
+
+    @contextmanager
+    def batch_major(self, rows: int):
+        """Inside: a tensor of ``rows`` leading rows holds rows / batch consecutive rows of
+        each sample, sample after sample (what Swin's window partition produces). Only a
+        forward override that knows its module's layout declares it."""
+        batch = self.batch
+        if batch is None or rows == batch or batch == 0:
+            yield
+            return
+        if rows % batch:
+            raise ValueError(f"{rows} rows are not a whole number of rows for {batch} samples")
+        outer = dict(self._batch_major)
+        self._batch_major[rows] = rows // batch
+        try:
+            yield
+        finally:
+            self._batch_major = outer
+
+    def units_for(self, rows: int) -> RowUnits | None:
+        """The unit map of a tensor of ``rows`` leading rows in the running pass: the pass's
+        own, or, for a declared batch-major size, each unit's rows times the rows a sample
+        has there. Raises when the rows cannot be read as samples."""
+        if self.batch is None or rows == self.batch:
+            return self.units
+        per_sample = self._batch_major.get(rows)
+        if per_sample is None:
+            raise UnitMapError(f"{rows} rows in a pass over {self.batch}")
+        units = self.units if self.units is not None else RowUnits.identity(self.batch)
+        return RowUnits(tuple(k * per_sample for k in units.rows_per_unit), units.unit)
+
+    def pass_info(self, call_units: RowUnits | None) -> tuple:
+        """(pass number, the pass's unit map, this call's) for a captured call."""
+        return self.id_for_call(), self.units, call_units
 
     def id_for_call(self) -> int:
         if self._current is not None:
@@ -68,10 +109,10 @@ class ForwardPasses:
 
 class _PerSampleFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, layer, state, names, pass_id, x, *params):
+    def forward(ctx, layer, state, names, pass_info, x, *params):
         out, saved = layer.rule.forward(layer.module, x, state)
         ctx.layer, ctx.state, ctx.names, ctx.params = layer, state, names, params
-        ctx.pass_id = pass_id
+        ctx.pass_info = pass_info  # (pass number, the pass's RowUnits, this call's RowUnits)
         ctx.save_for_backward(*saved)
         return out
 
@@ -90,33 +131,9 @@ class _PerSampleFunction(torch.autograd.Function):
                 ctx.names,
             )
         for param, name, g in zip(ctx.params, ctx.names, grads, strict=True):
-            _accumulate(param, g, f"{layer.name}.{name}" if layer.name else name, ctx.pass_id)
+            where = f"{layer.name}.{name}" if layer.name else name
+            accumulate_per_sample(param, g, where, ctx.pass_info)
         return (None, None, None, None, grad_input, *([None] * len(ctx.params)))
-
-
-def _accumulate(param: torch.Tensor, g: torch.Tensor, name: str, pass_id: int) -> None:
-    g = g.to(param.dtype)
-    existing = getattr(param, "grad_sample", None)
-    if existing is None:
-        param.grad_sample = g
-        param._dpseg_pass = pass_id
-    elif getattr(param, "_dpseg_pass", pass_id) != pass_id:
-        raise RuntimeError(
-            f"{name}: per-sample gradients of two different forward passes met before "
-            "optimizer.step(). DP-SGD would add them sample by sample, clipping sample i of "
-            "one batch and sample i of the other as one patient. To accumulate a logical "
-            "batch larger than memory, use dpseg.BatchMemoryManager(data_loader=..., "
-            "max_physical_batch_size=..., optimizer=...); if both passes hold the same "
-            "samples, run them through one forward call."
-        )
-    elif existing.shape[0] != g.shape[0]:
-        raise RuntimeError(
-            f"{name}: per-sample gradients of batches of {existing.shape[0]} and {g.shape[0]} "
-            "met before optimizer.step(); DP-SGD clips each sample of ONE batch. Call "
-            "optimizer.step() (or zero_grad()) between batches."
-        )
-    else:
-        existing.add_(g)
 
 
 class CapturedLayer:
@@ -150,17 +167,18 @@ class CapturedLayer:
                 f"{1 + len(args)} positional inputs; dpseg's per-sample capture handles "
                 "layers called with one tensor. Wrap the extra inputs into the module."
             )
-        batch = self.passes.batch
-        if batch is not None and x.shape[0] != batch:
+        try:
+            call_units = self.passes.units_for(x.shape[0])
+        except UnitMapError:
             raise ValueError(
                 f"layer {self.name!r} ({type(module).__name__}) got an input of leading "
-                f"size {x.shape[0]} in a forward pass over a batch of {batch}: the model "
-                "reshapes the batch (into windows or tokens, say), so this layer's rows are "
-                "not samples and its per-sample gradients cannot be read off them. Register "
-                "the enclosing block that restores the batch with "
+                f"size {x.shape[0]} in a forward pass over a batch of {self.passes.batch}: "
+                "the model reshapes the batch (into windows or tokens, say), so this layer's "
+                "rows are not samples and its per-sample gradients cannot be read off them. "
+                "Register the enclosing block that restores the batch with "
                 "dpseg.privacy.register_functional_block(BlockClass): its parameters then "
                 "go through torch.func per sample."
-            )
+            ) from None
         if self.unit:
             drawing = _drawing(self.random_modules)
             if drawing:
@@ -184,8 +202,46 @@ class CapturedLayer:
         else:
             x, state = self.rule.prepare(module, x, **kwargs)
         names = tuple(n for n, _ in params)
-        pass_id = self.passes.id_for_call()
-        return _PerSampleFunction.apply(self, state, names, pass_id, x, *(p for _, p in params))
+        pass_info = self.passes.pass_info(call_units)
+        return _PerSampleFunction.apply(self, state, names, pass_info, x, *(p for _, p in params))
+
+
+class ForwardOverride:
+    """A module whose own parameters are used inside its forward (beside its child layers)
+    and whose forward dpseg re-spells in closed form (dpseg.privacy.rules.transformer):
+    the children keep their rules, the own parameters enter through Functions that write
+    their per-sample gradients. No replay, unlike a torch.func unit."""
+
+    unit = False  # its children are captured layers of their own
+
+    def __init__(self, name: str, module: nn.Module, fn, passes: ForwardPasses):
+        self.name, self.module, self.fn, self.passes = name, module, fn, passes
+        self.bypass = False
+        self._names = {id(p): n for n, p in module.named_parameters(recurse=False)}
+
+    def param_name(self, param: torch.Tensor) -> str:
+        own = self._names[id(param)]
+        return f"{self.name}.{own}" if self.name else own
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        if self.bypass or not torch.is_grad_enabled():
+            return type(module).forward(module, *args, **kwargs)
+        if self.passes.batch is None:
+            raise ValueError(
+                f"{self.name!r} ({type(module).__name__}) is captured through its forward "
+                "override, which needs the forward pass's batch size: call the model made "
+                "private (make_private / PrivateModule), not a bare capture"
+            )
+        return self.fn(self, *args, **kwargs)
+
+
+def _forward_override(module: nn.Module):
+    for klass in type(module).__mro__:
+        fn = FORWARD_OVERRIDES.get(f"{klass.__module__}.{klass.__qualname__}")
+        if fn is not None:
+            return fn
+    return None
 
 
 def _needs_fallback(module: nn.Module, rule: Rule | None) -> bool:
@@ -195,10 +251,11 @@ def _needs_fallback(module: nn.Module, rule: Rule | None) -> bool:
     return not names <= set(rule.param_names)
 
 
-# Blocks whose inside reshapes the batch (Swin's windows: its attention sees B x windows
-# rows): their parameters go through torch.func over the block, whose input and output
-# keep the batch. Keyed by "module.QualName", so no import of the library is needed.
-_FUNCTIONAL_BLOCKS: set[str] = {"monai.networks.nets.swin_unetr.SwinTransformerBlock"}
+# Blocks whose inside reshapes the batch in a way no rule reads: their parameters go through
+# torch.func over the block, whose input and output keep the batch. Keyed by
+# "module.QualName", so no import of the library is needed. (MONAI's SwinTransformerBlock
+# was one; its window attention now has a forward override, dpseg.privacy.rules.transformer.)
+_FUNCTIONAL_BLOCKS: set[str] = set()
 
 
 def register_functional_block(block: type | str) -> None:
@@ -245,10 +302,11 @@ def capture_layers(
     """Installs the capture on every module that owns trainable parameters.
 
     A leaf layer gets its rule (or the torch.func fallback). A module that owns trainable
-    parameters and also has submodules (a position embedding beside its patch conv, a
-    relative-position bias table beside its attention's linears), and every registered
-    functional block, becomes one unit: its subtree's parameters go through torch.func per
-    sample, exactly, at the cost of recomputing it.
+    parameters beside submodules gets its forward override where dpseg has one (MONAI's
+    window attention and patch embedding: dpseg.privacy.rules.transformer), its children
+    their rules; otherwise it, and every registered functional block, becomes one unit:
+    its subtree's parameters go through torch.func per sample, exactly, at the cost of
+    recomputing it.
 
     ``conv_strategy`` forces the per-sample conv weight-gradient strategy (default: the
     measured per-shape choice). ``passes`` numbers the forward passes (PrivateModule's own);
@@ -262,7 +320,13 @@ def capture_layers(
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         has_children = any(True for _ in module.children())
         trainable = any(p.requires_grad for p in module.parameters())
-        if trainable and has_children and (own or _is_functional_block(module)):
+        override = None
+        if trainable and has_children and not _is_functional_block(module):
+            override = _forward_override(module)
+        if override is not None:
+            # Its children are captured on their own as the loop goes on.
+            layer = ForwardOverride(name, module, override, passes)
+        elif trainable and has_children and (own or _is_functional_block(module)):
             layer = CapturedLayer(name, module, None, passes, conv_strategy, unit=True)
             units.append(name)
             unit_types.add(type(module).__name__)

@@ -6,7 +6,11 @@ needs no second pass: its capture yields per-sample gradients from the one ordin
 backward. The criterion is therefore the user's own loss, called as ``criterion(output,
 target)``, reducing per-voxel losses as it always does (CrossEntropyLoss with reduction
 "mean": the mean over voxels and batch). What is checked is that its reduction is the one
-the engine was told (``loss_reduction``), since the clip factor undoes exactly that.
+the engine was told (``loss_reduction``), since the clip factor undoes exactly that, and
+that it does not couple the units of a batch: on the first batch with two units or more,
+:func:`dpseg.privacy.loss_check.check_loss` holds it against its per-unit terms (B + 1 loss
+evaluations in float64, no pass of the model), and losses known to pool over the batch
+(MONAI's Dice losses with batch=True, top-k/OHEM) are refused when it is built.
 """
 
 from __future__ import annotations
@@ -14,12 +18,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dpseg.privacy.loss_check import CoupledLossError, check_loss, known_coupled
+from dpseg.privacy.units import UnitFeed
+
 
 class DPCriterion(nn.Module):
-    def __init__(self, criterion, loss_reduction: str):
+    def __init__(self, criterion, loss_reduction: str, unit_feed: UnitFeed | None = None):
         super().__init__()
         if not callable(criterion):
             raise TypeError(f"criterion must be callable, got {type(criterion).__name__}")
+        reason = known_coupled(criterion)
+        if reason is not None:
+            raise CoupledLossError(reason)
         reduction = getattr(criterion, "reduction", None)
         if reduction == "none":
             raise ValueError(
@@ -35,6 +45,8 @@ class DPCriterion(nn.Module):
             )
         self.criterion = criterion
         self.loss_reduction = loss_reduction
+        self.unit_feed = unit_feed or UnitFeed()
+        self.checked = False  # whether a batch of two units or more has been checked
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.criterion(output, target)
@@ -44,4 +56,9 @@ class DPCriterion(nn.Module):
                 f"the criterion returned {shape}, not a scalar loss; reduce it over the batch "
                 f"({self.loss_reduction!r}) before backward()"
             )
+        if not self.checked and isinstance(output, torch.Tensor) and output.dim() > 0:
+            units = self.unit_feed.for_forward(output.shape[0])
+            if units is not None and units.num_units >= 2:
+                check_loss(self.criterion, output, target, units, self.loss_reduction)
+                self.checked = True
         return loss

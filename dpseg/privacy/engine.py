@@ -4,21 +4,31 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from dpseg import ops
-from dpseg.privacy.accountants import make_accountant, steps_accounted
+from dpseg.privacy.accountants import (
+    ACCOUNTANTS,
+    USER_ACCOUNTANTS,
+    Guarantee,
+    accountant_for,
+    make_accountant,
+    noise_for_epsilon,
+    steps_accounted,
+)
 from dpseg.privacy.criterion import DPCriterion
-from dpseg.privacy.data_loader import DPDataLoader
+from dpseg.privacy.data_loader import DPDataLoader, track_units
 from dpseg.privacy.distributed import DistributedContext, check_wrapper, take_reduction_from_ddp
 from dpseg.privacy.optimizer import DPOptimizer
 from dpseg.privacy.private_module import PrivateModule
+from dpseg.privacy.sampling_plan import SamplingPlan, plan_sampling
+from dpseg.privacy.units import UnitFeed
 from dpseg.privacy.validate import validate
 
 BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
@@ -30,10 +40,17 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 
 class PrivacyEngine:
     def __init__(self, accountant: str = "prv", secure_mode: bool = False):
+        if accountant not in USER_ACCOUNTANTS:
+            raise ValueError(
+                f"unknown accountant {accountant!r}; use one of {sorted(USER_ACCOUNTANTS)}"
+            )
         self.accountant = make_accountant(accountant)
-        self.accountant_name = accountant
+        self.accountant_name = accountant  # the user's choice, used under add/remove
         self.secure_mode = secure_mode
         self.sample_rate: float | None = None
+        # What the epsilon is about (unit, adjacency, sampling, accountant): set by
+        # make_private, recorded in every ledger (dpseg.privacy.accountants.Guarantee).
+        self.guarantee: Guarantee | None = None
         if secure_mode:
             warnings.warn(
                 "secure_mode: noise seeds and Poisson sampling draw from the OS entropy "
@@ -98,10 +115,30 @@ class PrivacyEngine:
         grad_sample_mode: str | None = None,
         criterion: Any = None,
         noise_generator: torch.Generator | None = None,
+        sample_rate: float | None = None,
+        expected_batch_size: int | None = None,
+        patient_ids: Sequence | None = None,
+        items_per_patient: int = 1,
     ):
         """Returns (module, optimizer, data_loader) ready for an ordinary training loop;
         with ``grad_sample_mode="ghost"``, (module, optimizer, criterion, data_loader), as
-        Opacus does (the criterion defaults to CrossEntropyLoss, as Opacus's)."""
+        Opacus does (the criterion defaults to CrossEntropyLoss, as Opacus's).
+
+        dpseg's additions to Opacus's call:
+
+        - ``sample_rate`` and ``expected_batch_size``: the Poisson rate q per step and the
+          normaliser (the expected number of units a batch), public constants fixed in
+          advance. With both (and Poisson sampling) nothing released depends on the
+          dataset's size, and epsilon is for add/remove adjacency. Without them, q, the
+          steps and the normaliser follow Opacus's convention (q = 1 / len(loader), E[B] =
+          q N), which reads N: N is then public, and epsilon is reported for replace-one
+          adjacency (dpseg.privacy.accountants).
+        - ``patient_ids`` (one per dataset item; or a ``patient_ids`` attribute of the
+          dataset) and ``items_per_patient`` k: the privacy unit is the patient. Poisson
+          sampling runs over patients; each sampled patient brings k of its items; its rows
+          are averaged and clipped as one. Without them the unit is the dataset item (whose
+          rows, when it yields several, are still clipped together).
+        """
         if noise_generator is not None:
             if noise_seed is not None or self.secure_mode:
                 raise ValueError(
@@ -112,7 +149,6 @@ class PrivacyEngine:
         self._check_mode(grad_sample_mode)
         if grad_sample_mode == "ghost" and criterion is None:
             criterion = nn.CrossEntropyLoss()
-        dp_criterion = DPCriterion(criterion, loss_reduction) if criterion is not None else None
         if not batch_first:
             raise ValueError("dpseg needs the batch in dimension 0 (batch_first=True)")
         if clipping != "flat":
@@ -121,67 +157,95 @@ class PrivacyEngine:
             raise ValueError("this module was already made private; pass the original model")
         ddp = check_wrapper(module)  # refuses wrappers it cannot run exactly
         validate(ddp.module if ddp is not None else module)
-        model_params = {id(p) for p in module.parameters()}
-        stray = [
-            tuple(p.shape)
-            for g in optimizer.param_groups
-            for p in g["params"]
-            if p.requires_grad and id(p) not in model_params
-        ]
-        if stray:
-            raise ValueError(
-                f"the optimizer updates parameters not in the module (shapes {stray}); DP "
-                "needs every trained parameter inside the model made private"
-            )
-        dataset_size = len(data_loader.dataset)
-        if dataset_size == 0:
-            raise ValueError("the data loader's dataset is empty")
-        if len(data_loader) == 0:
-            raise ValueError(
-                "the data loader yields no batches (a batch larger than the dataset "
-                "with drop_last=True?)"
-            )
+        _check_optimizer(module, optimizer)
+        plan = plan_sampling(
+            data_loader,
+            poisson_sampling=poisson_sampling,
+            sample_rate=sample_rate,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            patient_ids=patient_ids,
+            items_per_patient=items_per_patient,
+        )
         distributed = DistributedContext(ddp.process_group) if ddp is not None else None
+        dataset_size = len(data_loader.dataset)
         if distributed is not None and not distributed.all_equal(dataset_size):
             raise ValueError(
                 "under DistributedDataParallel every rank's loader must hold the same, whole "
                 f"dataset (this rank has {dataset_size} items): dpseg splits each Poisson draw "
                 "by rank, as a DistributedSampler would"
             )
-        self.sample_rate = _sample_rate_of(data_loader)
-        # q and the expected batch are global: q N over all ranks' samples.
-        expected_batch_size = max(1, int(dataset_size * self.sample_rate))
+        self._adopt(plan)
+        feed = UnitFeed(plan.unit)
         if poisson_sampling:
             generator = None
             if noise_seed is not None:
                 generator = torch.Generator().manual_seed(noise_seed)
             shard = (distributed.rank, distributed.world_size) if distributed else None
             data_loader = DPDataLoader.from_data_loader(
-                data_loader, generator=generator, secure=self.secure_mode, distributed=shard
+                data_loader,
+                generator=generator,
+                secure=self.secure_mode,
+                distributed=shard,
+                sample_rate=plan.sample_rate if plan.rate_declared else None,
+                patients=plan.patients,
             )
+            data_loader.unit_feed = feed
+        else:
+            data_loader = track_units(data_loader, feed)
         # backend="triton" means Triton end to end: the per-sample conv kernel too.
         conv_strategy = "triton" if backend == "triton" else None
         private = PrivateModule(module, allow_fallback=allow_fallback, conv_strategy=conv_strategy)
+        private.unit_feed = feed
         if ddp is not None:
             take_reduction_from_ddp(ddp)
         dp_optimizer = DPOptimizer(
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
+            expected_batch_size=plan.expected_batch_size,
             loss_reduction=loss_reduction,
             backend=backend,
             noise_seed=noise_seed,
             secure_mode=self.secure_mode,
             distributed=distributed,
         )
-        sample_rate = self.sample_rate
+        q = plan.sample_rate
         dp_optimizer.step_hook = lambda opt: self.accountant.step(
-            noise_multiplier=opt.noise_multiplier, sample_rate=sample_rate
+            noise_multiplier=opt.noise_multiplier, sample_rate=q
         )
+        dp_criterion = None
+        if criterion is not None:
+            dp_criterion = DPCriterion(criterion, loss_reduction, feed)
+        _say_what_epsilon_means(plan, self.guarantee, criterion is not None)
         if grad_sample_mode == "ghost":
             return private, dp_optimizer, dp_criterion, data_loader
         return private, dp_optimizer, data_loader
+
+    def _adopt(self, plan: SamplingPlan) -> None:
+        """Takes the plan's guarantee and the accountant that holds for it; a ledger loaded
+        before (a resumed run) must have been kept under the same."""
+        name = accountant_for(self.accountant_name, plan.adjacency, plan.sampling)
+        guarantee = Guarantee(plan.unit, plan.adjacency, plan.sampling, name)
+        held = self.guarantee
+        if held is not None and held != guarantee and len(self.accountant.history):
+            raise ValueError(
+                f"this engine's ledger is kept {held.describe()}; this call would account "
+                f"{guarantee.describe()}. A ledger is kept under one guarantee: use a new "
+                "PrivacyEngine, or the same sampling settings as before (sample_rate, "
+                "expected_batch_size, patient_ids, poisson_sampling)."
+            )
+        if self.accountant.mechanism() != name:
+            history = list(self.accountant.history)
+            if history:
+                raise ValueError(
+                    f"the ledger holds {len(history)} entries accounted with "
+                    f"{self.accountant.mechanism()!r}; this call needs {name!r} "
+                    f"({guarantee.describe()})"
+                )
+            self.accountant = make_accountant(name)
+        self.guarantee = guarantee
+        self.sample_rate = plan.sample_rate
 
     def make_private_with_epsilon(
         self,
@@ -196,20 +260,31 @@ class PrivacyEngine:
         epsilon_tolerance: float = 0.01,
         **kwargs,
     ):
-        """Finds the smallest noise multiplier that spends ``target_epsilon`` in ``epochs``."""
+        """Finds the smallest noise multiplier that spends ``target_epsilon`` in ``epochs``
+        passes, under the accountant that will report the run's epsilon."""
         if not target_epsilon > 0:
             raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
         if not 0 < target_delta < 1:
             raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
         if not epochs >= 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
-        sigma = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            sample_rate=_sample_rate_of(data_loader),
-            epochs=epochs,
-            accountant=self.accountant.mechanism(),
-            epsilon_tolerance=epsilon_tolerance,
+        plan_keys = (
+            "poisson_sampling",
+            "sample_rate",
+            "expected_batch_size",
+            "loss_reduction",
+            "patient_ids",
+            "items_per_patient",
+        )
+        plan = plan_sampling(data_loader, **{k: kwargs[k] for k in plan_keys if k in kwargs})
+        accountant = accountant_for(self.accountant_name, plan.adjacency, plan.sampling)
+        sigma = noise_for_epsilon(
+            target_epsilon,
+            target_delta,
+            plan.sample_rate,
+            int(epochs * plan.steps_per_epoch),
+            accountant,
+            epsilon_tolerance,
         )
         return self.make_private(
             module=module,
@@ -221,24 +296,70 @@ class PrivacyEngine:
         )
 
     def get_epsilon(self, delta: float) -> float:
+        """Epsilon spent so far, at ``delta``, for the guarantee in ``self.guarantee`` (the
+        unit, the adjacency and the sampling; ``get_privacy_spent`` returns them together)."""
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         if len(self.accountant) == 0:
             return 0.0
         return float(self.accountant.get_epsilon(delta=delta))
 
+    def get_privacy_spent(self, delta: float) -> dict:
+        """{"epsilon", "delta", "steps", "unit", "adjacency", "sampling", "accountant"}."""
+        guarantee = self.guarantee or Guarantee(accountant=self.accountant.mechanism())
+        return {
+            "epsilon": self.get_epsilon(delta),
+            "delta": delta,
+            "steps": steps_accounted(self.accountant),
+            **guarantee.as_dict(),
+        }
+
     # A resumed run must keep its ledger: epsilon never resets.
     def state_dict(self) -> dict:
-        return {"accountant": self.accountant_name, "history": list(self.accountant.history)}
+        state = {
+            "accountant": self.accountant.mechanism(),
+            "history": list(self.accountant.history),
+        }
+        if self.guarantee is not None:
+            state.update(self.guarantee.as_dict())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Takes dpseg's state_dict() or an Opacus accountant's ({"history", "mechanism"})."""
         name = state.get("accountant", state.get("mechanism"))
-        if name != self.accountant_name:
-            raise ValueError(
-                f"checkpoint was accounted with {name!r}, this engine uses "
-                f"{self.accountant_name!r}; create PrivacyEngine(accountant={name!r})"
-            )
+        if name not in ACCOUNTANTS:
+            raise ValueError(f"the ledger's accountant {name!r} is not one dpseg knows")
+        requested = name if name in USER_ACCOUNTANTS else None
+        if self.guarantee is None:
+            # Not made private yet: the ledger says what it was kept under; make_private
+            # must then arrive at the same (checked in _adopt).
+            if requested is not None and requested != self.accountant_name:
+                raise ValueError(
+                    f"checkpoint was accounted with {name!r}, this engine uses "
+                    f"{self.accountant_name!r}; create PrivacyEngine(accountant={name!r})"
+                )
+            if self.accountant.mechanism() != name:
+                self.accountant = make_accountant(name)
+            if "adjacency" in state:
+                self.guarantee = Guarantee(
+                    state.get("unit", "item"),
+                    state["adjacency"],
+                    state.get("sampling", "poisson"),
+                    name,
+                )
+        else:
+            if name != self.accountant.mechanism():
+                raise ValueError(
+                    f"checkpoint was accounted with {name!r}, this run with "
+                    f"{self.accountant.mechanism()!r} ({self.guarantee.describe()}); resume "
+                    "with the same accountant and sampling settings"
+                )
+            for key in ("unit", "adjacency", "sampling"):
+                if key in state and state[key] != getattr(self.guarantee, key):
+                    raise ValueError(
+                        f"checkpoint's ledger is per {key} {state[key]!r}, this run's "
+                        f"{getattr(self.guarantee, key)!r}; resume with the same settings"
+                    )
         self.accountant.history = [tuple(h) for h in state["history"]]
 
     # --- Opacus's checkpoint calls ---------------------------------------------------------
@@ -264,7 +385,8 @@ class PrivacyEngine:
         checkpoint["optimizer_state_dict"] = optimizer.state_dict()
         checkpoint["privacy_accountant_state_dict"] = {
             "history": list(self.accountant.history),
-            "mechanism": self.accountant_name,
+            "mechanism": self.accountant.mechanism(),
+            **(self.guarantee.as_dict() if self.guarantee is not None else {}),
         }
         torch.save(checkpoint, path, **(torch_save_kwargs or {}))
 
@@ -297,12 +419,59 @@ class PrivacyEngine:
         return checkpoint
 
 
-def _sample_rate_of(loader: DataLoader) -> float:
-    """q: a Poisson loader's own rate (any steps per epoch), else one batch in len(loader),
-    the rate make_private's Poisson loader will sample at."""
-    if isinstance(loader, DPDataLoader):
-        return loader.sample_rate
-    return 1 / len(loader)
+def _check_optimizer(module: nn.Module, optimizer: Optimizer) -> None:
+    model_params = {id(p) for p in module.parameters()}
+    stray = [
+        tuple(p.shape)
+        for g in optimizer.param_groups
+        for p in g["params"]
+        if p.requires_grad and id(p) not in model_params
+    ]
+    if stray:
+        raise ValueError(
+            f"the optimizer updates parameters not in the module (shapes {stray}); DP "
+            "needs every trained parameter inside the model made private"
+        )
+
+
+def _say_what_epsilon_means(plan: SamplingPlan, guarantee: Guarantee, has_criterion: bool):
+    """One warning that names what the epsilon is about and what was changed or assumed."""
+    notes = list(plan.notes)
+    if plan.unit == "item":
+        notes.append(
+            "epsilon is per dataset item: no patients were declared. If a patient has several "
+            "items (slices, patches, visits), declare them with make_private(..., "
+            "patient_ids=[patient of each item], items_per_patient=k) or a patient_ids "
+            "attribute on the dataset; a multi-sample item (MONAI's num_samples=k under "
+            "list_data_collate) is already clipped as one."
+        )
+    if plan.adjacency == "replace-one" and plan.sampling == "poisson":
+        notes.append(
+            "q, the steps and the normaliser were derived from the dataset's size (q = 1 / "
+            "len(loader), expected batch = q N), so N is treated as public and epsilon is "
+            "for replace-one adjacency (about twice the add/remove figure). Pass "
+            "sample_rate= and expected_batch_size= (constants fixed in advance) for "
+            "add/remove."
+        )
+    if plan.sampling == "shuffled":
+        notes.append(
+            "poisson_sampling=False: fixed shuffled batches are not Poisson samples, so no "
+            "amplification by subsampling is claimed; epsilon composes one Gaussian release "
+            "per pass over the data (replace-one, sensitivity 2C). Poisson sampling gives a "
+            "far smaller epsilon for the same noise."
+        )
+    if not has_criterion:
+        notes.append(
+            "dpseg cannot see your loss: a loss that couples the samples of a batch (MONAI's "
+            "DiceLoss(batch=True), class weights or ignore_index under a 'mean' reduction, "
+            "top-k) voids the clipping bound. Pass criterion=your_loss to have it checked on "
+            "the first batch, or check it with dpseg.check_loss(loss_fn, output, target)."
+        )
+    warnings.warn(
+        f"make_private: epsilon is {guarantee.describe()}.\n- " + "\n- ".join(notes),
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _require_dp_optimizer(optimizer, call: str) -> None:

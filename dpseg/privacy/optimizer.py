@@ -32,6 +32,7 @@ from torch.optim import Optimizer
 
 from dpseg import ops
 from dpseg.privacy.ranges import profiled
+from dpseg.privacy.units import RowUnits
 
 _CLIP_EPS = 1e-6  # as Opacus: c_b = C / (n_b + 1e-6)
 
@@ -55,13 +56,19 @@ class DPOptimizer(Optimizer):
         self.original_optimizer = optimizer
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
-        self.expected_batch_size = int(expected_batch_size)
+        # The normaliser: a public constant (expected units a batch), maybe fractional.
+        e = float(expected_batch_size)
+        self.expected_batch_size = int(e) if e.is_integer() else e
         self.loss_reduction = loss_reduction
         self.backend = backend
         self.secure_mode = secure_mode
         # A DistributedContext: the clipped sums are all-reduced, rank 0 adds the noise.
         self.distributed = distributed
-        self.noise_seed = noise_seed if noise_seed is not None else secrets.randbits(64)
+        if noise_seed is None:
+            # As Opacus: from torch's default generator, so torch.manual_seed makes a run
+            # reproducible. Secure mode draws a fresh OS-entropy seed every step instead.
+            noise_seed = int(torch.randint(0, 2**63 - 1, (1,)))
+        self.noise_seed = noise_seed
         self.steps_taken = 0
         self.step_hook: Callable[[DPOptimizer], None] | None = None
         self.last_per_sample_norms: torch.Tensor | None = None
@@ -131,6 +138,7 @@ class DPOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad_sample = None
+            p._dpseg_units = None
         if not self._is_last_step_skipped:
             self.discard_accumulated()
         self.original_optimizer.zero_grad(set_to_none)
@@ -141,7 +149,9 @@ class DPOptimizer(Optimizer):
         self._logical_norms = []
         self._is_last_step_skipped = False
 
-    def _per_sample_grads(self) -> list[torch.Tensor]:
+    def _per_sample_grads(self) -> tuple[list[torch.Tensor], RowUnits]:
+        """Per-unit gradients (units, *shape) of every parameter, as the capture reduced
+        them, and the batch's unit map."""
         params = self.params
         grads = [getattr(p, "grad_sample", None) for p in params]
         batches = {g.shape[0] for g in grads if g is not None}
@@ -149,36 +159,42 @@ class DPOptimizer(Optimizer):
             raise RuntimeError(
                 f"per-sample gradients disagree on the batch size: {sorted(batches)}"
             )
-        for p, g in zip(params, grads, strict=True):
-            if g is None and p.grad is not None:
-                raise RuntimeError(
-                    f"a parameter of shape {tuple(p.shape)} has a gradient but no per-sample "
-                    "gradient: it is used outside the layers make_private captured, so its "
-                    "gradient cannot be clipped per sample. Use it inside a supported layer."
-                )
+        maps = {id(m): m for p in params if (m := getattr(p, "_dpseg_units", None)) is not None}
+        if len(maps) > 1:
+            raise RuntimeError("per-sample gradients of one step carry two different unit maps")
         batch = batches.pop() if batches else 0  # no backward at all = an empty Poisson batch
+        units = maps.popitem()[1] if maps else RowUnits.identity(batch)
+        if units.num_units != batch:
+            raise RuntimeError(
+                f"per-sample gradients hold {batch} rows, their unit map {units.num_units} units"
+            )
         # A parameter this batch did not reach contributes zeros (but still gets noise).
-        return [
+        grads = [
             g if g is not None else p.new_zeros((batch, *p.shape))
             for p, g in zip(params, grads, strict=True)
         ]
+        return grads, units
 
-    def _clip_factors(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-sample norms, factors to apply to the grads as autograd handed them over).
+    def _clip_factors(
+        self, grads: list[torch.Tensor], units: RowUnits
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-unit norms, factors to apply to the per-unit sums as the capture left them).
 
-        With loss_reduction="mean" autograd hands over g_b / B (B this physical batch), so
-        the norm is B times the grad's and the factor B is folded into the clip factor."""
-        batch = grads[0].shape[0] if grads else 0
-        scale_in = float(batch) if self.loss_reduction == "mean" else 1.0
+        A unit's gradient is the mean of its rows' per-sample gradients. Autograd hands
+        each row over divided by the batch's row count R under loss_reduction="mean", and
+        the capture summed the rows of each unit, so unit u's gradient is its sum times
+        R / k_u ("sum": 1 / k_u); that factor is folded into the clip factor rather than
+        into a copy of the grads (dpseg.privacy.units.RowUnits.row_scale)."""
+        scale_in = units.row_scale(self.loss_reduction).to(grads[0].device if grads else "cpu")
         with profiled("dpseg::per_sample_norms"):
             sq_norms = ops.per_sample_sq_norms(grads, backend=self.backend)
         norms = sq_norms.sqrt() * scale_in
         bad = (~torch.isfinite(norms)).nonzero().flatten()
         if bad.numel():
             raise FloatingPointError(
-                f"per-sample gradient norm is not finite for sample(s) {bad.tolist()} of this "
-                "batch (loss or activations overflowed); no update was applied. Lower the "
-                "learning rate, check the inputs for NaN/inf, or use a smaller loss scale."
+                f"per-sample gradient norm is not finite for {units.unit}(s) {bad.tolist()} "
+                "of this batch (loss or activations overflowed); no update was applied. Lower "
+                "the learning rate, check the inputs for NaN/inf, or use a smaller loss scale."
             )
         factors = (self.max_grad_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
         return norms, factors * scale_in
@@ -198,8 +214,8 @@ class DPOptimizer(Optimizer):
         holds the noised, scaled sum of the logical batch), False after a skipped step.
         Raises before touching anything on a non-finite per-sample norm."""
         params = self.params
-        grads = self._per_sample_grads()
-        norms, factors = self._clip_factors(grads)
+        grads, units = self._per_sample_grads()
+        norms, factors = self._clip_factors(grads, units)
         skip, self._skip_next_step = self._skip_next_step, False
         self._is_last_step_skipped = skip
         if not skip and self._clipped_sum is None and self.distributed is None:
@@ -225,6 +241,7 @@ class DPOptimizer(Optimizer):
                 self.discard_accumulated()
         for i, p in enumerate(params):
             p.grad_sample = None
+            p._dpseg_units = None
             if summed is not None:
                 p.grad = summed[i]
         return summed is not None

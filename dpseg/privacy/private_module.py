@@ -16,10 +16,15 @@ import torch
 from torch import nn
 
 from dpseg.privacy.capture import ForwardPasses, capture_layers, release_layers
+from dpseg.privacy.units import UnitFeed
 
 
 class PendingGradientsError(RuntimeError):
     """A new forward pass while per-sample gradients of an earlier one wait for step()."""
+
+
+class EscapedGradientError(RuntimeError):
+    """A parameter got an ordinary gradient: part of it never went through the capture."""
 
 
 def _batch_of(args, kwargs) -> int | None:
@@ -43,11 +48,16 @@ class PrivateModule(nn.Module):
         self._layers = capture_layers(
             module, allow_fallback=allow_fallback, conv_strategy=conv_strategy, passes=self._passes
         )
+        # Which rows of a batch are one unit: the DP loader's feed (make_private shares it).
+        self.unit_feed = UnitFeed()
+        self._escape_hooks = _watch_for_escaped_gradients(module)
 
     def forward(self, *args, **kwargs):
+        rows, units = _batch_of(args, kwargs), None
         if torch.is_grad_enabled():  # without grad no per-sample gradient can be made
             self._refuse_pending_gradients()
-        with self._passes.running(batch=_batch_of(args, kwargs)):
+            units = self.unit_feed.for_forward(rows)
+        with self._passes.running(batch=rows, units=units):
             return self._module(*args, **kwargs)
 
     def _refuse_pending_gradients(self) -> None:
@@ -70,4 +80,39 @@ class PrivateModule(nn.Module):
         """Removes the capture and returns the plain model (for export or evaluation)."""
         release_layers(self._layers)
         self._layers = []
+        for handle in self._escape_hooks:
+            handle.remove()
+        self._escape_hooks = []
         return self._module
+
+
+def _watch_for_escaped_gradients(module: nn.Module) -> list:
+    """Every trainable parameter sits in a captured layer, whose backward hands autograd no
+    parameter gradient; so autograd accumulating one into ``p.grad`` means the parameter was
+    also used outside its layer (``F.linear(x, self.head.weight)`` beside ``self.head(x)``,
+    a weight tied into another module). That part of its gradient is not per sample and
+    cannot be clipped: refuse it where it arrives. Watching the gradient on its way in
+    rather than ``p.grad is not None`` stays right in a loop that skips ``zero_grad()``.
+    (The captured layers' "no gradient" also reaches these hooks, as None.)"""
+    handles = []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            handles.append(p.register_hook(_escaped(name, tuple(p.shape))))
+    return handles
+
+
+def _escaped(name: str, shape: tuple):
+    def hook(grad: torch.Tensor | None) -> None:
+        if grad is None:
+            return
+        raise EscapedGradientError(
+            f"parameter {name!r} {shape} received a gradient outside the layer "
+            "dpseg captures it in: the model also uses it elsewhere (a functional call such "
+            "as F.linear(x, layer.weight), a weight tied into a second module, a parameter "
+            "read by its parent). That part of its gradient is not per sample and cannot be "
+            "clipped, so the step is refused. Use the parameter only through its own module, "
+            "or register the module that uses it both ways as one unit with "
+            "dpseg.privacy.register_functional_block(ItsClass)."
+        )
+
+    return hook

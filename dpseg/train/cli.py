@@ -59,7 +59,26 @@ def add_train_parser(sub) -> None:
     )
     p.add_argument("--patch", type=int, default=None, help="patch edge in voxels (default 32)")
     p.add_argument(
-        "--batch", type=int, default=None, help="expected batch size, patients (default 8)"
+        "--batch",
+        type=int,
+        default=None,
+        help="expected batch size, patients: the normaliser (default 8)",
+    )
+    p.add_argument(
+        "--sample-rate",
+        type=float,
+        default=None,
+        help="Poisson rate q per patient and step, a public constant: with it nothing the run "
+        "releases depends on the number of cases and epsilon is for add/remove adjacency. "
+        "Without it q = 1 / ceil(cases / batch) reads the number of cases, which is then "
+        "public, and epsilon is for replace-one adjacency (about twice as large)",
+    )
+    p.add_argument(
+        "--items-per-patient",
+        type=int,
+        default=None,
+        help="patches (2-D: slices) each sampled patient brings, averaged before clipping "
+        "so the patient still moves the update by at most C (default 1)",
     )
     privacy = p.add_mutually_exclusive_group()
     privacy.add_argument(

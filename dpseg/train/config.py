@@ -14,9 +14,14 @@ ENGINES = ("dpseg", "opacus")
 
 @dataclass
 class TrainConfig:
-    """Settings of one run. `batch` is the expected batch size: the Poisson sample rate is
-    1 / ceil(cases / batch). DP is on unless `dp=False`; the noise comes from
-    `noise_multiplier`, or is solved for `target_epsilon` over the planned steps, or is 1.0."""
+    """Settings of one run. `batch` is the expected batch size in patients. With
+    `sample_rate` q declared, q and `batch` (the normaliser) are public constants, nothing
+    released depends on the number of cases, and epsilon is for add/remove adjacency;
+    without it q = 1 / ceil(cases / batch) reads the number of cases, which is then public,
+    and epsilon is for replace-one adjacency. Each sampled patient brings
+    `items_per_patient` patches (2-D: slices), averaged before clipping. DP is on unless
+    `dp=False`; the noise comes from `noise_multiplier`, or is solved for `target_epsilon`
+    over the planned steps, or is 1.0."""
 
     data: str = ""
     out: str = ""
@@ -24,6 +29,8 @@ class TrainConfig:
     epochs: float | None = None
     patch: int = 32
     batch: int = 8
+    sample_rate: float | None = None
+    items_per_patient: int = 1
     dp: bool = True
     noise_multiplier: float | None = None
     max_grad_norm: float = 1.0
@@ -81,6 +88,15 @@ class TrainConfig:
             )
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.items_per_patient < 1:
+            raise ValueError(f"items_per_patient must be >= 1, got {self.items_per_patient}")
+        if self.items_per_patient > 1 and self.dp and self.engine != "dpseg":
+            raise ValueError(
+                "items_per_patient > 1 needs engine 'dpseg': Opacus clips each row alone, so "
+                "a patient's k patches would move the update by k C"
+            )
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.epochs is not None and not self.epochs > 0:

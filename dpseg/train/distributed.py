@@ -8,6 +8,9 @@ rank) and runs the same `run_training`: the model is wrapped in DistributedDataP
 before make_private, so the engine's distributed DP step applies (dpseg.privacy.distributed).
 Rank 0 alone holds the run lock, evaluates, and writes checkpoints and reports; a resumed
 run continues from rank 0's checkpoint on every rank, with its privacy ledger.
+
+This module is what `run_training` needs of the process group; the workers' entry point,
+which calls `run_training`, is dpseg.train.worker (so neither imports the other's importer).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def launch(cfg, resume: bool, overrides: dict | None, progress: bool, nproc: int
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DPSEG_THREADS": str(threads)}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", "-m", "dpseg.train.distributed", str(out / LAUNCH_FILE),
+        f"--nproc-per-node={nproc}", "-m", "dpseg.train.worker", str(out / LAUNCH_FILE),
     ]  # fmt: skip
     done = subprocess.run(cmd, env=env)
     if done.returncode != 0:
@@ -65,33 +68,6 @@ def launch(cfg, resume: bool, overrides: dict | None, progress: bool, nproc: int
             "errors are printed above. Nothing after the last checkpoint was kept."
         )
     return json.loads((out / "report.json").read_text())
-
-
-def _worker(spec_path: str) -> int:
-    from dpseg.train.config import TrainConfig
-    from dpseg.train.run import run_training
-
-    spec = json.loads(Path(spec_path).read_text())
-    cfg = TrainConfig.from_dict(spec["config"])
-    overrides = spec["overrides"] or None
-    if overrides and "channels" in overrides:
-        overrides["channels"] = tuple(overrides["channels"])
-    device = (overrides or {}).get("device", cfg.device)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-    torch.set_num_threads(int(os.environ.get("DPSEG_THREADS", "1")))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    try:
-        run_training(
-            cfg,
-            resume=spec["resume"],
-            overrides=overrides,
-            progress=spec["progress"] and rank() == 0,
-        )
-    finally:
-        dist.destroy_process_group()
-    return 0
 
 
 def wrap_for_ranks(model: torch.nn.Module, device: torch.device) -> Any:
@@ -103,7 +79,3 @@ def wrap_for_ranks(model: torch.nn.Module, device: torch.device) -> Any:
     if device.type == "cuda":
         return DistributedDataParallel(model, device_ids=[device.index])
     return DistributedDataParallel(model)
-
-
-if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1]))

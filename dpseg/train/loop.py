@@ -39,9 +39,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import dpseg
-from dpseg.data import MSDDataset, PatchDataset, Preprocessing, Volume
+from dpseg.data import MSDDataset, PatchDataset, Preprocessing, Volume, flatten_collate
 from dpseg.models import UNet
 from dpseg.privacy import DPDataLoader
+from dpseg.privacy.accountants import accountant_for
+from dpseg.privacy.accountants import noise_for_epsilon as noise_for
 from dpseg.train.config import DEFAULT_STEPS, TrainConfig
 from dpseg.train.inference import sliding_window_inference
 from dpseg.train.metrics import dice_per_class, hausdorff95
@@ -124,8 +126,8 @@ def load_cases(
 
 
 def make_loader(images, labels, cfg: TrainConfig) -> DataLoader:
-    """An ordinary DataLoader over one-patch-per-patient items; `privatize` turns it into
-    Poisson batches with sample rate 1 / len(loader)."""
+    """An ordinary DataLoader whose items are patients (cfg.items_per_patient patches each);
+    `privatize` turns it into Poisson batches of patients."""
     ds = PatchDataset(
         images,
         labels,
@@ -133,16 +135,28 @@ def make_loader(images, labels, cfg: TrainConfig) -> DataLoader:
         p_foreground=cfg.p_foreground,
         spatial_dims=cfg.spatial_dims,
         seed=cfg.seed,
+        samples_per_item=cfg.items_per_patient,
     )
     generator = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(ds, batch_size=min(cfg.batch, len(ds)), generator=generator)
+    collate = flatten_collate if cfg.items_per_patient > 1 else None
+    return DataLoader(
+        ds, batch_size=min(cfg.batch, len(ds)), generator=generator, collate_fn=collate
+    )
+
+
+def sampling_of(cfg: TrainConfig, loader: DataLoader) -> tuple[float, int]:
+    """(q, steps a pass): the declared rate and round(1/q), or Opacus's convention from the
+    number of cases (1 / len(loader), len(loader))."""
+    if cfg.sample_rate is not None:
+        return cfg.sample_rate, max(1, int(round(1 / cfg.sample_rate)))
+    return 1.0 / len(loader), len(loader)
 
 
 def total_steps(cfg: TrainConfig, loader: DataLoader) -> int:
     if cfg.steps is not None:
         return int(cfg.steps)
     if cfg.epochs is not None:
-        return max(1, math.ceil(cfg.epochs * len(loader)))
+        return max(1, math.ceil(cfg.epochs * sampling_of(cfg, loader)[1]))
     return DEFAULT_STEPS
 
 
@@ -164,12 +178,26 @@ class Privacy:
         return float(self.engine.get_epsilon(delta=delta))
 
     def ledger(self) -> dict | None:
+        """The accountant's history and what the epsilon is about (unit, adjacency)."""
         if self.engine is None:
             return None
         if isinstance(self.engine, dpseg.PrivacyEngine):
             return self.engine.state_dict()
         acc = self.engine.accountant
-        return {"accountant": acc.mechanism(), "history": [list(h) for h in acc.history]}
+        # Opacus: rows, q from len(loader) (the number of cases is public: replace-one, but
+        # Opacus reports add/remove; said in the report's notes).
+        return {
+            "accountant": acc.mechanism(),
+            "history": [list(h) for h in acc.history],
+            "unit": "item",
+            "adjacency": "add/remove (Opacus's claim; q was derived from N)",
+            "sampling": "poisson",
+        }
+
+    def guarantee(self) -> dict:
+        """{"unit", "adjacency", "sampling"} of the epsilon (all None without DP)."""
+        ledger = self.ledger() or {}
+        return {k: ledger.get(k) for k in ("unit", "adjacency", "sampling")}
 
     def load_ledger(self, state: dict) -> None:
         if isinstance(self.engine, dpseg.PrivacyEngine):
@@ -180,22 +208,19 @@ class Privacy:
             self.engine.accountant.history = [tuple(h) for h in state["history"]]
 
 
-def noise_for_epsilon(cfg: TrainConfig, sample_rate: float, steps: int) -> float:
-    """Smallest sigma spending cfg.target_epsilon at cfg.delta in `steps` Poisson steps."""
-    from opacus.accountants.utils import get_noise_multiplier
+def adjacency_of(cfg) -> str:
+    """add/remove when q and the normaliser are declared constants, else replace-one."""
+    return "add/remove" if getattr(cfg, "sample_rate", None) is not None else "replace-one"
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(
-            get_noise_multiplier(
-                target_epsilon=cfg.target_epsilon,
-                target_delta=cfg.delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=cfg.accountant,
-                epsilon_tolerance=0.01,
-            )
-        )
+
+def noise_for_epsilon(cfg, sample_rate: float, steps: int) -> float:
+    """Smallest sigma spending cfg.target_epsilon at cfg.delta in `steps` Poisson steps,
+    under the accountant that will report dpseg's run (dpseg.privacy.accountants). ``cfg``:
+    a TrainConfig, or any config with target_epsilon, delta, accountant and sample_rate."""
+    accountant = cfg.accountant
+    if getattr(cfg, "engine", "dpseg") == "dpseg":
+        accountant = accountant_for(cfg.accountant, adjacency_of(cfg), "poisson")
+    return noise_for(cfg.target_epsilon, cfg.delta, sample_rate, steps, accountant)
 
 
 def privatize(
@@ -209,7 +234,7 @@ def privatize(
     """Wrap for DP (cfg.engine) or, with cfg.dp False, only switch the loader to the same
     Poisson sampling, so that DP and non-DP runs see the same batches. `noise_multiplier`
     overrides cfg (a resumed run keeps the sigma it started with)."""
-    q = 1.0 / len(loader)
+    q = sampling_of(cfg, loader)[0]
     if not cfg.dp:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -217,12 +242,10 @@ def privatize(
         shard = None
         if isinstance(model, DistributedDataParallel):  # the same split as the DP engine's
             shard = (torch.distributed.get_rank(), torch.distributed.get_world_size())
-        return (
-            model,
-            optimizer,
-            DPDataLoader.from_data_loader(loader, generator=gen, distributed=shard),
-            Privacy(sample_rate=q),
+        plain = DPDataLoader.from_data_loader(
+            loader, generator=gen, distributed=shard, sample_rate=cfg.sample_rate
         )
+        return model, optimizer, plain, Privacy(sample_rate=q)
     sigma = noise_multiplier
     if sigma is None:
         if cfg.target_epsilon is not None:
@@ -232,11 +255,18 @@ def privatize(
     info = Privacy(noise_multiplier=sigma, sample_rate=q)
     if cfg.engine == "dpseg":
         engine = dpseg.PrivacyEngine(accountant=cfg.accountant)
-        model, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, backend=cfg.backend,
-            noise_seed=cfg.seed,
-        )  # fmt: skip
+        declared = {}
+        if cfg.sample_rate is not None:  # public constants: add/remove adjacency
+            declared = {"sample_rate": cfg.sample_rate, "expected_batch_size": cfg.batch}
+        with warnings.catch_warnings():
+            # What the epsilon is about is in the report; dpseg's DiceCELoss is a mean of
+            # per-sample terms, so no unit's gradient depends on another's.
+            warnings.simplefilter("ignore", UserWarning)
+            model, optimizer, loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+                max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, backend=cfg.backend,
+                noise_seed=cfg.seed, **declared,
+            )  # fmt: skip
     else:
         import opacus
 
@@ -252,6 +282,11 @@ def privatize(
             info.notes.append(
                 "Opacus functorch mode fails on an empty Poisson batch (probability (1-q)^N "
                 "per step)"
+            )
+        if cfg.sample_rate is not None:
+            raise ValueError(
+                "engine 'opacus' derives q from the number of cases (1 / len(loader)); drop "
+                "sample_rate, or use engine 'dpseg'"
             )
         engine = opacus.PrivacyEngine(accountant=cfg.accountant)
         with warnings.catch_warnings():

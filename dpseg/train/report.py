@@ -150,6 +150,10 @@ def format_markdown(report: dict[str, Any]) -> str:
             f"{report['max_grad_norm']:g} |",
             f"| Poisson sample rate / expected batch | {report['sample_rate']:.4f} / "
             f"{report['expected_batch']:.1f} patients |",
+            f"| patches a sampled patient (averaged, clipped as one) | "
+            f"{report.get('items_per_patient', 1)} |",
+            f"| epsilon is per | {report.get('unit') or 'item'}, "
+            f"{report.get('adjacency') or 'add/remove'} adjacency |",
             f"| accountant | {report['accountant']} |",
         ]
         if report.get("grad_sample_mode"):

@@ -354,8 +354,15 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
         "noise_multiplier": privacy.noise_multiplier,
         "max_grad_norm": cfg.max_grad_norm if cfg.dp else None,
         "sample_rate": privacy.sample_rate,
-        "expected_batch": privacy.sample_rate * len(train_idx),
-        "accountant": cfg.accountant if cfg.dp else None,
+        # The normaliser: declared with --sample-rate, else q times the training cases.
+        "expected_batch": (
+            float(cfg.batch)
+            if cfg.sample_rate is not None
+            else privacy.sample_rate * len(train_idx)
+        ),
+        "items_per_patient": cfg.items_per_patient,
+        "accountant": (privacy.ledger() or {}).get("accountant") if cfg.dp else None,
+        **privacy.guarantee(),
         "grad_sample_mode": privacy.grad_sample_mode,
         "notes": privacy.notes,
         "train_cases": len(train_idx),

@@ -156,13 +156,48 @@ class _AffineRule(Rule):
 
 
 @register_rule(nn.LayerNorm)
-class LayerNormRule(_AffineRule):
-    def normalize(self, module, x):
-        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+class LayerNormRule(Rule):
+    """ATen's native layer norm, keeping (x, mean, rstd) as ordinary autograd does (no
+    normalised copy of x). With x_hat = (x - mean) rstd over the normalised dims, per sample
+    b and element d of the normalised shape, summed over the sample's positions p:
 
-    def _reduce(self, module, t):
-        middle = tuple(range(1, t.dim() - len(module.normalized_shape)))
-        return t.sum(dim=middle) if middle else t
+        dL/dgamma_b[d] = sum_p g x_hat = sum_p (g rstd) x - sum_p g (mean rstd)
+        dL/dbeta_b[d]  = sum_p g
+
+    (two batched contractions; one temporary of g's size)."""
+
+    def prepare(self, module, x):
+        if module.weight is not None and x.dtype != module.weight.dtype:
+            x = x.to(module.weight.dtype)  # autocast's policy for norms: their own dtype
+        return x, None
+
+    def forward(self, module, x, state):
+        out, mean, rstd = torch.ops.aten.native_layer_norm(
+            x, module.normalized_shape, module.weight, module.bias, module.eps
+        )
+        return out, (x, mean, rstd)
+
+    def backward(self, module, saved, state, grad_out, need_input_grad, names):
+        x, mean, rstd = saved
+        grad_input = None
+        if need_input_grad:
+            grad_input = torch.ops.aten.native_layer_norm_backward(
+                grad_out, x, module.normalized_shape, mean, rstd, module.weight, module.bias,
+                [True, False, False],
+            )[0]  # fmt: skip
+        batch, width = x.shape[0], math.prod(module.normalized_shape)
+        g = grad_out.reshape(batch, -1, width)  # (B, positions, normalised elements)
+        grads = []
+        for name in names:
+            if name == "weight":
+                xs = x.reshape(batch, -1, width)
+                r = rstd.reshape(batch, -1, 1)
+                m = (mean.reshape(batch, -1, 1) * r).transpose(1, 2)  # (B, 1, positions)
+                dgamma = torch.einsum("bpd,bpd->bd", g * r, xs) - (m @ g).squeeze(1)
+                grads.append(dgamma.reshape(batch, *module.normalized_shape))
+            else:
+                grads.append(g.sum(1).reshape(batch, *module.normalized_shape))
+        return grad_input, grads
 
 
 @register_rule(*_INSTANCE)
