@@ -27,6 +27,18 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _backends_restored():
+    # A test that registers a backend (the Triton interpreter) must take it away again: a
+    # leftover "triton" makes "auto" choose the interpreter for every later test.
+    from dpseg.ops import BACKENDS
+
+    before = set(BACKENDS)
+    yield
+    leaked = set(BACKENDS) - before
+    assert not leaked, f"this test left backends registered: {sorted(leaked)}"
+
+
 @pytest.fixture
 def shared_data() -> Path:
     return SHARED_DATA

@@ -220,7 +220,6 @@ def test_audit_cli_usage_errors(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-# Last in the module: its fixture leaves the kernels interpreted until the module ends.
 def test_triton_backend_releases_the_bits_of_the_torch_backend(triton_device):
     # Under the interpreter Triton runs in numpy, far too slowly for 10^5 trials. It draws
     # the same Philox noise and sums in the same order as the torch backend, so its released

@@ -84,9 +84,18 @@ def test_fedavg_of_sites_equals_centralized_sgd_on_pooled_data():
     assert not torch.equal(want["0.weight"], _mlp()[0].weight.detach())  # it did train
 
 
+class _TwoSlicesAPatient(TensorDataset):
+    """Items 2i and 2i+1 are patient i's (a dataset that declares its patients, as
+    PatchDataset does): the engine rebuilds the site's loader to sample patients."""
+
+    @property
+    def patient_ids(self):
+        return [i // 2 for i in range(len(self))]
+
+
 def _dp_site(
     k, n, engine="dpseg", accountant="rdp", sigma=1.1, batch=3, max_epsilon=None, seed=0,
-    declared=True,
+    declared=True, patients=False,
 ):  # fmt: skip
     """A site of n cases. ``declared``: q (Opacus's 1 / ceil(n / batch), as a constant) and
     the normaliser declared, so the site's epsilon is for add/remove adjacency."""
@@ -95,7 +104,8 @@ def _dp_site(
     cfg = SiteConfig(engine=engine, optimizer="sgd", lr=0.05, batch_size=batch,
                      sample_rate=q, accountant=accountant,
                      max_epsilon=max_epsilon, delta=1e-5)  # fmt: skip
-    return Site(f"s{k}", k, TensorDataset(x, y), _conv_net, cfg, noise_multiplier=sigma, seed=seed,
+    data = (_TwoSlicesAPatient if patients else TensorDataset)(x, y)
+    return Site(f"s{k}", k, data, _conv_net, cfg, noise_multiplier=sigma, seed=seed,
                 loss_fn=_ce)  # fmt: skip
 
 
@@ -196,11 +206,14 @@ def test_budget_exhaustion_stops_a_site_and_never_overspends():
         s0.fit(sim.weights, 1)
 
 
-def test_resume_from_state_matches_uninterrupted_run():
-    # The in-process view of --resume (the CLI test does it through files): rounds 1-2, state
-    # to a fresh set of objects, round 3; the same weights and ledgers as 3 rounds straight.
+@pytest.mark.parametrize("patients", [False, True])
+def test_resume_from_state_matches_uninterrupted_run(patients):
+    # The in-process view of --resume (the CLI test does it through files) and of a Flower
+    # site rebuilt for each message: rounds 1-2, state to a fresh set of objects, round 3;
+    # the same weights and ledgers as 3 rounds straight. With declared patients the engine
+    # rebuilds the site's loader; it must keep drawing from the generator the state saves.
     def build():
-        sites = [_dp_site(k, n, seed=5) for k, n in enumerate((5, 7))]
+        sites = [_dp_site(k, n, seed=5, patients=patients) for k, n in enumerate((6, 8))]
         return Simulator(sites, _conv_net(), FedProx(mu=0.1), local_steps=2, fraction=0.5, seed=5)
 
     straight = build()

@@ -2,8 +2,10 @@
 
 The interpreter is chosen by an environment variable that Triton reads when a kernel is
 first decorated, so the fixture sets it before anything imports dpseg.kernels, registers the
-"triton" backend for the module's tests and undoes both afterwards (the kernels stay
-interpreted for the rest of the process, which only the CPU tests meet).
+"triton" backend for one test and undoes both afterwards (the kernels stay interpreted for
+the rest of the process, which only the CPU tests meet). It is function-scoped: a module
+scope left "triton" registered for every later test of the module, where "auto" then chose
+the interpreter (hundreds of times slower) and CI ran out of time.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def triton_device() -> str:
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")

@@ -268,6 +268,9 @@ class DPDataLoader(UnitTrackingLoader):
             if patients is None or patients is loader.patients:
                 return loader
             sample_rate, steps = loader.sample_rate, len(loader)  # now over the patients
+            # The caller's loader keeps drawing from its own generator: a checkpoint that
+            # saves that generator's state must still hold the state the batches come from.
+            generator = loader.generator
         elif sample_rate is None:
             steps = len(loader)
             sample_rate = 1 / steps
