@@ -1,4 +1,4 @@
-// Counter-based Gaussian noise shared by every dpseg backend (CPU here, CUDA and Triton later).
+// Counter-based Gaussian noise shared by every dpseg backend (CPU and CUDA; Triton mirrors it).
 //
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) turns
 // (key, counter) into four 32-bit words with no state, so the noise of an element is a pure
@@ -6,10 +6,10 @@
 // draws the same numbers. dpseg/ops/philox.py mirrors this file operation for operation and
 // the tests hold the two equal bit for bit.
 //
-// Why no std::log / std::cos: libm, SLEEF and CUDA's libdevice differ in the last bits, so
-// ln and cos(2*pi*u) are built here from IEEE-exact operations only (+ - * / sqrt, exponent
-// extraction, comparisons, truncation). Compile with -ffp-contract=off (nvcc: --fmad=false)
-// so no fused multiply-add changes a rounding.
+// Why no std::log / std::cos / std::sin: libm, SLEEF and CUDA's libdevice differ in the last
+// bits, so ln and cos, sin of 2*pi*u are built here from IEEE-exact operations only (+ - * /
+// sqrt, exponent extraction, comparisons, truncation). Compile with -ffp-contract=off (nvcc:
+// --fmad=false) so no fused multiply-add changes a rounding.
 #pragma once
 
 #include <cmath>
@@ -52,25 +52,26 @@ DPSEG_HD inline Philox4 philox4x32_10(Philox4 c, uint32_t k0, uint32_t k1) {
 // Series coefficients, as hex literals so that C++, Python and CUDA read the same bits. The
 // macros give the device functions local copies: CUDA code cannot read namespace-scope
 // constexpr arrays.
-// ln: 1/(2k+1) for the odd atanh series, k = 1..11 (|s| <= 0.1716: truncation < 1e-19).
+// ln: 1/(2k+1) for the odd atanh series, k = 1..9: |s| <= 0.1716, so the first omitted term
+// is below 2.4e-17 of the result (a fifth of an ulp). cos: (-1)^n/(2n)!, n = 1..8; sin:
+// (-1)^n/(2n+1)!, n = 1..8: |theta| <= pi/4, so the first omitted terms are below 2e-18 and
+// 1e-19. Longer series (11, 9 and 9 terms until issue 26) measured no more accurate (within 2
+// ulps of libm / mpmath either way) and cost 4 more multiply-adds per Philox block.
 #define DPSEG_LN_COEFFS \
   0x1.5555555555555p-2, 0x1.999999999999ap-3, 0x1.2492492492492p-3, \
   0x1.c71c71c71c71cp-4, 0x1.745d1745d1746p-4, 0x1.3b13b13b13b14p-4, \
-  0x1.1111111111111p-4, 0x1.e1e1e1e1e1e1ep-5, 0x1.af286bca1af28p-5, \
-  0x1.8618618618618p-5, 0x1.642c8590b2164p-5
-constexpr double kLnC[11] = {DPSEG_LN_COEFFS};
-// cos: (-1)^n/(2n)!, n = 1..9; sin: (-1)^n/(2n+1)!, n = 1..9. |theta| <= pi/4, so the first
-// omitted terms are below 3e-21 and 1e-19.
+  0x1.1111111111111p-4, 0x1.e1e1e1e1e1e1ep-5, 0x1.af286bca1af28p-5
+constexpr double kLnC[9] = {DPSEG_LN_COEFFS};
 #define DPSEG_COS_COEFFS \
   -0x1.0000000000000p-1, 0x1.5555555555555p-5, -0x1.6c16c16c16c17p-10, \
   0x1.a01a01a01a01ap-16, -0x1.27e4fb7789f5cp-22, 0x1.1eed8eff8d898p-29, \
-  -0x1.93974a8c07c9dp-37, 0x1.ae7f3e733b81fp-45, -0x1.6827863b97d97p-53
-constexpr double kCosC[9] = {DPSEG_COS_COEFFS};
+  -0x1.93974a8c07c9dp-37, 0x1.ae7f3e733b81fp-45
+constexpr double kCosC[8] = {DPSEG_COS_COEFFS};
 #define DPSEG_SIN_COEFFS \
   -0x1.5555555555555p-3, 0x1.1111111111111p-7, -0x1.a01a01a01a01ap-13, \
   0x1.71de3a556c734p-19, -0x1.ae64567f544e4p-26, 0x1.6124613a86d09p-33, \
-  -0x1.ae7f3e733b81fp-41, 0x1.952c77030ad4ap-49, -0x1.2f49b46814157p-57
-constexpr double kSinC[9] = {DPSEG_SIN_COEFFS};
+  -0x1.ae7f3e733b81fp-41, 0x1.952c77030ad4ap-49
+constexpr double kSinC[8] = {DPSEG_SIN_COEFFS};
 constexpr double kLn2Hi = 0x1.62e42fee00000p-1;  // 32 significant bits: e * kLn2Hi is exact
 constexpr double kLn2Lo = 0x1.a39ef35793c76p-33;
 constexpr double kSqrtHalf = 0x1.6a09e667f3bcdp-1;
@@ -92,17 +93,21 @@ DPSEG_HD inline double exact_ops_log(double x) {
   const double f = m - 1.0;  // exact (Sterbenz)
   const double s = f / (f + 2.0);
   const double z = s * s;
-  constexpr double kLnC[11] = {DPSEG_LN_COEFFS};
-  double q = kLnC[10];
-  for (int k = 9; k >= 0; --k) q = q * z + kLnC[k];
+  constexpr double kLnC[9] = {DPSEG_LN_COEFFS};
+  double q = kLnC[8];
+  for (int k = 7; k >= 0; --k) q = q * z + kLnC[k];
   const double ln_m = 2.0 * (s + s * (z * q));
   const double de = static_cast<double>(e);
   return de * kLn2Hi + (ln_m + de * kLn2Lo);
 }
 
-// cos(2 pi u) for u in [0, 1) a multiple of 2^-53. The reduction to a quarter turn is exact:
-// v = 4u, k = trunc(v), r = v - k (|r| <= 1/2 after folding), theta = r * pi/2.
-DPSEG_HD inline double exact_ops_cos_2pi(double u) {
+// cos(2 pi u) and sin(2 pi u) for u in [0, 1) a multiple of 2^-53: one reduction, both series.
+// The reduction to a quarter turn is exact: v = 4u, k = trunc(v), r = v - k (|r| <= 1/2
+// after folding), theta = r * pi/2, and 2 pi u = k pi/2 + theta.
+struct SinCos {
+  double cos, sin;
+};
+DPSEG_HD inline SinCos exact_ops_sincos_2pi(double u) {
   const double v = u * 4.0;
   int k = static_cast<int>(v);
   double r = v - static_cast<double>(k);
@@ -112,48 +117,71 @@ DPSEG_HD inline double exact_ops_cos_2pi(double u) {
   }
   const double t = r * kPiOver2;
   const double z = t * t;
-  constexpr double kCosC[9] = {DPSEG_COS_COEFFS};
-  constexpr double kSinC[9] = {DPSEG_SIN_COEFFS};
-  if ((k & 1) == 0) {
-    double p = kCosC[8];
-    for (int n = 7; n >= 0; --n) p = p * z + kCosC[n];
-    const double c = 1.0 + z * p;
-    return (k & 2) ? -c : c;
+  constexpr double kCosC[8] = {DPSEG_COS_COEFFS};
+  constexpr double kSinC[8] = {DPSEG_SIN_COEFFS};
+  double pc = kCosC[7], ps = kSinC[7];
+  for (int n = 6; n >= 0; --n) {
+    pc = pc * z + kCosC[n];
+    ps = ps * z + kSinC[n];
   }
-  double p = kSinC[8];
-  for (int n = 7; n >= 0; --n) p = p * z + kSinC[n];
-  const double s = t + t * (z * p);
-  return (k & 2) ? s : -s;  // cos(pi/2 + t) = -sin t, cos(3pi/2 + t) = sin t
+  const double c = 1.0 + z * pc;      // cos theta
+  const double s = t + t * (z * ps);  // sin theta
+  // Quarter turn k = 0..4: cos = c, -s, -c, s, c and sin = s, c, -s, -c, s.
+  const double cos_v = (k & 1) ? s : c, sin_v = (k & 1) ? c : s;
+  return SinCos{((k + 1) & 2) ? -cos_v : cos_v, (k & 2) ? -sin_v : sin_v};
 }
 
-// One standard normal per Philox block (Box-Muller, cosine branch), key = seed, counter =
-// (draw index, step). u1 in (0, 1] so the log is finite; sqrt is correctly rounded (IEEE).
-DPSEG_HD inline double philox_normal(uint64_t seed, uint64_t step, uint64_t draw) {
-  Philox4 c{{static_cast<uint32_t>(draw), static_cast<uint32_t>(draw >> 32),
+DPSEG_HD inline double exact_ops_cos_2pi(double u) { return exact_ops_sincos_2pi(u).cos; }
+
+// The noise stream: normal d of (seed, step) is output d & 1 of Philox block q = d >> 1, key =
+// seed, counter = (q, step). A block's four words make two uniforms (27 + 26 bits each: an
+// integer below 2^53, exact in double), and Box-Muller turns them into two independent
+// standard normals, radius times cos and times sin of the same angle: half the Philox rounds,
+// logarithms and square roots per normal of taking the cosine alone. u1 in (0, 1] so the log
+// is finite; sqrt is correctly rounded (IEEE).
+struct NormalPair {
+  double n0, n1;
+};
+DPSEG_HD inline NormalPair philox_normal_pair(uint64_t seed, uint64_t step, uint64_t q) {
+  Philox4 c{{static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32),
              static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32)}};
   c = philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  // 27 + 26 bits as an integer below 2^53: hi * 2^26 + lo is exact in double.
+  // hi * 2^26 + lo is exact in double.
   const double n1 = static_cast<double>(c.x[0] >> 5) * 67108864.0 + static_cast<double>(c.x[1] >> 6);
   const double n2 = static_cast<double>(c.x[2] >> 5) * 67108864.0 + static_cast<double>(c.x[3] >> 6);
   const double u1 = (n1 + 0.5) * 0x1p-53;
   const double u2 = n2 * 0x1p-53;
-  return sqrt(-2.0 * exact_ops_log(u1)) * exact_ops_cos_2pi(u2);
+  const double radius = sqrt(-2.0 * exact_ops_log(u1));
+  const SinCos a = exact_ops_sincos_2pi(u2);
+  return NormalPair{radius * a.cos, radius * a.sin};
 }
 
-// The noise z of element e: the mean of `draws` normals times sqrt(draws), i.e. unit variance.
-// draws = 4 is Opacus's secure mode (sum of four normals over 2). root = sqrt(double(draws)).
+DPSEG_HD inline double philox_normal(uint64_t seed, uint64_t step, uint64_t d) {
+  const NormalPair p = philox_normal_pair(seed, step, d >> 1);
+  return (d & 1) ? p.n1 : p.n0;
+}
+
+// The noise z of element e: normals e * draws .. e * draws + draws - 1 summed in that order,
+// divided by root = sqrt(double(draws)) when draws > 1 (unit variance). draws = 4 is Opacus's
+// secure mode (sum of four normals over 2); with draws even an element owns draws / 2 whole
+// blocks, with draws = 1 two neighbouring elements share one.
 DPSEG_HD inline double philox_noise(uint64_t seed, uint64_t step, uint64_t e, int64_t draws,
                                     double root) {
   const uint64_t first = e * static_cast<uint64_t>(draws);
-  double s = philox_normal(seed, step, first);
-  for (int64_t k = 1; k < draws; ++k) s = s + philox_normal(seed, step, first + k);
-  return s / root;
+  const uint64_t last = first + static_cast<uint64_t>(draws) - 1;
+  double s = 0.0;
+  for (uint64_t q = first >> 1; q <= (last >> 1); ++q) {
+    const NormalPair p = philox_normal_pair(seed, step, q);
+    if (2 * q >= first) s = (2 * q == first) ? p.n0 : s + p.n0;
+    if (2 * q + 1 <= last) s = (2 * q + 1 == first) ? p.n1 : s + p.n1;
+  }
+  return draws == 1 ? s : s / root;
 }
 
 #if !defined(__CUDACC__)
 namespace cpu {
 // out[j] = philox_noise(seed, step, e0 + j, draws, sqrt(draws)) for 0 <= j < n, the same bits,
-// computed a block at a time in SIMD-friendly loops. Defined in csrc/cpu/noise_cpu.cpp.
+// computed many blocks at a time in SIMD-friendly loops. Defined in csrc/cpu/philox_cpu.cpp.
 void philox_noise_block(uint64_t seed, uint64_t step, uint64_t e0, int64_t n, int64_t draws,
                         double* out);
 }  // namespace cpu

@@ -20,6 +20,60 @@ from dpseg.train.cli import add_phantoms_parser, add_predict_parser, add_train_p
 from dpseg.train.evaluate_cli import add_evaluate_parser
 
 
+# --- the user's own network (bench --model, profile --model) -------------------------------
+def _add_model_options(p, verb: str) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PACKAGE.MODULE:CALLABLE",
+        help=f"{verb} your own network instead of dpseg's U-Net, e.g. "
+        "monai.networks.nets:SegResNet",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        default="{}",
+        metavar="JSON",
+        help='keyword arguments for --model, e.g. \'{"spatial_dims": 3, "in_channels": 1, '
+        '"out_channels": 2}\' (in_channels and spatial_dims also shape the input)',
+    )
+    p.add_argument(
+        "--spatial-dims", type=int, choices=(2, 3), default=3, help="3-D patches or 2-D slices"
+    )
+
+
+def _user_model(args):
+    """(the --model network, its parsed --model-kwargs); UsageError says what to change."""
+    from dpseg.perf import load_model
+    from dpseg.perf.user_model import parse_model_kwargs
+
+    try:
+        kwargs = parse_model_kwargs(args.model_kwargs)
+        return load_model(args.model, kwargs), kwargs
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _user_batch(args, model, kwargs: dict, batch: int, size: int):
+    """An example batch the --model network accepts: (batch, in_channels, size^spatial_dims)
+    with in_channels and spatial_dims from --model-kwargs (else 1 and --spatial-dims)."""
+    import torch
+
+    from dpseg.perf import example_batch
+    from dpseg.perf.dp_step import first_line
+
+    in_channels = int(kwargs.get("in_channels", 1))
+    spatial_dims = int(kwargs.get("spatial_dims", args.spatial_dims))
+    torch.manual_seed(0)
+    try:
+        return example_batch(model, batch, size, in_channels, spatial_dims, args.device)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(
+            f"--model {args.model} did not run on a ({batch}, {in_channels}, "
+            f"{size}^{spatial_dims}) input: {first_line(exc)}. Change --size "
+            "or --model-kwargs."
+        ) from None
+
+
 # --- bench --------------------------------------------------------------------------------
 def _add_bench(sub):
     p = sub.add_parser(
@@ -32,25 +86,9 @@ def _add_bench(sub):
         ),
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument(
-        "--model",
-        default=None,
-        metavar="PACKAGE.MODULE:CALLABLE",
-        help="benchmark your own network instead of dpseg's U-Net, e.g. "
-        "monai.networks.nets:SegResNet",
-    )
-    p.add_argument(
-        "--model-kwargs",
-        default="{}",
-        metavar="JSON",
-        help='keyword arguments for --model, e.g. \'{"spatial_dims": 3, "in_channels": 1, '
-        '"out_channels": 2}\' (in_channels and spatial_dims also shape the input)',
-    )
+    _add_model_options(p, "benchmark")
     p.add_argument(
         "--size", type=int, default=None, help="patch edge (default 64 on cpu, 128 on cuda)"
-    )
-    p.add_argument(
-        "--spatial-dims", type=int, choices=(2, 3), default=3, help="3-D patches or 2-D slices"
     )
     p.add_argument(
         "--upsample",
@@ -164,30 +202,12 @@ def _write_reports(args, reports: list[dict]) -> int:
 
 
 def _bench_user_model(args, size: int) -> int:
-    import torch
+    from dpseg.perf import bench_step
 
-    from dpseg.perf import bench_step, example_batch, load_model
-    from dpseg.perf.dp_step import first_line
-    from dpseg.perf.user_model import parse_model_kwargs
-
-    try:
-        kwargs = parse_model_kwargs(args.model_kwargs)
-        model = load_model(args.model, kwargs)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    in_channels = int(kwargs.get("in_channels", 1))
-    spatial_dims = int(kwargs.get("spatial_dims", args.spatial_dims))
+    model, kwargs = _user_model(args)
     reports = []
     for batch in args.batch:
-        torch.manual_seed(0)
-        try:
-            x, y = example_batch(model, batch, size, in_channels, spatial_dims, args.device)
-        except (ValueError, RuntimeError) as exc:
-            raise UsageError(
-                f"--model {args.model} did not run on a ({batch}, {in_channels}, "
-                f"{size}^{spatial_dims}) input: {first_line(exc)}. Change --size "
-                "or --model-kwargs."
-            ) from None
+        x, y = _user_batch(args, model, kwargs, batch, size)
         for amp in args.amp:
             report = bench_step(
                 model, x, y, engines=tuple(args.engines), repeats=args.repeats,
@@ -204,14 +224,17 @@ def _add_profile(sub):
     p = sub.add_parser(
         "profile",
         help="torch.profiler trace of a DP step and a table of where its extra time goes",
-        description="Profiles the benchmark U-Net's training step with and without DP, writes "
-        "Chrome traces (OUT/trace_none.json, OUT/trace_dpseg.json) and OUT/profile.json, and "
-        "prints the DP overhead split by the engine's ranges.",
+        description="Profiles a training step with and without DP (the benchmark U-Net, or your "
+        "own network with --model), writes Chrome traces (OUT/trace_none.json, "
+        "OUT/trace_dpseg.json) and OUT/profile.json, and prints the DP overhead split by the "
+        "engine's ranges (dpseg::backward[Layer], dpseg::per_sample_weight_grad[...], "
+        "dpseg::per_sample_norms, dpseg::clip_accumulate_noise, dpseg::optimizer_update).",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    _add_model_options(p, "profile")
     p.add_argument("--size", type=int, default=None, help="patch edge (64 cpu, 128 cuda)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--channels", type=csv_list(int), default=None)
+    p.add_argument("--channels", type=csv_list(int), default=None, help="U-Net widths")
     p.add_argument("--steps", type=int, default=2, help="profiled steps (after 2 warm-up)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--nvtx", action="store_true", help="also emit NVTX ranges (for nsys)")
@@ -223,19 +246,32 @@ def _run_profile(args) -> int:
     import torch
 
     from dpseg.perf import StepBenchConfig
-    from dpseg.perf.profile import format_profile, profile_dp_step
+    from dpseg.perf.profile import format_profile, profile_dp_step, profile_step
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but torch sees no CUDA device")
+    if args.batch < 1 or args.steps < 1:
+        raise UsageError(f"--batch and --steps must be >= 1, got {args.batch} and {args.steps}")
     gpu = args.device == "cuda"
-    cfg = StepBenchConfig(
-        channels=tuple(args.channels or ((32, 64, 128, 256) if gpu else (16, 32, 64))),
-        size=args.size or (128 if gpu else 64),
-        batch=args.batch,
-        device=args.device,
-        backend=args.backend,
-    )
-    result = profile_dp_step(cfg, args.out, steps=args.steps, nvtx=args.nvtx)
+    size = args.size or (128 if gpu else 64)
+    if args.model is not None:
+        model, kwargs = _user_model(args)
+        x, y = _user_batch(args, model, kwargs, args.batch, size)
+        result = profile_step(
+            model, x, y, args.out, steps=args.steps, nvtx=args.nvtx, backend=args.backend,
+            name=args.model,
+        )  # fmt: skip
+        result["config"]["model_kwargs"] = kwargs
+    else:
+        cfg = StepBenchConfig(
+            channels=tuple(args.channels or ((32, 64, 128, 256) if gpu else (16, 32, 64))),
+            size=size,
+            batch=args.batch,
+            device=args.device,
+            backend=args.backend,
+            spatial_dims=args.spatial_dims,
+        )
+        result = profile_dp_step(cfg, args.out, steps=args.steps, nvtx=args.nvtx)
     (args.out / "profile.json").write_text(json.dumps(result, indent=2))
     print(format_profile(result))
     return 0

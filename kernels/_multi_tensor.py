@@ -68,7 +68,7 @@ def table(
         for k, column in enumerate(states):
             row[STATE0 + k] = column[i].data_ptr()
         out.append(row)
-        chunk += triton.cdiv(p, block)
+        chunk += triton.cdiv(p + (row[NOISE_OFFSET] & 1), block)  # locate's odd-offset shift
         start += p
     host = torch.tensor(out, dtype=torch.int64)
     device = torch.device(device) if device is not None else tensors[0].device
@@ -83,14 +83,19 @@ def table_block(n_tensors: int) -> int:
 
 @triton.jit
 def locate(table_ptr, n_tensors, pid, BLOCK: tl.constexpr, TB: tl.constexpr):
-    """(row pointer, element offsets of this program's chunk, mask) for program pid."""
+    """(row pointer, element offsets of this program's chunk, mask) for program pid.
+
+    A tensor's chunks start one element early when its noise offset is odd, so every chunk
+    begins at an even element of the noise stream and each Philox block's two normals fall in
+    one chunk (see ``table``); that first lane is masked."""
     rows = tl.arange(0, TB)
     first = tl.load(table_ptr + rows * 8 + 3, mask=rows < n_tensors, other=1 << 62)
     t = block_sum((first <= pid).to(tl.int32)) - 1
     row = table_ptr + t.to(tl.int64) * 8
     numel = tl.load(row + 1)
-    offs = (pid - tl.load(row + 3)) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    return row, offs, offs < numel
+    shift = tl.load(row + 2) & 1
+    offs = (pid - tl.load(row + 3)) * BLOCK - shift + tl.arange(0, BLOCK).to(tl.int64)
+    return row, offs, (offs >= 0) & (offs < numel)
 
 
 # Kernels use only triton.language builtins and these helpers, not the library's own

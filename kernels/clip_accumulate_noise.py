@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import _multi_tensor as mt
 from ._multi_tensor import from_bits, locate
-from ._philox import NO_FMA, noise_keys, philox_noise, split_u64
+from ._philox import NO_FMA, noise_keys, philox_noise_run, split_u64
 
 BLOCK = 512  # float64 accumulator + noise temporaries: 512 keeps it in registers at 4 warps
 _DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -42,7 +42,9 @@ def clipped_noised_sum(table_ptr, clip_ptr, n_tensors, batch, noise_std, scale,
         acc = acc + c * g
     if HAS_NOISE:
         k0, k1, s0, s1 = noise_keys(seed_lo, seed_hi, step_lo, step_hi)
-        z = philox_noise(tl.load(row + 2) + offs, s0, s1, k0, k1, root, DRAWS)
+        noise_offset = tl.load(row + 2)
+        e0 = noise_offset - (noise_offset & 1) + (pid - tl.load(row + 3)) * BLOCK  # even
+        z = philox_noise_run(e0, s0, s1, k0, k1, root, DRAWS, BLOCK)
         acc = acc + noise_std * z
     return row, offs, mask, acc * scale
 

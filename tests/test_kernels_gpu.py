@@ -34,7 +34,7 @@ def _need(backend):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("draws", [1, 4])
+@pytest.mark.parametrize("draws", [1, 3, 4])  # 1: paired lanes, odd offsets; 4: whole blocks
 def test_noise_and_clip_bitwise_across_backends(triton_device, backend, draws):
     _need(backend)
     z_gpu = gaussian_noise(1_000_003, 2**64 - 5, 17, 999, draws, torch.float64, "cuda",

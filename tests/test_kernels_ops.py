@@ -28,9 +28,10 @@ def make_grads(batch, shapes, dtype, device, seed=0, noncontiguous=False):
     return out
 
 
-@pytest.mark.parametrize("draws", [1, 4])
+@pytest.mark.parametrize("draws", [1, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_noise_is_bitwise_the_reference(triton_device, draws, dtype):
+    # Odd and even offsets: with draws == 1 a program's lanes pair up elements 2q, 2q + 1.
     for seed, step, offset in [(0, 0, 0), (2**64 - 3, 2**40 + 7, 12345), (1, 1, 2**33)]:
         kw = dict(draws=draws, dtype=dtype, device=triton_device)
         got = gaussian_noise(700, seed, step, offset, backend="triton", **kw)

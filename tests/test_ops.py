@@ -98,7 +98,7 @@ def test_clip_with_empty_batch_is_pure_noise(backend):
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("draws", [1, 4])
-@pytest.mark.parametrize("batch", [0, 1, 3, 16])
+@pytest.mark.parametrize("batch", [0, 1, 3, 4, 5, 6, 16])  # the C++ pass takes rows 4 at a time
 def test_clip_cpp_equals_reference_bitwise(dtype, draws, batch):
     shapes = [(3, 5, 7), (1,), (4099,), (2, 3, 3, 3)]
     grads = make_grads(batch, shapes, dtype, noncontiguous=batch % 2 == 1, seed=batch)
@@ -108,6 +108,18 @@ def test_clip_cpp_equals_reference_bitwise(dtype, draws, batch):
     ref = clip_accumulate_noise(*args, backend="torch")
     for a, b in zip(cpp, ref, strict=True):
         assert a.dtype == dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_clip_keeps_the_sign_of_zero_as_the_reference(backend):
+    """torch.equal calls -0.0 equal to 0.0; the contract's acc = 0.0 + c_0 g_0 makes every
+    zero sum +0.0, and negative scales flip it: the sign bits must match too."""
+    g = torch.tensor([[-0.0, 0.0, -0.0, 1.0], [-0.0, -0.0, 0.0, -1.0]])
+    for scale in (0.5, -0.5):
+        args = ([g], torch.tensor([1.0, 1.0], dtype=torch.float64), 0.0, scale, 1, 2)
+        got = clip_accumulate_noise(*args, backend=backend)[0]
+        want = clip_accumulate_noise(*args, backend="torch")[0]
+        assert torch.equal(got.signbit(), want.signbit()) and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("backend", ALL)

@@ -41,6 +41,33 @@ def test_tails_match_the_normal():
         assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / N)
 
 
+def test_the_two_box_muller_outputs_are_independent_normals():
+    """Elements 2q and 2q + 1 are one Philox block's cosine and sine outputs. They are iid
+    N(0, 1) exactly when the pair's angle is uniform, its squared radius is chi-square with 2
+    degrees of freedom, and the two are independent: test all three, and that the outputs are
+    uncorrelated within a block, in their squares (a shared radius would show there) and
+    across neighbouring blocks."""
+    z = _noise(seed=31, step=4)
+    c, s = z[0::2], z[1::2]
+    pairs = c.numel()  # 524,288
+    bound = 5 / math.sqrt(pairs)
+    for a, b in [(c, s), (c**2, s**2), (s[:-1], c[1:]), (c[:-1], c[1:])]:
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < bound
+    angle = torch.atan2(s, c)
+    r2 = c**2 + s**2
+    assert stats.kstest(angle.numpy(), stats.uniform(-math.pi, 2 * math.pi).cdf).pvalue > 1e-3
+    assert stats.kstest(r2.numpy(), stats.chi2(2).cdf).pvalue > 1e-3
+    # Independence of angle and radius: an 8 x 8 contingency table of octant by radius octile
+    # (equal-probability bins of chi2(2)), 8,192 pairs expected per cell.
+    octant = ((angle + math.pi) / (math.pi / 4)).long().clamp(max=7)
+    edges = torch.tensor(stats.chi2(2).ppf([k / 8 for k in range(1, 8)]), dtype=torch.float64)
+    ring = torch.bucketize(r2, edges)
+    table = torch.zeros(8, 8, dtype=torch.float64).index_put_(
+        (octant, ring), torch.ones(pairs, dtype=torch.float64), accumulate=True
+    )
+    assert stats.chi2_contingency(table.numpy()).pvalue > 1e-3
+
+
 @pytest.mark.parametrize(
     "other",
     [

@@ -132,3 +132,61 @@ def test_bench_cli_model_option(tmp_path, capsys):
         assert main(["bench", *bad, "--out", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def _profile_ranges(out):
+    result = json.loads((out / "profile.json").read_text())
+    for engine in ("none", "dpseg"):
+        trace = json.loads((out / f"trace_{engine}.json").read_text())
+        assert any(e.get("name") == f"step[{engine}]" for e in trace["traceEvents"])
+    return result, result["engines"]["dpseg"]["ranges_ms"]
+
+
+def test_profile_cli_on_a_monai_network(tmp_path, capsys):
+    pytest.importorskip("monai")
+    kwargs = '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_filters": 4, "norm": ["GROUP", {"num_groups": 2}]}'  # noqa: E501
+    out = tmp_path / "prof"
+    argv = ["profile", "--model", "monai.networks.nets:SegResNet", "--model-kwargs", kwargs,
+            "--size", "16", "--steps", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result, ranges = _profile_ranges(out)
+    assert result["config"]["model"] == "monai.networks.nets:SegResNet"
+    assert result["config"]["model_kwargs"]["init_filters"] == 4
+    assert result["config"]["input_shape"] == [2, 1, 16, 16, 16]
+    # The engine's own ranges, on the user's layers.
+    assert "dpseg::backward[Conv3d]" in ranges and "dpseg::backward[GroupNorm]" in ranges
+    for name in ("dpseg::per_sample_norms", "dpseg::clip_accumulate_noise"):
+        assert ranges[name] > 0
+    assert result["step_ms"]["dpseg"] > 0 and result["step_ms"]["none"] > 0
+    printed = capsys.readouterr().out
+    assert "SegResNet" in printed and "(2, 1, 16, 16, 16)" in printed and "extra" in printed
+
+
+def test_profile_cli_on_a_model_from_a_test_module(tmp_path, capsys):
+    out = tmp_path / "prof"
+    argv = ["profile", "--model", "tests.test_engine_oracle:SmallSegNet", "--size", "8",
+            "--batch", "3", "--steps", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result, ranges = _profile_ranges(out)
+    assert result["config"]["input_shape"] == [3, 1, 8, 8, 8]
+    for layer in ("Conv3d", "ConvTranspose3d", "GroupNorm", "InstanceNorm3d"):
+        assert f"dpseg::backward[{layer}]" in ranges
+    assert "dpseg::clip_accumulate_noise" in ranges
+    assert "SmallSegNet" in capsys.readouterr().out
+
+
+def test_profile_cli_model_errors_are_the_bench_ones(tmp_path, capsys):
+    for bad, message in [
+        (["--model", "tests.test_engine_oracle"], "must look like package.module:Callable"),
+        (["--model", "tests.test_engine_oracle:NoSuchNet"], "has no NoSuchNet"),
+        (["--model", "tests.test_engine_oracle:SmallSegNet", "--model-kwargs", "[1]"],
+         "must be a JSON object"),
+        (["--model", "tests.test_engine_oracle:SmallSegNet", "--model-kwargs", '{"w": 1}'],
+         "unexpected keyword argument 'w'"),
+        (["--model", "tests.test_engine_oracle:SmallSegNet", "--spatial-dims", "2"],
+         "did not run on a (2, 1, 8^2) input"),
+    ]:  # fmt: skip
+        argv = ["profile", *bad, "--size", "8", "--steps", "1", "--out", str(tmp_path)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

@@ -27,7 +27,11 @@ constexpr int kThreads = 256;
 constexpr int kPerThread = 4;
 constexpr int64_t kChunk = kThreads * kPerThread;  // 1024 elements per block
 
-inline int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
+// Chunks of a tensor whose noise stream starts at noise_offset: one element more when that is
+// odd, so that every chunk starts at an even element (clip_kernel pairs up Philox outputs).
+inline int64_t chunks_of(int64_t numel, int64_t noise_offset = 0) {
+  return (numel + (noise_offset & 1) + kChunk - 1) / kChunk;
+}
 
 enum class Dtype : int { kFloat32 = 0, kFloat64 = 1 };
 

@@ -51,7 +51,9 @@ struct Group {
   int64_t chunks = 0;
 };
 
-std::vector<Group> group_by_dtype(at::TensorList grads) {
+// offsets: each tensor's noise offset (empty: no noise, all 0); an odd one adds a lane to the
+// tensor's chunks (dp_ops.cuh, chunks_of).
+std::vector<Group> group_by_dtype(at::TensorList grads, at::IntArrayRef offsets = {}) {
   std::vector<Group> groups(2);
   const int64_t batch = grads[0].size(0);
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -62,8 +64,9 @@ std::vector<Group> group_by_dtype(at::TensorList grads) {
     TensorRow row{};
     row.grad = r.const_data_ptr();
     row.numel = p;
+    row.noise_offset = offsets.empty() ? 0 : offsets[i];
     row.first_chunk = g.chunks;
-    g.chunks += dpseg::cuda::chunks_of(p);
+    g.chunks += dpseg::cuda::chunks_of(p, row.noise_offset);
     g.index.push_back(i);
     g.rows.push_back(r);
     g.table.push_back(row);
@@ -146,11 +149,10 @@ std::vector<at::Tensor> run_clip(at::TensorList grads, const at::Tensor& clip_fa
     }
   }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (Group& g : group_by_dtype(grads)) {
+  for (Group& g : group_by_dtype(grads, offsets)) {
     if (g.table.empty()) continue;
     for (size_t k = 0; k < g.table.size(); ++k) {
       const size_t i = g.index[k];
-      g.table[k].noise_offset = offsets[i];
       g.table[k].out = outs[i].data_ptr();
       if (!params.empty()) g.table[k].param = params[i].data_ptr();
       if (!state1.empty()) g.table[k].state1 = state1[i].data_ptr();

@@ -83,36 +83,58 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) out[blockIdx.x] = s;
 }
 
-// The contract's float64 value of element j of the row's DP gradient.
+// The contract's float64 value of element j of the row's DP gradient, given its noise z.
 template <typename T>
 __device__ __forceinline__ double dp_value(const TensorRow& row, int64_t j, int64_t batch,
                                            const double* __restrict__ clip,
-                                           const NoiseParams& noise, double root) {
+                                           const NoiseParams& noise, double z) {
   const T* g = static_cast<const T*>(row.grad);
   double acc = 0.0;
   for (int64_t b = 0; b < batch; ++b) acc = acc + clip[b] * static_cast<double>(g[b * row.numel + j]);
-  if (noise.noise_std != 0.0) {
-    const double z = philox_noise(noise.seed, noise.step,
-                                  static_cast<uint64_t>(row.noise_offset + j), noise.draws, root);
-    acc = acc + noise.noise_std * z;
-  }
+  if (noise.noise_std != 0.0) acc = acc + noise.noise_std * z;
   return acc * noise.scale;
 }
 
 // kOpt: 0 = plain clip/noise, 1 = SGD, 2 = Adam / AdamW.
+//
+// A tensor's chunks start one element early when its noise offset is odd (chunks_of counts
+// it; that lane is skipped), so a chunk begins at an even element of the noise stream. With
+// draws == 1 its threads then compute the chunk's kChunk / 2 Philox blocks once each into
+// shared memory, both Box-Muller outputs in place, before the coalesced element loop; with
+// draws > 1 each element draws its own (an even draws owns whole blocks).
 template <typename T, int kOpt>
 __global__ void __launch_bounds__(kThreads)
     clip_kernel(const TensorRow* __restrict__ rows, int n_tensors, int64_t batch,
                 const double* __restrict__ clip, NoiseParams noise, double root, SgdParams sgd,
                 AdamParams adam) {
+  __shared__ double chunk_noise[kChunk];
   const int64_t chunk = blockIdx.x;
   const TensorRow row = rows[find_row(rows, n_tensors, chunk)];
-  const int64_t base = (chunk - row.first_chunk) * kChunk;
+  const int64_t base = (chunk - row.first_chunk) * kChunk - (row.noise_offset & 1);
+  const bool has_noise = noise.noise_std != 0.0;
+  const bool paired = has_noise && noise.draws == 1;  // the same for every thread
+  if (paired) {
+    const uint64_t q0 = static_cast<uint64_t>(row.noise_offset + base) >> 1;
+    for (int p = threadIdx.x; p < kChunk / 2; p += kThreads) {
+      const NormalPair n = philox_normal_pair(noise.seed, noise.step, q0 + p);
+      chunk_noise[2 * p] = n.n0;
+      chunk_noise[2 * p + 1] = n.n1;
+    }
+    __syncthreads();
+  }
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
-    const int64_t j = base + k * kThreads + threadIdx.x;
-    if (j >= row.numel) continue;
-    T grad = static_cast<T>(dp_value<T>(row, j, batch, clip, noise, root));
+    const int lane = k * kThreads + threadIdx.x;
+    const int64_t j = base + lane;
+    if (j < 0 || j >= row.numel) continue;
+    double z = 0.0;
+    if (paired) {
+      z = chunk_noise[lane];
+    } else if (has_noise) {
+      z = philox_noise(noise.seed, noise.step, static_cast<uint64_t>(row.noise_offset + j),
+                       noise.draws, root);
+    }
+    T grad = static_cast<T>(dp_value<T>(row, j, batch, clip, noise, z));
     static_cast<T*>(row.out)[j] = grad;
     if (kOpt == 0) continue;
     T* p_ptr = static_cast<T*>(row.param);
@@ -151,13 +173,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// draws == 1: thread-strided over Philox blocks from the even element at or below offset, each
+// block's two normals written to their two elements (the one before offset or past the end
+// skipped). draws > 1: one element per iteration.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     noise_kernel(T* __restrict__ out, int64_t numel, uint64_t seed, uint64_t step, int64_t offset,
                  int64_t draws, double root) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; j < numel;
-       j += stride) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (draws == 1) {
+    const int64_t shift = offset & 1;
+    const int64_t n_blocks = (numel + shift + 1) / 2;
+    const uint64_t q0 = static_cast<uint64_t>(offset) >> 1;
+    for (int64_t p = first; p < n_blocks; p += stride) {
+      const NormalPair n = philox_normal_pair(seed, step, q0 + static_cast<uint64_t>(p));
+      const int64_t j = 2 * p - shift;  // element of n.n0
+      if (j >= 0) out[j] = static_cast<T>(n.n0);
+      if (j + 1 < numel) out[j + 1] = static_cast<T>(n.n1);
+    }
+    return;
+  }
+  for (int64_t j = first; j < numel; j += stride) {
     out[j] = static_cast<T>(philox_noise(seed, step, static_cast<uint64_t>(offset + j), draws, root));
   }
 }
@@ -224,7 +261,8 @@ cudaError_t clip_accumulate_noise_adam(const TensorRow* rows, int n_tensors, int
 cudaError_t gaussian_noise(void* out, Dtype dtype, int64_t numel, uint64_t seed, uint64_t step,
                            int64_t offset, int64_t draws, cudaStream_t stream) {
   if (numel == 0) return cudaSuccess;
-  const int64_t blocks64 = (numel + kThreads - 1) / kThreads;
+  const int64_t work = draws == 1 ? (numel + 2) / 2 : numel;  // Philox blocks or elements
+  const int64_t blocks64 = (work + kThreads - 1) / kThreads;
   const unsigned blocks = static_cast<unsigned>(blocks64 < 65535 * 8 ? blocks64 : 65535 * 8);
   const double root = root_of(draws);
   if (dtype == Dtype::kFloat32) {

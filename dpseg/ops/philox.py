@@ -3,13 +3,16 @@
 Every function here runs vectorised over int64 / float64 tensors on any device, and performs
 the same IEEE operations in the same order as the C++ header (each torch op rounds once), so
 the noise is the same bits whatever backend draws it. Two rules keep it that way:
-- no torch.log / torch.cos (SLEEF and libm differ in the last bits): ln and cos(2 pi u) are
-  series built from + - * /, frexp and comparisons only; even torch.sqrt is not correctly
-  rounded on CPU, so sqrt_rn corrects it exactly;
+- no torch.log / torch.cos / torch.sin (SLEEF and libm differ in the last bits): ln and
+  cos, sin of 2 pi u are series built from + - * /, frexp and comparisons only; even
+  torch.sqrt is not correctly rounded on CPU, so sqrt_rn corrects it exactly;
 - no fused ops (addcmul, lerp) and no division by a Python scalar that is not a power of two
   (CUDA turns those into a multiply by the reciprocal).
 Philox words live in int64 tensors; 32 x 32 -> 64 products wrap in two's complement, which
 keeps the low 64 bits exact, and the high word is recovered with a shift and a mask.
+
+The stream: normal d of (seed, step) is output d & 1 of Philox block d >> 1 (Box-Muller's
+cosine, then its sine); element e's noise sums normals e * draws .. e * draws + draws - 1.
 """
 
 from __future__ import annotations
@@ -27,17 +30,17 @@ _h = float.fromhex
 LN_COEFFS = tuple(map(_h, (
     "0x1.5555555555555p-2", "0x1.999999999999ap-3", "0x1.2492492492492p-3", "0x1.c71c71c71c71cp-4",
     "0x1.745d1745d1746p-4", "0x1.3b13b13b13b14p-4", "0x1.1111111111111p-4", "0x1.e1e1e1e1e1e1ep-5",
-    "0x1.af286bca1af28p-5", "0x1.8618618618618p-5", "0x1.642c8590b2164p-5",
+    "0x1.af286bca1af28p-5",
 )))  # fmt: skip
 COS_COEFFS = tuple(map(_h, (
     "-0x1.0000000000000p-1", "0x1.5555555555555p-5", "-0x1.6c16c16c16c17p-10",
     "0x1.a01a01a01a01ap-16", "-0x1.27e4fb7789f5cp-22", "0x1.1eed8eff8d898p-29",
-    "-0x1.93974a8c07c9dp-37", "0x1.ae7f3e733b81fp-45", "-0x1.6827863b97d97p-53",
+    "-0x1.93974a8c07c9dp-37", "0x1.ae7f3e733b81fp-45",
 )))  # fmt: skip
 SIN_COEFFS = tuple(map(_h, (
     "-0x1.5555555555555p-3", "0x1.1111111111111p-7", "-0x1.a01a01a01a01ap-13",
     "0x1.71de3a556c734p-19", "-0x1.ae64567f544e4p-26", "0x1.6124613a86d09p-33",
-    "-0x1.ae7f3e733b81fp-41", "0x1.952c77030ad4ap-49", "-0x1.2f49b46814157p-57",
+    "-0x1.ae7f3e733b81fp-41", "0x1.952c77030ad4ap-49",
 )))  # fmt: skip
 LN2_HI = _h("0x1.62e42fee00000p-1")
 LN2_LO = _h("0x1.a39ef35793c76p-33")
@@ -78,8 +81,8 @@ def exact_ops_log(x: torch.Tensor) -> torch.Tensor:
     return e * LN2_HI + (ln_m + e * LN2_LO)
 
 
-def exact_ops_cos_2pi(u: torch.Tensor) -> torch.Tensor:
-    """cos(2 pi u) for float64 u in [0, 1), mirroring dpseg::exact_ops_cos_2pi."""
+def exact_ops_sincos_2pi(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos 2 pi u, sin 2 pi u) for float64 u in [0, 1), mirroring dpseg::exact_ops_sincos_2pi."""
     v = u * 4.0
     k = torch.trunc(v)
     r = v - k
@@ -89,17 +92,24 @@ def exact_ops_cos_2pi(u: torch.Tensor) -> torch.Tensor:
     t = r * PI_OVER_2
     z = t * t
     pc = torch.full_like(z, COS_COEFFS[-1])
-    for c in reversed(COS_COEFFS[:-1]):
-        pc = pc * z + c
-    cos_t = 1.0 + z * pc
     ps = torch.full_like(z, SIN_COEFFS[-1])
-    for c in reversed(SIN_COEFFS[:-1]):
-        ps = ps * z + c
+    for cc, sc in zip(reversed(COS_COEFFS[:-1]), reversed(SIN_COEFFS[:-1]), strict=True):
+        pc = pc * z + cc
+        ps = ps * z + sc
+    cos_t = 1.0 + z * pc
     sin_t = t + t * (z * ps)
-    # Quarter turn k: cos t, -sin t, -cos t, sin t.
-    val = torch.where((k & 1) == 0, cos_t, sin_t)
-    neg = torch.where((k & 1) == 0, (k & 2) != 0, (k & 2) == 0)
-    return torch.where(neg, -val, val)
+    # Quarter turn k = 0..4: cos = c, -s, -c, s, c and sin = s, c, -s, -c, s.
+    odd = (k & 1) == 1
+    cos_v = torch.where(odd, sin_t, cos_t)
+    sin_v = torch.where(odd, cos_t, sin_t)
+    cos_v = torch.where(((k + 1) & 2) != 0, -cos_v, cos_v)
+    sin_v = torch.where((k & 2) != 0, -sin_v, sin_v)
+    return cos_v, sin_v
+
+
+def exact_ops_cos_2pi(u: torch.Tensor) -> torch.Tensor:
+    """cos(2 pi u) for float64 u in [0, 1), mirroring dpseg::exact_ops_cos_2pi."""
+    return exact_ops_sincos_2pi(u)[0]
 
 
 def _above_midpoint(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -138,14 +148,17 @@ def sqrt_rn(y: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, r, y)  # sqrt(+-0) = +-0
 
 
-def philox_normal(seed: int, step: int, draw: torch.Tensor) -> torch.Tensor:
-    """Standard normals (float64) for int64 draw indices, mirroring dpseg::philox_normal."""
+def philox_normal_pair(
+    seed: int, step: int, block: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two standard normals (float64) of int64 Philox block indices, mirroring
+    dpseg::philox_normal_pair: Box-Muller's radius times the cosine and times the sine."""
     seed &= (1 << 64) - 1
     counter = (
-        draw & MASK32,
-        (draw >> 32) & MASK32,
-        torch.full_like(draw, step & MASK32),
-        torch.full_like(draw, (step >> 32) & MASK32),
+        block & MASK32,
+        (block >> 32) & MASK32,
+        torch.full_like(block, step & MASK32),
+        torch.full_like(block, (step >> 32) & MASK32),
     )
     x0, x1, x2, x3 = philox4x32_10(counter, (seed & MASK32, seed >> 32))
     two26 = 67108864.0
@@ -153,19 +166,39 @@ def philox_normal(seed: int, step: int, draw: torch.Tensor) -> torch.Tensor:
     n2 = (x2 >> 5).to(torch.float64) * two26 + (x3 >> 6).to(torch.float64)
     u1 = (n1 + 0.5) * 2.0**-53
     u2 = n2 * 2.0**-53
-    return sqrt_rn(-2.0 * exact_ops_log(u1)) * exact_ops_cos_2pi(u2)
+    radius = sqrt_rn(-2.0 * exact_ops_log(u1))
+    cos, sin = exact_ops_sincos_2pi(u2)
+    return radius * cos, radius * sin
+
+
+def philox_normal(seed: int, step: int, draw: torch.Tensor) -> torch.Tensor:
+    """Normal ``draw`` of the stream (float64), mirroring dpseg::philox_normal: output
+    draw & 1 of block draw >> 1."""
+    n0, n1 = philox_normal_pair(seed, step, draw >> 1)
+    return torch.where((draw & 1) == 1, n1, n0)
+
+
+def philox_normals(count: int, seed: int, step: int, first: int = 0, device=None) -> torch.Tensor:
+    """Normals first .. first + count - 1 of the stream (float64): each block computed once,
+    both of its outputs used."""
+    q0, q1 = first >> 1, (first + count + 1) >> 1  # blocks covering the range
+    block = torch.arange(q0, q1, dtype=torch.int64, device=device)
+    n0, n1 = philox_normal_pair(seed, step, block)
+    skip = first & 1
+    return torch.stack([n0, n1], dim=1).flatten()[skip : skip + count]
 
 
 def philox_noise(
     numel: int, seed: int, step: int, offset: int = 0, draws: int = 1, device=None
 ) -> torch.Tensor:
-    """z for elements offset .. offset + numel - 1 as float64, mirroring dpseg::philox_noise."""
-    draw = torch.arange(
-        offset * draws, (offset + numel) * draws, dtype=torch.int64, device=device
-    ).view(numel, draws)
-    s = philox_normal(seed, step, draw[:, 0])
+    """z for elements offset .. offset + numel - 1 as float64, mirroring dpseg::philox_noise:
+    normals e * draws .. e * draws + draws - 1 summed in order, over sqrt(draws)."""
+    normals = philox_normals(numel * draws, seed, step, offset * draws, device).view(numel, draws)
+    s = normals[:, 0]
     for k in range(1, draws):
-        s = s + philox_normal(seed, step, draw[:, k])
+        s = s + normals[:, k]
+    if draws == 1:
+        return s
     # A 0-dim tensor divisor, not a Python float: see the module docstring.
     root = torch.tensor(math.sqrt(draws), dtype=torch.float64, device=s.device)
     return s / root

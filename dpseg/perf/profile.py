@@ -6,6 +6,8 @@ whole backward: input gradient plus per-sample gradients), inside it
 ``dpseg::per_sample_weight_grad[strategy]``, then ``dpseg::per_sample_norms``,
 ``dpseg::clip_accumulate_noise`` and ``dpseg::optimizer_update``. The same step is profiled
 without DP; the difference of the two step times is the DP overhead the table splits up.
+``profile_dp_step`` profiles dpseg's benchmark U-Net, ``profile_step`` the user's own network
+(``dpseg profile --model PACKAGE.MODULE:CALLABLE``).
 """
 
 from __future__ import annotations
@@ -31,23 +33,61 @@ def _range_times_ms(prof, steps: int) -> dict[str, float]:
 
 
 def profile_dp_step(cfg: StepBenchConfig, out: Path, steps: int = 2, nvtx: bool = False) -> dict:
+    """The benchmark U-Net of ``cfg`` (channels, size, batch, device, backend)."""
+    model, x, y = build_workload(cfg)
+    config = {
+        "channels": cfg.channels,
+        "size": cfg.size,
+        "spatial_dims": cfg.spatial_dims,
+        "batch": cfg.batch,
+        "device": cfg.device,
+        "steps": steps,
+    }
+    return _profile(model, x, y, cfg, None, out, steps, nvtx, config)
+
+
+def profile_step(
+    model: torch.nn.Module,
+    example_input: torch.Tensor,
+    example_target: torch.Tensor,
+    out: Path,
+    *,
+    loss_fn=None,
+    steps: int = 2,
+    nvtx: bool = False,
+    backend: str = "auto",
+    name: str | None = None,
+) -> dict:
+    """The user's own network (``dpseg profile --model``), as ``bench_step`` benches it: a
+    training step on ``example_input`` (leading dimension the batch) and ``example_target``
+    with ``loss_fn(output, target)`` (default cross-entropy), without DP and with dpseg, each
+    on its own copy of the model."""
+    cfg = StepBenchConfig(
+        size=int(example_input.shape[-1]),
+        batch=int(example_input.shape[0]),
+        device=str(example_input.device.type),
+        backend=backend,
+        channels=(),
+    )
+    config = {
+        "model": name or type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "input_shape": list(example_input.shape),
+        "batch": cfg.batch,
+        "device": cfg.device,
+        "steps": steps,
+    }
+    return _profile(model, example_input, example_target, cfg, loss_fn, out, steps, nvtx, config)
+
+
+def _profile(model, x, y, cfg, loss_fn, out, steps: int, nvtx: bool, config: dict) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    model, x, y = build_workload(cfg)
-    result = {
-        "config": {
-            "channels": cfg.channels,
-            "size": cfg.size,
-            "batch": cfg.batch,
-            "device": cfg.device,
-            "steps": steps,
-        },
-        "engines": {},
-    }
+    result = {"config": config, "engines": {}}
     for engine in ("none", "dpseg"):
-        step = make_step(engine, model, x, y, cfg)
+        step = make_step(engine, model, x, y, cfg, loss_fn)
         for _ in range(2):  # warm-up: oneDNN primitives, conv strategy choice, cuDNN autotune
             step()
         with profile(activities=activities) as prof:
@@ -72,9 +112,15 @@ def profile_dp_step(cfg: StepBenchConfig, out: Path, steps: int = 2, nvtx: bool 
 def format_profile(result: dict) -> str:
     cfg, step = result["config"], result["step_ms"]
     ranges = result["engines"]["dpseg"]["ranges_ms"]
+    if cfg.get("model"):
+        what = f"{cfg['model']} ({cfg['parameters']:,} params), input {tuple(cfg['input_shape'])}"
+    else:
+        what = (
+            f"UNet{tuple(cfg['channels'])}, {cfg['size']}^{cfg.get('spatial_dims', 3)}, "
+            f"batch {cfg['batch']}"
+        )
     lines = [
-        f"DP step profile: UNet{tuple(cfg['channels'])}, {cfg['size']}^3, batch {cfg['batch']}, "
-        f"{cfg['device']}, mean of {cfg['steps']} steps",
+        f"DP step profile: {what}, {cfg['device']}, mean of {cfg['steps']} steps",
         f"  non-private step  {step['none']:9.1f} ms",
         f"  dpseg step        {step['dpseg']:9.1f} ms   extra {step['extra']:+.1f} ms "
         f"({step['dpseg'] / step['none']:.2f}x)",
