@@ -12,8 +12,8 @@ from scipy import ndimage
 from dpseg.cli import main
 from dpseg.data import MSDDataset
 from dpseg.train.config import resolve_normalize
-from dpseg.train.scoring import paired_bootstrap, read_scores
 from dpseg.train.overlay import best_slice, pick_cases, take_slice
+from dpseg.train.scoring import paired_bootstrap, read_scores
 from dpseg.train.splits import make_split, parse_split_spec, read_case_list
 
 TINY = ["--patch", "16", "--batch", "2", "--channels", "4,8", "--quiet", "--threads", "1"]

@@ -548,8 +548,8 @@ def write_overlays(report: dict, out: Path, k: int = 4) -> str | None:
     prediction. Needs the simulator's RUN/checkpoint_<engine>.pt and the data on this
     machine; a Flower server has neither (the sites hold the data): None then."""
     from dpseg.data import MSDDataset
-    from dpseg.train.scoring import overlay_panels
     from dpseg.train.overlay import draw_overlays, pick_cases
+    from dpseg.train.scoring import overlay_panels
 
     cfg = report["config"]
     engines = [e for e in report["engines"] if e not in report.get("timing_only", {})]

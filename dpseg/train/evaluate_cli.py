@@ -126,14 +126,14 @@ def _compare(args) -> int:
 def _evaluate(args) -> int:
     import torch
 
+    from dpseg.train.overlay import draw_overlays, pick_cases
+    from dpseg.train.saved_model import load_saved_model
     from dpseg.train.scoring import (
         evaluate_checkpoint,
         format_markdown,
         format_table,
         overlay_panels,
     )
-    from dpseg.train.overlay import draw_overlays, pick_cases
-    from dpseg.train.saved_model import load_saved_model
 
     missing = [f"--{k}" for k in ("checkpoint", "data", "out") if getattr(args, k) is None]
     if missing:
