@@ -100,8 +100,7 @@ def test_table(runs: Path) -> list[str]:
     sys.path.insert(0, str(HERE.parents[2]))
     from dpseg.train.scoring import compare_scores
 
-    found = sorted(runs.glob("*/test.json"))
-    scores = {p.parent.name: json.loads(p.read_text()) for p in found}
+    scores = {k: v for k, v in _scores(runs).items() if not k.startswith(("fed_", "alone_"))}
     md = [
         "# The final models on the 40 test cases",
         "",
@@ -142,31 +141,109 @@ def test_table(runs: Path) -> list[str]:
     return md
 
 
+def _scores(runs: Path) -> dict[str, dict]:
+    """Every scored model: NAME/test.json (dpseg train) and NAME/test_ENGINE.json (the global
+    model of a dpseg federate run, named 'NAME ENGINE')."""
+    out = {}
+    for p in sorted(runs.glob("*/test*.json")):
+        engine = p.stem.partition("_")[2]
+        out[p.parent.name + (f" {engine}" if engine else "")] = json.loads(p.read_text())
+    return out
+
+
+def federated_table(runs: Path) -> list[str]:
+    """Federated DP against federated non-private, and against each site alone with DP (and
+    the mean of the three), paired over the 40 test cases."""
+    sys.path.insert(0, str(HERE.parents[2]))
+    from dpseg.train.scoring import compare_scores
+
+    scores = _scores(runs)
+    fed = {k: v for k, v in scores.items() if k.startswith(("fed_", "alone_"))}
+    if not fed:
+        return []
+    alone = [v for k, v in fed.items() if k.startswith("alone_")]
+    md = ["", "## Federated: three sites simulated from one hospital", ""]
+    if len(alone) > 1:
+        scores["mean of sites alone"] = _mean_scores(alone)
+        md.append(
+            f"'mean of sites alone': each test case's Dice averaged over the {len(alone)} "
+            "models trained by one site alone with DP (paired like any other model)."
+        )
+    md += [
+        "",
+        "| model | epsilon (largest over sites) | Dice 1 | Dice 2 | mean | lc: mean |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, f in fed.items():
+        eps = "inf" if f["epsilon"] is None else f"{f['epsilon']:.2f}"
+        md.append(
+            f"| {name} | {eps} | {f['dice_per_label']['1']:.3f} | "
+            f"{f['dice_per_label']['2']:.3f} | {f['mean_dice']:.3f} | "
+            f"{f['largest_component']['mean_dice']:.3f} |"
+        )
+    if len(alone) > 1:
+        m = scores["mean of sites alone"]["per_case"].values()
+        md.append(
+            f"| mean of sites alone | | | | {np.mean([c['mean_dice'] for c in m]):.3f} | "
+            f"{np.mean([c['largest_component']['mean_dice'] for c in m]):.3f} |"
+        )
+    md += ["", "| A | B | A - B | interval | lc: A - B | lc: interval |",
+           "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    pairs = [("fed_s0 dpseg", "fed_s0 none"), ("fed_s0 dpseg", "mean of sites alone")]
+    pairs += [("fed_s0 dpseg", k) for k in fed if k.startswith("alone_")]
+    for a, b in pairs:
+        if a in scores and b in scores:
+            rows = [r for r in compare_scores(scores[a], scores[b]) if r["metric"] == "mean_dice"]
+            md.append(f"| {a} | {b} | " + " | ".join(_gap(r) for r in rows) + " |")
+    return md
+
+
+def _mean_scores(models: list[dict]) -> dict:
+    """An F.json-shaped dict whose every per-case figure is the mean over ``models``."""
+
+    def mean(rows):
+        if isinstance(rows[0], dict):
+            return {
+                k: mean([r[k] for r in rows])
+                for k in rows[0]
+                if isinstance(rows[0][k], (dict, int, float))
+            }
+        return float(np.mean(rows))
+
+    cases = models[0]["per_case"]
+    return {"per_case": {c: mean([m["per_case"][c] for m in models]) for c in cases}}
+
+
 def _gap(r: dict) -> str:
     return f"{r['diff']:+.3f} | [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
 
 
 def copy_finals(runs: Path) -> None:
-    for test in sorted(runs.glob("*/test.json")):
-        run, dest = test.parent, HERE / test.parent.name
+    for run in sorted({p.parent for p in runs.glob("*/test*.json")}):
+        dest = HERE / run.name
         dest.mkdir(exist_ok=True)
-        for name in KEEP:
+        keep = [
+            *KEEP,
+            *(p.name for p in run.glob("test_*")),
+            *(p.name for p in run.glob("checkpoint_*.pt")),
+        ]
+        for name in keep:
             if (run / name).exists():
                 shutil.copy2(run / name, dest / name)
         if run.with_suffix(".cmd").exists():
             shutil.copy2(run.with_suffix(".cmd"), dest / "command.txt")
         # test.md/F.json name the checkpoint where it was scored; point them at the copy
-        for name in ("test.json", "test.md"):
-            text = (dest / name).read_text().replace(str(run / "checkpoint.pt"), "checkpoint.pt")
-            (dest / name).write_text(text)
+        for f in [*dest.glob("test*.json"), *dest.glob("test*.md")]:
+            f.write_text(f.read_text().replace(str(run) + "/", ""))
 
 
 def main() -> None:
     runs = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/hippocampus")
     (HERE / "tuning.md").write_text("\n".join(tuning(runs)) + "\n")
-    if any(runs.glob("*/test.json")):
+    if any(runs.glob("*/test*.json")):
         copy_finals(runs)
-        (HERE / "test.md").write_text("\n".join(test_table(runs)) + "\n")
+        md = test_table(runs) + federated_table(runs)
+        (HERE / "test.md").write_text("\n".join(md) + "\n")
     print(f"wrote {HERE / 'tuning.md'}" + (" and test.md" if any(runs.glob("*/test.json")) else ""))
 
 
