@@ -440,3 +440,11 @@ def test_federate_split_and_overlays(msd, split_file, tmp_path, monkeypatch):
     test = read_case_list(f"{split_file}:test")
     f = evaluate_checkpoint(out / "checkpoint_dpseg.pt", msd, test, progress=False)
     assert f["cases"] == 3 and f["seen_in_training"] == []
+    # without the split file the training cases are unknown, and scoring says so
+    moved = split_file.rename(split_file.with_suffix(".moved"))
+    try:
+        with pytest.warns(UserWarning, match="which cases this model trained on is unknown"):
+            f = evaluate_checkpoint(out / "checkpoint_dpseg.pt", msd, test, progress=False)
+    finally:
+        moved.rename(split_file)  # the fixture is the module's
+    assert f["cases"] == 3 and f["seen_in_training"] == []

@@ -23,6 +23,7 @@ and the federated projections treat them alike.
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 import warnings
@@ -74,8 +75,10 @@ class _DpAccountingAccountant(IAccountant):
         return _pld_epsilon(type(self), tuple(tuple(h) for h in self.history), float(delta))
 
     @staticmethod
-    def _events(history):  # -> list of (dp_event, count)
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _events(history) -> list:
+        """The run's history [(sigma, q, steps), ...] as dp_accounting events, a list of
+        (dp_event, count): the adjacency each subclass accounts lives here."""
 
 
 class ReplaceOneAccountant(_DpAccountingAccountant):

@@ -218,8 +218,15 @@ def _federated(path: Path, ckpt: dict, device) -> SavedModel:
             from dpseg.train.splits import read_case_list
 
             seen = set(read_case_list(cfg["split"]))
-        except DataError:
-            pass  # the split file is not here: what the model saw is unknown
+        except DataError as err:
+            # The checkpoint names its split by path only; without the file, which cases the
+            # model trained on is unknown, so scoring cannot check for overlap: say so.
+            warnings.warn(
+                f"{path}: the federated run's split file {cfg['split']!r} cannot be read "
+                f"({err}); which cases this model trained on is unknown, so the scores "
+                "cannot be checked for overlap with its training cases.",
+                stacklevel=2,
+            )
     keys = ("rounds", "local_steps", "patch", "batch_size", "channels", "lr", "dp_lr", "seed",
             "split", "partition", "sites")  # fmt: skip
     return SavedModel(

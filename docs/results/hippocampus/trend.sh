@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # How the DP gap moves with the number of cases (issue 24, item 6): the final configurations
-# of run.sh on the nested subsets of split.json (train40_s0 of train80_s0 of the 160),
+# of run.sh on the nested subsets of split.json (train40_sS of train80_sS of the 160, for
+# seeds S = 0 and 1; the 160-case runs are run.sh's dp_sS and nodp_sS),
 # scored on the same 40 test cases. One thread each, niced, one at a time:
 #   bash docs/results/hippocampus/trend.sh [NAME ...]
 # At every size DP keeps q = 0.2, 300 steps and so the same sigma for epsilon 8; the
@@ -19,6 +20,10 @@ RUNS=(
   "dp80_s0|$DP --batch 16 --split $SPLIT:train80_s0 --seed 0"
   "nodp40_s0|$NP --split $SPLIT:train40_s0 --seed 0"
   "nodp80_s0|$NP --split $SPLIT:train80_s0 --seed 0"
+  "dp40_s1|$DP --batch 8 --split $SPLIT:train40_s1 --seed 1"
+  "dp80_s1|$DP --batch 16 --split $SPLIT:train80_s1 --seed 1"
+  "nodp40_s1|$NP --split $SPLIT:train40_s1 --seed 1"
+  "nodp80_s1|$NP --split $SPLIT:train80_s1 --seed 1"
 )
 want=("$@")
 for line in "${RUNS[@]}"; do
