@@ -16,6 +16,7 @@ from dpseg.attack.cli import add_attack_parser
 from dpseg.audit.cli import add_audit_parser
 from dpseg.cli_types import UsageError, csv_list
 from dpseg.federated.cli import add_demo_parser, add_federate_parser
+from dpseg.nnunet.cli import add_nnunet_parser
 from dpseg.train.cli import add_phantoms_parser, add_predict_parser, add_train_parser
 from dpseg.train.evaluate_cli import add_evaluate_parser
 
@@ -281,7 +282,7 @@ def _run_profile(args) -> int:
 COMMANDS = [
     add_phantoms_parser, add_train_parser, add_predict_parser, add_evaluate_parser, _add_bench,
     _add_profile,
-    add_federate_parser, add_demo_parser, add_attack_parser, add_audit_parser,
+    add_federate_parser, add_demo_parser, add_attack_parser, add_audit_parser, add_nnunet_parser,
 ]  # fmt: skip
 
 
@@ -338,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:2] == ["nnunet", "predict"]:  # every argument after is nnUNetv2_predict's
+            from dpseg.nnunet.cli import predict_main
+
+            rest = argv[2:]
+            return predict_main(rest[1:] if rest[:1] == ["--"] else rest)
         args = _apply_config(parser, argv)
         if args.command is None:
             parser.print_help()
