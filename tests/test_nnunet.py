@@ -290,8 +290,11 @@ def test_plan_train_resume_predict_end_to_end(tmp_path):
 
     pred = tmp_path / "pred"
     held_out = tmp_path / "raw" / "Dataset501_Tiny" / "imagesTs"
-    _run([*DPSEG, "nnunet", "predict", "-i", str(held_out), "-o", str(pred), "-d", "501",
-          "-c", "3d_fullres", "-f", "all", "-device", "cpu", "-npp", "1", "-nps", "1"], env)  # fmt: skip
+    predict = ["-i", str(held_out), "-o", str(pred), "-d", "501", "-c", "3d_fullres", "-f"]
+    _run(
+        [*DPSEG, "nnunet", "predict", *predict, "all", "-device", "cpu", "-npp", "1", "-nps", "1"],
+        env,
+    )
     import nibabel as nib
 
     for case in names[6:]:
