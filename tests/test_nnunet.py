@@ -272,6 +272,7 @@ def test_plan_train_resume_predict_end_to_end(tmp_path):
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert [list(h) for h in ckpt["dpseg"]["ledger"]["history"]] == record["ledger"]["history"]
     assert ckpt["optimizer_state"]["dpseg"]["steps_taken"] == 4
+    seed = ckpt["optimizer_state"]["dpseg"]["noise_seed"]
     assert not (fold / "checkpoint_best.pth").exists()  # no validation, no "best"
 
     # resuming under other privacy settings is refused, with what to change
@@ -285,6 +286,11 @@ def test_plan_train_resume_predict_end_to_end(tmp_path):
     out = _run([*train, "--c"], env)
     resumed = json.loads((fold / "privacy.json").read_text())
     assert resumed["steps_accounted"] == 6 and resumed["epsilon"] > record["epsilon"]
+    after = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert after["optimizer_state"]["dpseg"]["steps_taken"] == 4  # the schedule's count
+    # the resumed branch draws fresh noise: replaying steps with the noise of a released
+    # branch on other patches would let the two releases cancel it
+    assert after["optimizer_state"]["dpseg"]["noise_seed"] != seed
     assert "the ledger keeps the larger" in (out + "".join(
         p.read_text() for p in fold.glob("training_log_*.txt")))  # fmt: skip
 

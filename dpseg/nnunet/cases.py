@@ -13,7 +13,6 @@ list, which dpseg counts as one unit and clips as one (dpseg.privacy.units).
 
 from __future__ import annotations
 
-import torch
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from torch.utils.data import Dataset
 
@@ -39,14 +38,12 @@ class CasePatches(nnUNetDataLoader):
 
 
 class CaseDataset(Dataset):
-    """Map-style dataset of training cases for dpseg's Poisson loader. ``patient_ids`` (one
-    per case, when cases are grouped by patient) lets make_private sample patients."""
+    """Map-style dataset of training cases for dpseg's Poisson loader: item i is case i's k
+    patches, a list of rows (data, target or one target per deep-supervision scale)."""
 
-    def __init__(self, patches: CasePatches, identifiers, patient_ids=None):
+    def __init__(self, patches: CasePatches, identifiers):
         self.patches = patches
         self.identifiers = list(identifiers)
-        if patient_ids is not None:
-            self.patient_ids = list(patient_ids)
 
     def __len__(self) -> int:
         return len(self.identifiers)
@@ -61,8 +58,4 @@ class CaseDataset(Dataset):
         return rows
 
 
-def rows_in(data) -> int:
-    return data.shape[0] if isinstance(data, torch.Tensor) else 0
-
-
-__all__ = ["CaseDataset", "CasePatches", "rows_in"]
+__all__ = ["CaseDataset", "CasePatches"]

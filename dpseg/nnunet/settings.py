@@ -9,7 +9,7 @@ nnU-Net's own schedule, epochs x iterations an epoch, each iteration one logical
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 # What must be the same for a run to continue a ledger (dpseg nnunet train --c).
 PRIVACY_KEYS = (
@@ -35,7 +35,6 @@ class DPSettings:
     delta: float = 1e-5
     accountant: str = "prv"
     physical_cases: int | None = None  # cases a physical batch (default: plans' batch / k)
-    patients: dict[str, str] | None = field(default=None, repr=False)  # case -> patient
     log_train_loss: bool = False  # the raw training loss is not noised: off by default
 
     def __post_init__(self):
@@ -70,9 +69,7 @@ class DPSettings:
         return {k: getattr(self, k) for k in PRIVACY_KEYS}
 
     def as_dict(self) -> dict:
-        out = asdict(self)
-        out["patients"] = None if self.patients is None else len(set(self.patients.values()))
-        return out
+        return asdict(self)
 
 
 def steps_planned(num_epochs: int, iterations_per_epoch: int) -> int:

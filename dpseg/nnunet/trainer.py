@@ -126,6 +126,12 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
                 "DATASET CONFIGURATION FOLD --sample-rate Q --expected-cases E ...`, which "
                 "declares them (nnUNetv2_train has no options to pass them)"
             )
+        if self.is_ddp:
+            raise NotImplementedError(
+                "nnUNetTrainerDP runs on one device: nnU-Net's multi-GPU training splits each "
+                "batch by rank its own way, which is not the global Poisson draw dpseg "
+                "accounts. Train with one GPU (-num_gpus 1)."
+            )
         super().initialize()
         k = self.dp.patches_per_case
         self.physical_cases = self.dp.physical_cases or max(1, self.batch_size // k)

@@ -234,7 +234,10 @@ def copy_finals(runs: Path) -> None:
             shutil.copy2(run.with_suffix(".cmd"), dest / "command.txt")
         # test.md/F.json name the checkpoint where it was scored; point them at the copy
         for f in [*dest.glob("test*.json"), *dest.glob("test*.md")]:
-            f.write_text(f.read_text().replace(str(run) + "/", ""))
+            text = f.read_text()
+            for where in sorted({str(run), str(run.resolve())}, key=len, reverse=True):
+                text = text.replace(where + "/", "")
+            f.write_text(text)
 
 
 def main() -> None:
