@@ -213,6 +213,11 @@ def test_msd_import_keeps_held_out_cases_out_of_training(tmp_path):
     meta = json.loads((folder / "dataset.json").read_text())
     assert meta["numTraining"] == 3 and meta["labels"] == {"background": 0, "A": 1, "B": 2}
     assert (folder / "imagesTr" / "tiny_000_0000.nii.gz").is_symlink()  # never copied
+    # a re-import with another case list keeps none of the earlier links
+    msd_to_nnunet(msd, tmp_path / "raw", 7, ["tiny_001", "tiny_002"], ["tiny_000", "tiny_003"])
+    assert sorted(p.name for p in (folder / "imagesTr").iterdir()) == [
+        "tiny_001_0000.nii.gz", "tiny_002_0000.nii.gz"
+    ]  # fmt: skip
     with pytest.raises(DataError, match="both"):
         msd_to_nnunet(msd, tmp_path / "raw", 7, train, ["tiny_000"])
     with pytest.raises(DataError, match="no case"):
@@ -272,7 +277,7 @@ def test_plan_train_resume_predict_end_to_end(tmp_path):
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert [list(h) for h in ckpt["dpseg"]["ledger"]["history"]] == record["ledger"]["history"]
     assert ckpt["optimizer_state"]["dpseg"]["steps_taken"] == 4
-    seed = ckpt["optimizer_state"]["dpseg"]["noise_seed"]
+    assert "noise_seed" not in ckpt["optimizer_state"]["dpseg"]  # the noise stays secret
     assert not (fold / "checkpoint_best.pth").exists()  # no validation, no "best"
 
     # resuming under other privacy settings is refused, with what to change
@@ -287,10 +292,7 @@ def test_plan_train_resume_predict_end_to_end(tmp_path):
     resumed = json.loads((fold / "privacy.json").read_text())
     assert resumed["steps_accounted"] == 6 and resumed["epsilon"] > record["epsilon"]
     after = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert after["optimizer_state"]["dpseg"]["steps_taken"] == 4  # the schedule's count
-    # the resumed branch draws fresh noise: replaying steps with the noise of a released
-    # branch on other patches would let the two releases cancel it
-    assert after["optimizer_state"]["dpseg"]["noise_seed"] != seed
+    assert after["optimizer_state"]["dpseg"] == {"steps_taken": 4}  # the schedule's count
     assert "the ledger keeps the larger" in (out + "".join(
         p.read_text() for p in fold.glob("training_log_*.txt")))  # fmt: skip
 
@@ -307,3 +309,98 @@ def test_plan_train_resume_predict_end_to_end(tmp_path):
         seg = np.asarray(nib.load(pred / f"{case}.nii.gz").dataobj)
         image = nib.load(msd / "imagesTr" / f"{case}.nii.gz")
         assert seg.shape == image.shape and set(np.unique(seg)) <= {0, 1, 2}
+
+
+def _bare_trainer(settings, network, loss):
+    """nnUNetTrainerDP without nnU-Net's folders and plans: the attributes its DP step
+    reads, so that train_step runs as in training on an in-memory dataset."""
+    from types import SimpleNamespace
+
+    from dpseg.nnunet.trainer import nnUNetTrainerDP
+
+    t = nnUNetTrainerDP.__new__(nnUNetTrainerDP)
+    t.device, t.network, t.loss, t.dp = torch.device("cpu"), network, loss, settings
+    t.optimizer = torch.optim.SGD(network.parameters(), lr=1.0)
+    t.num_epochs, t.num_iterations_per_epoch, t.num_input_channels = 1, 4, 1
+    t.engine, t._resume, t.noise_multiplier = None, None, None
+    t.physical_cases = settings.physical_cases
+    t.print_to_log_file = lambda *args, **kwargs: None
+    t.configuration_manager = SimpleNamespace(patch_size=[8, 8, 8])
+    t.label_manager = SimpleNamespace(all_labels=[0, 1, 2], ignore_label=None, has_regions=False)
+    return t
+
+
+def test_the_trainers_step_matches_the_oracle_through_physical_batches():
+    """train_step as nnU-Net calls it: a logical Poisson batch of cases cut into physical
+    batches of one case, each case's k patches clipped as one, one update a step."""
+    from dpseg.nnunet.settings import DPSettings
+
+    torch.manual_seed(2)
+    k, cases, C, expected = 2, 6, 1e-3, 3
+    settings = DPSettings(
+        sample_rate=0.5, expected_cases=expected, patches_per_case=k, max_grad_norm=C,
+        noise_multiplier=1e-12, accountant="rdp", physical_cases=1,
+    )  # fmt: skip
+    x = torch.randn(cases * k, 1, 8, 8, 8, dtype=torch.float64)
+    labels = torch.randint(0, 3, (cases * k, 1, 8, 8, 8)).to(torch.int16)
+    net, loss = _network().double(), _loss()
+    oracle = copy.deepcopy(net)
+    trainer = _bare_trainer(settings, net, loss)
+    trainer.check_loss_per_case()  # nnU-Net's loss, batch Dice off: passes
+    loader = DataLoader(_CasesOfPatches(x, labels, k), batch_size=1, collate_fn=flatten_collate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer._make_private(loader)
+    physical, seen = trainer._physical, []
+
+    def spy():
+        for batch in physical:
+            seen.append(batch)
+            yield batch
+
+    trainer._physical = spy()
+    multi = 0
+    for _ in range(4):
+        before, seen[:] = _flat(net), []
+        trainer.train_step(None)
+        rows = [b for b in seen if b[0].shape[0]]
+        multi += len(rows) > 1
+        if not rows:  # an empty Poisson batch: noise only (sigma C / E ~ 3e-16 here)
+            assert (before - _flat(net)).abs().max() < 1e-12
+            continue
+        xb = torch.cat([b[0] for b in rows])
+        targets = [torch.cat([b[1][s] for b in rows]) for s in range(3)]
+        groups = [list(range(i, i + k)) for i in range(0, xb.shape[0], k)]
+        per_case = per_unit_grads(oracle, loss, xb, _Rows(targets), groups)
+        _, summed = dp_sum(per_case, C)
+        update = torch.cat([summed[n].flatten() for n, _ in oracle.named_parameters()])
+        torch.testing.assert_close(before - _flat(net), update / expected, rtol=1e-7, atol=1e-13)
+        with torch.no_grad():
+            for p, q in zip(oracle.parameters(), net.parameters(), strict=True):
+                p.copy_(q)
+    assert multi >= 1  # a step made of several physical batches was checked
+    assert trainer.optimizer.steps_taken == 4 and trainer.epsilon() > 0
+
+    # a resumed branch keeps the step count and the ledger, and draws fresh noise: the
+    # steps it runs again were released once with the old noise
+    state = trainer.optimizer.state_dict()
+    ledger = trainer.engine.state_dict()
+    resumed = _bare_trainer(settings, copy.deepcopy(net), loss)
+    resumed._resume = {"ledger": ledger, "noise_multiplier": trainer.noise_multiplier,
+                       "optimizer_state": state}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed._make_private(loader)
+    assert resumed.optimizer.steps_taken == 4
+    assert resumed.optimizer.noise_seed != trainer.optimizer.noise_seed
+    assert resumed.epsilon() == pytest.approx(trainer.epsilon())
+
+
+def test_the_loss_check_before_training_refuses_a_coupled_loss():
+    from dpseg.nnunet.settings import DPSettings
+
+    settings = DPSettings(sample_rate=0.5, expected_cases=2, target_epsilon=8)
+    trainer = _bare_trainer(settings, _network(), _loss(ignore_label=3))
+    trainer.label_manager.ignore_label = 3  # an ignore label: CE's "mean" spans the batch
+    with pytest.raises(CoupledLossError):
+        trainer.check_loss_per_case()

@@ -5,10 +5,11 @@ with replacement, so a step's batch is not a Poisson sample of cases and one cas
 two positions, which per-row clipping would clip as two. Here Poisson sampling is dpseg's
 (over this dataset's items, the cases), and each sampled case brings k patches drawn by
 nnU-Net's own code: :class:`CasePatches` is nnUNetDataLoader with its batch made of k
-patches of one case, so cropping, padding, nnU-Net's foreground oversampling (the last
-round(k * (1 - 0.33)) positions of the k are forced to contain foreground, as in a batch of
-k) and the full training augmentation run unchanged. The k rows go to the loader as one
-list, which dpseg counts as one unit and clips as one (dpseg.privacy.units).
+patches of one case, so cropping, padding, nnU-Net's foreground oversampling (of the k
+positions, those from round(k * (1 - 0.33)) on are forced to contain foreground, as in a
+batch of k: one of 2, one of 3, none of 1) and the full training augmentation run
+unchanged. The k rows go to the loader as one list, which dpseg counts as one unit and
+clips as one (dpseg.privacy.units).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def add_nnunet_parser(sub) -> None:
         "--expected-cases",
         type=float,
         help="E: the normaliser, the expected cases a step; declared, not read from the data "
-        "(q x the number of training cases is the natural choice)",
+        "(q times a public estimate of the number of cases, not the exact private count)",
     )
     t.add_argument("--patches-per-case", type=_positive_int, default=2, help="k (default 2)")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="C (default 1)")

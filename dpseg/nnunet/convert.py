@@ -60,12 +60,22 @@ def msd_to_nnunet(
         )
     name = name or str(meta.get("name", msd.name)).replace(" ", "")
     folder = raw / f"Dataset{dataset_id:03d}_{name}"
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+    subs = [folder / sub for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")]
+    # A re-import must not keep the links of an earlier case list: a case moved from
+    # training to test would stay in imagesTr. Only links this function wrote are removed.
+    for sub in subs:
+        if sub.exists():
+            kept = [p for p in sub.iterdir() if not p.is_symlink()]
+            if kept:
+                raise DataError(
+                    f"{sub} holds files that are not links this command wrote (e.g. "
+                    f"{kept[0].name}); give another --id or remove that dataset first"
+                )
+            for p in sub.iterdir():
+                p.unlink()
+        sub.mkdir(parents=True, exist_ok=True)
 
     def link(target: Path, at: Path) -> None:
-        if at.is_symlink() or at.exists():
-            at.unlink()
         os.symlink(target, at)
 
     for group, names in (("Tr", train), ("Ts", test)):

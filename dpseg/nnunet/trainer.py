@@ -20,15 +20,23 @@ validation on the fold's held-out cases, checkpoints and inference):
 - The training loss is computed on private data and is not noised: it is logged as NaN
   unless ``log_train_loss`` is set.
 - Validation. With fold "all" the validation cases are the training cases: a pseudo Dice on
-  them would be released outside epsilon, so validation is skipped. With a fold 0-4 the
-  validation cases are held out of training; choosing checkpoint_best on them is model
-  selection on patient data, outside epsilon (checkpoint_final is what the epsilon covers
-  without that caveat).
+  them would be released outside epsilon, so validation is skipped (a fold 0-4 whose
+  validation cases overlap its training cases is refused). With a fold 0-4 the validation
+  cases are held out of training: their pseudo Dice and the choice of checkpoint_best on
+  them use those patients' data outside epsilon.
+- The loss is checked once, before training, on a synthetic batch of two cases (noise and
+  labels drawn from the plans' label set), since a physical batch may hold one case.
+- Released checkpoints hold no noise seed (with it the noise could be regenerated and
+  subtracted from the momentum buffer).
+- What to release: the model (checkpoint_final) and privacy.json. The output folder also
+  holds nnU-Net's dataset.json, fingerprint and logs, which state the number of training
+  cases, which add/remove adjacency treats as private.
 - Inference. The checkpoint names nnUNetTrainer as its trainer (the network is its), so
   ``nnUNetv2_predict ... -tr nnUNetTrainerDP`` predicts without further set-up.
 - Ledger. Every checkpoint carries the privacy ledger (settings, sigma, the accountant's
   history) and ``privacy.json`` in the output folder holds the latest, with epsilon.
-  A resumed run (``--c``) starts from the largest ledger ever written for the fold, so
+  The ledger is also written at every epoch's end (each epoch's model is logged). A
+  resumed run (``--c``) starts from the largest ledger ever written for the fold, so
   epsilon never resets, and draws fresh noise: the steps between the checkpoint it resumes
   and the last checkpoint written were released once already (checkpoint_best may hold
   them), and replaying them with the same noise on other augmented patches would let the
@@ -59,6 +67,7 @@ from dpseg.nnunet.cases import CaseDataset, CasePatches
 from dpseg.nnunet.loss import check_case_loss, refuse_batch_dice
 from dpseg.nnunet.settings import PRIVACY_KEYS, DPSettings, noise_for_schedule, steps_planned
 from dpseg.privacy import BatchMemoryManager, PrivacyEngine
+from dpseg.privacy.units import RowUnits
 
 LEDGER_FILE = "privacy.json"
 UNIT = "case"  # the engine's item: one training case with its k patches
@@ -93,7 +102,6 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
         self.private_network = None  # the PrivateModule around self.network
         self._physical = None  # the stream of physical batches
         self._resume: dict | None = None
-        self._loss_checked = False
 
     # --- set-up -----------------------------------------------------------------------
     def configure_dp(self, settings: DPSettings) -> None:
@@ -139,6 +147,18 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
     def _validation_on_training_cases(self) -> bool:
         return self.fold == "all"
 
+    def do_split(self):
+        train, val = super().do_split()
+        overlap = sorted(set(train) & set(val))
+        if overlap and not self._validation_on_training_cases():
+            raise ValueError(
+                f"fold {self.fold} validates on {len(overlap)} of its training cases (e.g. "
+                f"{overlap[:3]}): their pseudo Dice and the choice of checkpoint_best would "
+                "be released outside epsilon. Fix splits_final.json so that each fold's "
+                "validation cases are held out of its training cases."
+            )
+        return train, val
+
     # --- data -------------------------------------------------------------------------
     def get_dataloaders(self):
         patch_size = self.configuration_manager.patch_size
@@ -169,6 +189,7 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
             num_workers=workers,
             worker_init_fn=_seed_numpy_in_worker if workers else None,
         )
+        self.check_loss_per_case()
         self._make_private(loader)
 
         val = None
@@ -203,6 +224,36 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
         # batches from the DP loader itself, so the "batch" nnU-Net hands over is empty.
         return itertools.repeat(None), val
 
+    def check_loss_per_case(self) -> None:
+        """Holds the loss against its per-case terms (dpseg.nnunet.loss) on a synthetic
+        batch of two cases of k patches: with nnU-Net's batch of 2 and k = 2 a physical
+        batch holds one case, so the training batches could never show a coupling. The
+        inputs are noise and the labels drawn from the plans' labels (the ignore label
+        included): no training case is read, and the check is of the loss's structure."""
+        k = self.dp.patches_per_case
+        labels = self.label_manager
+        generator = torch.Generator().manual_seed(0)
+        shape = (2 * k, self.num_input_channels, *self.configuration_manager.patch_size)
+        dtype = next(self.network.parameters()).dtype
+        x = torch.randn(shape, generator=generator, dtype=dtype).to(self.device)
+        with torch.no_grad():
+            output = self.network(x)
+        outputs = output if isinstance(output, list | tuple) else [output]
+        values = list(labels.all_labels)
+        if labels.ignore_label is not None:
+            values.append(labels.ignore_label)
+
+        def target_like(o: torch.Tensor) -> torch.Tensor:
+            if labels.has_regions:
+                size = (o.shape[0], o.shape[1], *o.shape[2:])
+                return torch.randint(0, 2, size, generator=generator).to(o.device, torch.int16)
+            pick = torch.randint(0, len(values), (o.shape[0], 1, *o.shape[2:]), generator=generator)
+            return torch.as_tensor(values, dtype=torch.int16)[pick].to(o.device)
+
+        targets = [target_like(o) for o in outputs]
+        target = targets if isinstance(output, list | tuple) else targets[0]
+        check_case_loss(self.loss, output, target, RowUnits((k, k)))
+
     def _make_private(self, loader: DataLoader) -> None:
         self.engine = PrivacyEngine(accountant=self.dp.accountant)
         resume = self._resume
@@ -230,6 +281,7 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
             dp_state.pop("noise_seed", None)  # fresh noise on the resumed branch
             state["dpseg"] = dp_state
             optimizer.load_state_dict(state)
+            self._resume = None
         self.private_network, self.optimizer = private, optimizer
         self._physical = self._physical_batches(dp_loader, optimizer)
         self.print_to_log_file(
@@ -260,15 +312,10 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
                 target = target.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             if data.shape[0]:  # an empty Poisson batch is a noise-only step
-                output = self.private_network(data)
-                if not self._loss_checked:
-                    units = self.private_network.unit_feed.current
-                    if units is not None and units.num_units >= 2:
-                        check_case_loss(self.loss, output, target, units)
-                        self._loss_checked = True
-                loss = self.loss(output, target)
+                loss = self.loss(self.private_network(data), target)
                 loss.backward()
-                total, rows = total + float(loss.detach()) * data.shape[0], rows + data.shape[0]
+                if self.dp.log_train_loss:
+                    total, rows = total + float(loss.detach()) * len(data), rows + len(data)
             self.optimizer.step()
         logged = total / rows if (self.dp.log_train_loss and rows) else float("nan")
         return {"loss": np.array(logged)}
@@ -289,6 +336,10 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
         self.logger.log("val_losses", nan, self.current_epoch)
 
     def on_epoch_end(self):
+        # every epoch's model is released to the log (its pseudo Dice) and progress.png:
+        # the ledger counts it before a crash could lose it
+        if self.local_rank == 0:
+            self._write_ledger()
         super().on_epoch_end()
         self.print_to_log_file(f"DP: epsilon {self.epsilon():.3f} (delta {self.dp.delta})")
 
@@ -322,7 +373,10 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
             "outside_epsilon": [
                 "nnU-Net's plans (dataset fingerprint: spacings, shapes, CT intensity "
                 "statistics) are computed from the training cases",
-                "checkpoint_best is chosen on the fold's validation cases",
+                "the output folder's dataset.json, fingerprint and logs state the number "
+                "of training cases: release the model and this record, not the folder",
+                "folds 0-4: the validation cases' own data (their pseudo Dice, and the "
+                "choice of checkpoint_best on them)",
             ],
         }
 
@@ -330,18 +384,30 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
         return Path(self.output_folder) / LEDGER_FILE
 
     def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank != 0 or self.disable_checkpointing or self.engine is None:
+        if self.engine is None:  # nothing trained privately yet
+            return super().save_checkpoint(filename)
+        if self.local_rank != 0 or self.disable_checkpointing:
             return
+        tmp = f"{filename}.tmp"
+        super().save_checkpoint(tmp)
         record = self.privacy_record()
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(tmp, map_location="cpu", weights_only=False)
+        # The noise seed keys every draw (Philox(seed, step)): with it, the noise could be
+        # subtracted from the momentum buffer. A resumed run draws fresh noise anyway.
+        checkpoint["optimizer_state"].get("dpseg", {}).pop("noise_seed", None)
         checkpoint["dpseg"] = record
         # The network is nnUNetTrainer's: under that name nnUNetv2_predict (-tr nnUNetTrainerDP
         # names the folder) rebuilds it without finding this class, which its search would
         # reach only by importing every trainer nnU-Net ships (its Primus ones need timm).
         checkpoint["dpseg_trainer"] = type(self).__name__
         checkpoint["trainer_name"] = "nnUNetTrainer"
-        torch.save(checkpoint, filename)
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)
+        self._write_ledger(record)
+
+    def _write_ledger(self, record: dict | None = None) -> None:
+        """privacy.json: only ever grows (a resumed branch starts from the largest)."""
+        record = record or self.privacy_record()
         path = self._ledger_path()
         if _steps_in(_read_ledger(path)) <= record["steps_accounted"]:
             tmp = path.with_suffix(".tmp")
@@ -351,6 +417,8 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not isinstance(filename_or_checkpoint, str | os.PathLike):
             raise TypeError("nnUNetTrainerDP resumes from a checkpoint file")
+        if self.dp is None:
+            raise RuntimeError("configure_dp(settings) before loading a checkpoint to continue")
         checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
         record = checkpoint.get("dpseg")
         if record is None:
