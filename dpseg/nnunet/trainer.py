@@ -26,8 +26,10 @@ validation on the fold's held-out cases, checkpoints and inference):
   them use those patients' data outside epsilon.
 - The loss is checked once, before training, on a synthetic batch of two cases (noise and
   labels drawn from the plans' label set), since a physical batch may hold one case.
-- Released checkpoints hold no noise seed (with it the noise could be regenerated and
-  subtracted from the momentum buffer).
+- Secret randomness. The Poisson draws and the noise seed come from OS entropy (torch's
+  default generator, which nnU-Net leaves unseeded, starts from the same seed in every
+  process, so its draws could be replayed), and checkpoints hold no noise seed (with it
+  the noise could be regenerated and subtracted from the momentum buffer).
 - What to release: the model (checkpoint_final) and privacy.json. The output folder also
   holds nnU-Net's dataset.json, fingerprint and logs, which state the number of training
   cases, which add/remove adjacency treats as private.
@@ -48,6 +50,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import secrets
 import warnings
 from pathlib import Path
 
@@ -77,6 +80,13 @@ def _seed_numpy_in_worker(worker_id: int) -> None:
     # nnU-Net's cropping and augmentation draw from numpy's global generator, which forked
     # workers would otherwise share state for (every worker drawing the same crops).
     np.random.seed(torch.initial_seed() % 2**32)  # noqa: NPY002 (nnU-Net's generator)
+
+
+def _secret_generator() -> torch.Generator:
+    # The Poisson draws and the noise must be secret: torch's default generator starts from
+    # the same seed in every process that does not seed it (nnU-Net does not), so its draws
+    # could be replayed. Both are seeded from OS entropy and never saved.
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def _steps_in(ledger: dict | None) -> int:
@@ -188,6 +198,7 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
             collate_fn=flatten_collate,
             num_workers=workers,
             worker_init_fn=_seed_numpy_in_worker if workers else None,
+            generator=_secret_generator(),
         )
         self.check_loss_per_case()
         self._make_private(loader)
@@ -274,6 +285,7 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
                 sample_rate=self.dp.sample_rate,
                 expected_batch_size=self.dp.expected_cases,
                 loss_reduction="mean",
+                noise_seed=secrets.randbits(63),
             )
         if resume is not None:
             state = dict(resume["optimizer_state"])
