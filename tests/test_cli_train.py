@@ -97,6 +97,8 @@ def test_train_dp_resume_continues_the_ledger_and_the_run(phantoms, tmp_path):
         "--val-fraction",
         "0",
     ]
+    # the two runs share their secret only because it is given; by default each draws its own
+    common += ["--secret-seed", "11"]
     assert _train(phantoms, whole, "--steps", "4", *common) == 0
     assert _train(phantoms, split, "--steps", "2", *common) == 0
     eps_2 = _report(split)["epsilon"]
@@ -239,3 +241,28 @@ def test_predict_phantom_round_trip(trained_run, phantoms, tmp_path):
     _, m = ndimage.label(kept == 1, structure=full)
     sizes = np.bincount(pieces.ravel())[1:]
     assert m == min(n, 1) and (n == 0 or (kept == 1).sum() == sizes.max())
+
+
+def test_sampling_and_noise_are_keyed_by_a_secret_kept_out_of_the_checkpoint(phantoms, tmp_path):
+    """The same --seed must not replay the Poisson draws or the noise: each run keys them
+    with a secret from OS entropy, kept owner-only in RUN/secret.key, in neither the
+    checkpoint nor the report; a given --secret-seed replays them exactly."""
+    from dpseg.train.secret import SECRET_FILE
+
+    args = ["--noise-multiplier", "1.0", "--seed", "3", "--val-fraction", "0", "--steps", "2"]
+    runs = [tmp_path / name for name in ("a", "b", "c", "d")]
+    secret = ["--secret-seed", "5"]
+    for run, extra in zip(runs, ([], [], secret, secret), strict=True):
+        assert _train(phantoms, run, *args, *extra) == 0
+    weights = [torch.load(r / "checkpoint.pt", weights_only=True)["model"] for r in runs]
+    differs = any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert differs  # same --seed, own secrets: other batches and noise
+    for k in weights[2]:
+        assert torch.equal(weights[2][k], weights[3][k])  # a given secret replays them
+    secret_a = (runs[0] / SECRET_FILE).read_text().strip()
+    assert secret_a != (runs[1] / SECRET_FILE).read_text().strip()
+    assert (runs[0] / SECRET_FILE).stat().st_mode & 0o077 == 0  # owner-only
+    ckpt = torch.load(runs[0] / "checkpoint.pt", weights_only=True)
+    assert "noise_seed" not in ckpt["optimizer"]["dpseg"]  # the noise stays replayable only
+    assert ckpt["config"]["secret_seed"] is None  # from the secret, which is not in here
+    assert secret_a not in (runs[0] / "report.json").read_text()

@@ -63,7 +63,8 @@ def _fresh(dp=True, engine="dpseg"):
     images, labels = _volumes()
     model = build_model(cfg, 2)
     opt = build_optimizer(cfg, model.parameters())
-    model, opt, loader, privacy = privatize(cfg, model, opt, make_loader(images, labels, cfg), 6)
+    loader = make_loader(images, labels, cfg)
+    model, opt, loader, privacy = privatize(cfg, model, opt, loader, 6, rng_seed=cfg.seed)
     return cfg, model, opt, loader, privacy
 
 

@@ -140,6 +140,14 @@ def add_train_parser(sub) -> None:
     p.add_argument("--p-foreground", type=float, default=None, help="foreground patch share (0.5)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument(
+        "--secret-seed",
+        type=int,
+        default=None,
+        help="fix the secret that keys the Poisson draws and the noise (default: fresh OS "
+        "entropy, kept in RUN/secret.key): for tests and reproductions only, since whoever "
+        "knows it can replay both",
+    )
+    p.add_argument(
         "--eval-every", type=int, default=None, help="validate every N steps (0: at the end)"
     )
     p.add_argument("--checkpoint-every", type=int, default=None, help="default 50")

@@ -68,6 +68,8 @@ class TrainConfig:
     p_foreground: float = 0.5
     overlap: float = 0.25
     seed: int = 0
+    # fixes the run's secret (dpseg.train.secret): sampling and noise as public as this
+    secret_seed: int | None = None
     split: str | None = None  # FILE[:KEY]: train only on this list of cases (dpseg.train.splits)
     normalize: str = "auto"  # intensities: see NORMALIZE
     eval_every: int = 0

@@ -7,7 +7,7 @@ Building blocks (each usable alone):
 - `load_cases(dataset, preprocessing, indices)`: volumes in memory, preprocessed.
 - `make_loader(images, labels, cfg)`: one patch per patient per item, batched by the
   engine's Poisson sampler (`make_private`) or, without DP, by the same sampler built here.
-- `privatize(cfg, model, optimizer, loader, steps)`: dpseg or Opacus engine, or none.
+- `privatize(cfg, model, optimizer, loader, steps, rng_seed=...)`: dpseg or Opacus engine, or none.
 - `local_train(model, optimizer, loader, loss_fn, steps, device, ...)`: N optimizer steps,
   re-iterating the loader as needed; per-step losses.
 - `evaluate(model, images, labels, cfg)`: per-case Dice (and HD95) by sliding window.
@@ -230,15 +230,18 @@ def privatize(
     loader: DataLoader,
     steps: int,
     noise_multiplier: float | None = None,
+    *,
+    rng_seed: int,
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, Privacy]:
     """Wrap for DP (cfg.engine) or, with cfg.dp False, only switch the loader to the same
-    Poisson sampling, so that DP and non-DP runs see the same batches. `noise_multiplier`
-    overrides cfg (a resumed run keeps the sigma it started with)."""
+    Poisson sampling. `noise_multiplier` overrides cfg (a resumed run keeps the sigma it
+    started with). `rng_seed` keys the Poisson draws and the noise: the run's --seed mixed
+    with its secret (dpseg.train.secret), never the public seed alone."""
     q = sampling_of(cfg, loader)[0]
     if not cfg.dp:
         from torch.nn.parallel import DistributedDataParallel
 
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(rng_seed)
         shard = None
         if isinstance(model, DistributedDataParallel):  # the same split as the DP engine's
             shard = (torch.distributed.get_rank(), torch.distributed.get_world_size())
@@ -265,7 +268,7 @@ def privatize(
             model, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
                 max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, backend=cfg.backend,
-                noise_seed=cfg.seed, **declared,
+                noise_seed=rng_seed, **declared,
             )  # fmt: skip
     else:
         import opacus
@@ -294,7 +297,7 @@ def privatize(
             model, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
                 max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode=mode,
-                noise_generator=torch.Generator().manual_seed(cfg.seed),
+                noise_generator=torch.Generator().manual_seed(rng_seed),
             )  # fmt: skip
     info.engine = engine
     return model, optimizer, loader, info

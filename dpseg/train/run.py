@@ -34,6 +34,7 @@ from dpseg.train.loop import (
     unwrap,
 )
 from dpseg.train.losses import DiceCELoss
+from dpseg.train.secret import keyed_seed, resumed_secret, run_secret
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -132,6 +133,12 @@ def run_training(
                     "Continue it with --resume, or choose a new --out folder."
                 )
         _check_out(out)
+        # every worker reads the run's secret from the folder: it must exist before them
+        if resume:
+            saved = load_checkpoint(out / "checkpoint.pt")["config"]
+            resumed_secret(out, saved.get("secret_seed"))
+        else:
+            run_secret(out, cfg.secret_seed)
         return distributed.launch(cfg, resume, overrides, progress, nproc)
     if distributed.rank() != 0:  # rank 0 holds the lock and writes the run folder
         return _run(cfg, resume, overrides, progress)
@@ -220,7 +227,14 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
     loader = make_loader(tr_images, tr_labels, cfg)
     steps = total_steps(cfg, loader)
     sigma = ckpt["privacy"]["noise_multiplier"] if ckpt is not None and cfg.dp else None
-    model, optimizer, loader, privacy = privatize(cfg, model, optimizer, loader, steps, sigma)
+    if ckpt is not None:
+        secret = resumed_secret(out, cfg.secret_seed)
+    else:
+        secret = run_secret(out, cfg.secret_seed, create=world_size() == 1)
+    rng_seed = keyed_seed(cfg.seed, secret)  # keys the Poisson draws and the noise
+    model, optimizer, loader, privacy = privatize(
+        cfg, model, optimizer, loader, steps, sigma, rng_seed=rng_seed
+    )
     history: dict[str, list] = {"loss": [], "batch": [], "epsilon": [], "dice": []}
     start, seconds = 0, 0.0
     if ckpt is not None:
@@ -332,7 +346,7 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
                 mark - step,
                 device,
                 on_step,
-                cfg.seed,
+                rng_seed,
                 step,
                 lr=lambda k: lr_at(cfg, k, steps),
             )
@@ -421,6 +435,11 @@ def _global_sum(value: int) -> int:
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    # dpseg's DPOptimizer adds its noise counter and seed; Opacus's keeps only the wrapped
-    # optimizer's state (its noise generator is reseeded per step, see reseed_step).
-    return optimizer.state_dict()
+    # dpseg's DPOptimizer adds its step counter and noise seed; the seed is dropped: with
+    # it a checkpoint would let anyone regenerate the noise (a resumed run re-derives it
+    # from RUN/secret.key). Opacus's keeps only the wrapped optimizer's state (its noise
+    # generator is reseeded per step, see reseed_step).
+    state = optimizer.state_dict()
+    if isinstance(state.get("dpseg"), dict):
+        state["dpseg"] = {k: v for k, v in state["dpseg"].items() if k != "noise_seed"}
+    return state
