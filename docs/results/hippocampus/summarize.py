@@ -100,7 +100,7 @@ def test_table(runs: Path) -> list[str]:
     sys.path.insert(0, str(HERE.parents[2]))
     from dpseg.train.scoring import compare_scores
 
-    scores = {k: v for k, v in _scores(runs).items() if not k.startswith(("fed_", "alone_"))}
+    scores = {k: v for k, v in _scores(runs).items() if k in HEADLINE}
     md = [
         "# The final models on the 40 test cases",
         "",
@@ -138,6 +138,67 @@ def test_table(runs: Path) -> list[str]:
                     r for r in compare_scores(scores[a], scores[b]) if r["metric"] == "mean_dice"
                 ]
                 md.append(f"| {a} | {b} | " + " | ".join(_gap(r) for r in rows) + " |")
+    return md
+
+
+HEADLINE = ("nodp_s0", "nodp_s1", "dp_s0", "dp_s1")  # the 160-case models of run.sh
+SIZES = {40: "{}40_s{}", 80: "{}80_s{}", 160: "{}_s{}"}  # trend.sh's names, run.sh's at 160
+
+
+def trend_table(runs: Path) -> list[str]:
+    """The DP gap on one site at 40, 80 and 160 training cases (nested subsets), per seed:
+    non-private and DP mean Dice on the 40 test cases and the paired gap; trend.png."""
+    sys.path.insert(0, str(HERE.parents[2]))
+    from dpseg.train.scoring import paired_bootstrap
+
+    scores = _scores(runs)
+    md = [
+        "",
+        "## How the DP gap moves with the number of cases",
+        "",
+        "Nested subsets of split.json (trainN_sS: 40 of 80 of 160, per seed S), the final "
+        "configurations of run.sh at every size (trend.sh): DP keeps q = 0.2, 300 steps and "
+        "so sigma for epsilon 8, and its normaliser is q N. Mean Dice over the two labels on "
+        "the 40 test cases; gap = non-private - DP, paired over the test cases (95% "
+        "bootstrap interval).",
+        "",
+        "| cases | seed | non-private | DP (epsilon 8) | gap | interval |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    points: dict[int, list[tuple[float, float, float]]] = {}
+    for n, pattern in SIZES.items():
+        for seed in (0, 1):
+            a, b = scores.get(pattern.format("nodp", seed)), scores.get(pattern.format("dp", seed))
+            if a is None or b is None:
+                continue
+            r = paired_bootstrap(a, b)
+            points.setdefault(n, []).append((a["mean_dice"], b["mean_dice"], r["diff"]))
+            md.append(
+                f"| {n} | {seed} | {a['mean_dice']:.3f} | {b['mean_dice']:.3f} | "
+                f"{r['diff']:.3f} | [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] |"
+            )
+    if points:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ns = sorted(points)
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for i, (label, color) in enumerate((("non-private", "C0"), ("DP, epsilon 8", "C3"))):
+            for n in ns:
+                ax.scatter([n] * len(points[n]), [p[i] for p in points[n]], color=color, s=14)
+            mean = [sum(p[i] for p in points[n]) / len(points[n]) for n in ns]
+            ax.plot(ns, mean, color=color, label=f"{label} (mean of seeds)")
+        ax.set_xlabel("training cases (one site)")
+        ax.set_ylabel("test mean Dice")
+        ax.set_xticks(ns)
+        ax.set_ylim(0, 1)
+        ax.legend(loc="center right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(HERE / "trend.png", dpi=120)
+        plt.close(fig)
+        md += ["", "![Dice against the number of cases](trend.png)"]
     return md
 
 
@@ -245,7 +306,7 @@ def main() -> None:
     (HERE / "tuning.md").write_text("\n".join(tuning(runs)) + "\n")
     if any(runs.glob("*/test*.json")):
         copy_finals(runs)
-        md = test_table(runs) + federated_table(runs)
+        md = test_table(runs) + federated_table(runs) + trend_table(runs)
         (HERE / "test.md").write_text("\n".join(md) + "\n")
     print(f"wrote {HERE / 'tuning.md'}" + (" and test.md" if any(runs.glob("*/test.json")) else ""))
 
