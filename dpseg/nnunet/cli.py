@@ -103,7 +103,8 @@ def add_nnunet_parser(sub) -> None:
 
     im = nsub.add_parser(
         "import-msd",
-        help="an MSD folder as nnUNet_raw/DatasetXXX_Name, training cases from a split list",
+        help="an MSD folder as an nnU-Net raw dataset (nnUNet_raw/Dataset<id>_<name>), its "
+        "training cases from a split list",
     )
     im.add_argument("--data", type=Path, required=True, help="MSD folder")
     im.add_argument("--id", type=int, required=True, help="nnU-Net dataset id (1-999)")

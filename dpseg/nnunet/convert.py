@@ -39,7 +39,7 @@ def msd_to_nnunet(
     test: list[str] = (),
     name: str | None = None,
 ) -> Path:
-    """Writes nnUNet_raw/DatasetXXX_Name from ``msd``; returns its folder."""
+    """Writes ``raw``/Dataset<id, 3 digits>_<name> from ``msd``; returns that folder."""
     msd, raw = Path(msd), Path(raw)
     meta = json.loads((msd / "dataset.json").read_text()) if (msd / "dataset.json").exists() else {}
     cases = _msd_cases(msd)

@@ -145,7 +145,7 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
                 "declares them (nnUNetv2_train has no options to pass them)"
             )
         if self.is_ddp:
-            raise NotImplementedError(
+            raise RuntimeError(
                 "nnUNetTrainerDP runs on one device: nnU-Net's multi-GPU training splits each "
                 "batch by rank its own way, which is not the global Poisson draw dpseg "
                 "accounts. Train with one GPU (-num_gpus 1)."
@@ -255,9 +255,8 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
             values.append(labels.ignore_label)
 
         def target_like(o: torch.Tensor) -> torch.Tensor:
-            if labels.has_regions:
-                size = (o.shape[0], o.shape[1], *o.shape[2:])
-                return torch.randint(0, 2, size, generator=generator).to(o.device, torch.int16)
+            if labels.has_regions:  # one binary channel a region
+                return torch.randint(0, 2, o.shape, generator=generator).to(o.device, torch.int16)
             pick = torch.randint(0, len(values), (o.shape[0], 1, *o.shape[2:]), generator=generator)
             return torch.as_tensor(values, dtype=torch.int16)[pick].to(o.device)
 
