@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from dpseg.cli import main
 from dpseg.data import write_phantom_dataset
+from dpseg.train.checkpoint import load_checkpoint
 
 TINY = ["--patch", "16", "--batch", "2", "--channels", "4,8", "--quiet", "--epsilon-every", "1"]
 REPORT_KEYS = {"dice", "epsilon", "delta", "steps", "seconds", "device", "config", "per_case"}
@@ -247,7 +248,7 @@ def test_sampling_and_noise_are_keyed_by_a_secret_kept_out_of_the_checkpoint(pha
     """The same --seed must not replay the Poisson draws or the noise: each run keys them
     with a secret from OS entropy, kept owner-only in RUN/secret.key, in neither the
     checkpoint nor the report; a given --secret-seed replays them exactly."""
-    from dpseg.train.secret import SECRET_FILE
+    from dpseg.privacy.secret import SECRET_FILE
 
     args = ["--noise-multiplier", "1.0", "--seed", "3", "--val-fraction", "0", "--steps", "2"]
     runs = [tmp_path / name for name in ("a", "b", "c", "d")]
@@ -266,3 +267,27 @@ def test_sampling_and_noise_are_keyed_by_a_secret_kept_out_of_the_checkpoint(pha
     assert "noise_seed" not in ckpt["optimizer"]["dpseg"]  # the noise stays replayable only
     assert ckpt["config"]["secret_seed"] is None  # from the secret, which is not in here
     assert secret_a not in (runs[0] / "report.json").read_text()
+
+
+def test_the_privacy_unit_is_named_in_the_ledger_report_and_evaluation(phantoms, tmp_path, capsys):
+    # A subject may have several MSD cases (the hippocampus: one crop per hemisphere): the
+    # run then says its unit is the case, in every place the epsilon is stated.
+    from dpseg.train.scoring import evaluate_checkpoint
+
+    run = tmp_path / "run"
+    assert _train(phantoms, run, "--steps", "1", "--privacy-unit", "case", "--sample-rate",
+                  "0.5") == 0  # fmt: skip
+    report = _report(run)
+    assert report["unit"] == "case"
+    assert "| epsilon is per | case" in (run / "report.md").read_text()
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["privacy"]["ledger"]["unit"] == "case"
+    with pytest.warns(UserWarning, match="not a held-out score"):
+        f = evaluate_checkpoint(run / "checkpoint.pt", phantoms, None, progress=False)
+    assert f["unit"] == "case" and "inferred" not in f
+    # A name is refused where it would misstate the unit, and a resume may not rename it.
+    assert _train(phantoms, tmp_path / "bad", "--privacy-unit", "item") == 2
+    assert "not item" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--steps", "2", "--quiet",
+                 "--privacy-unit", "patient"]) == 2  # fmt: skip
+    assert "privacy-unit" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, TensorDataset
 from dpseg.federated.simulator import Simulator
 from dpseg.federated.site import BudgetExhausted, Site, SiteConfig, poisson_rate
 from dpseg.federated.strategies import FedAvg, FedProx, trainable_state
+from dpseg.privacy.secret import derive_seed, site_secret
 
 
 def _mlp():
@@ -93,9 +94,17 @@ class _TwoSlicesAPatient(TensorDataset):
         return [i // 2 for i in range(len(self))]
 
 
+class _OneSliceAPatient(TensorDataset):
+    """Item i is patient i's (PatchDataset's declaration)."""
+
+    @property
+    def patient_ids(self):
+        return list(range(len(self)))
+
+
 def _dp_site(
     k, n, engine="dpseg", accountant="rdp", sigma=1.1, batch=3, max_epsilon=None, seed=0,
-    declared=True, patients=False,
+    declared=True, patients=False, secret=None,
 ):  # fmt: skip
     """A site of n cases. ``declared``: q (Opacus's 1 / ceil(n / batch), as a constant) and
     the normaliser declared, so the site's epsilon is for add/remove adjacency."""
@@ -106,7 +115,7 @@ def _dp_site(
                      max_epsilon=max_epsilon, delta=1e-5)  # fmt: skip
     data = (_TwoSlicesAPatient if patients else TensorDataset)(x, y)
     return Site(f"s{k}", k, data, _conv_net, cfg, noise_multiplier=sigma, seed=seed,
-                loss_fn=_ce)  # fmt: skip
+                secret=secret, loss_fn=_ce)  # fmt: skip
 
 
 @pytest.mark.parametrize("engine,accountant", [("dpseg", "prv"), ("opacus", "rdp")])
@@ -211,10 +220,14 @@ def test_resume_from_state_matches_uninterrupted_run(patients):
     # The in-process view of --resume (the CLI test does it through files) and of a Flower
     # site rebuilt for each message: rounds 1-2, state to a fresh set of objects, round 3;
     # the same weights and ledgers as 3 rounds straight. With declared patients the engine
-    # rebuilds the site's loader; it must keep drawing from the generator the state saves.
-    def build():
-        sites = [_dp_site(k, n, seed=5, patients=patients) for k, n in enumerate((6, 8))]
-        return Simulator(sites, _conv_net(), FedProx(mu=0.1), local_steps=2, fraction=0.5, seed=5)
+    # rebuilds the site's loader; it must keep drawing from the keyed stream.
+    def build(secret=17):
+        sites = [
+            _dp_site(k, n, seed=5, patients=patients, secret=site_secret(secret, k))
+            for k, n in enumerate((6, 8))
+        ]
+        return Simulator(sites, _conv_net(), FedProx(mu=0.1), local_steps=2, fraction=0.5,
+                         seed=5, secret=secret)  # fmt: skip
 
     straight = build()
     straight.run(3)
@@ -229,6 +242,66 @@ def test_resume_from_state_matches_uninterrupted_run(patients):
     for a, b in zip(straight.sites, second.sites, strict=True):
         assert a.ledger.history == b.ledger.history and a.epsilon == b.epsilon
     assert [r["sampled"] for r in straight.history] == [r["sampled"] for r in second.history]
+    # The state alone does not replay round 3: resumed under another secret, it draws other
+    # batches and noise.
+    other = build(secret=18)
+    other.load_state_dict(copy.deepcopy(state))
+    other.run(3)
+    assert not torch.equal(other.weights["0.weight"], straight.weights["0.weight"])
+
+
+def _leaves(obj):
+    """Every (path, value) leaf of a nested dict/list state."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            for path, leaf in _leaves(v):
+                yield (str(k), *path), leaf
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            for path, leaf in _leaves(v):
+                yield (str(i), *path), leaf
+    else:
+        yield (), obj
+
+
+@pytest.mark.parametrize("engine", ["dpseg", "opacus"])
+def test_sampling_and_noise_are_keyed_by_a_secret_the_checkpoint_does_not_hold(engine):
+    # The public seed alone must not fix a site's batches or noise: anyone holding a run's
+    # record (its --seed) could replay them and subtract the noise from a released update.
+    def run(secret, seed=5, torch_seed=0):
+        sites = [
+            _dp_site(k, n, engine=engine, seed=seed,
+                     secret=None if secret is None else site_secret(secret, k))
+            for k, n in enumerate((6, 8))
+        ]  # fmt: skip
+        sim = Simulator(sites, _conv_net(), FedAvg(), local_steps=2, fraction=0.5, seed=seed,
+                        secret=secret, client_dp={"clip": 10.0, "noise_multiplier": 0.5,
+                                                  "delta": 1e-5})  # fmt: skip
+        torch.manual_seed(torch_seed)  # nothing of the sampling or noise draws on it
+        sim.run(2)
+        return sim
+
+    same_a, same_b = run(secret=3), run(secret=3, torch_seed=1)
+    assert all(torch.equal(v, same_b.weights[k]) for k, v in same_a.weights.items())
+    fresh_a, fresh_b = run(secret=None), run(secret=None)  # the default: OS entropy
+    assert not torch.equal(fresh_a.weights["0.weight"], fresh_b.weights["0.weight"])
+    keys = [site._key for site in fresh_a.sites + fresh_b.sites] + [fresh_a._key, fresh_b._key]
+    assert len(set(keys)) == len(keys)
+
+    # Nothing in the checkpoint can regenerate the randomness: no generator state, no
+    # noise seed, no key, and no integer that equals a key or a seed derived from it.
+    state = same_a.state_dict()
+    secret_ints = {same_a._key, derive_seed(same_a._key, 2)}
+    for site in same_a.sites:
+        secret_ints |= {site._key, *(derive_seed(site._key, p) for p in (1, 2, 3))}
+    for path, leaf in _leaves(state):
+        assert not {"noise_seed", "loader_rng", "noise_rng", "generator", "sampler"} & set(path)
+        if isinstance(leaf, int):
+            assert leaf not in secret_ints, path
+        # (torch's global generator is saved for dropout and the like; run() shows that
+        # the sampling and the noise do not draw on it)
+        if isinstance(leaf, torch.Tensor) and leaf.dtype == torch.uint8 and path != ("torch_rng",):
+            raise AssertionError(f"a byte tensor (an RNG state?) at {path}")
 
 
 @pytest.mark.parametrize("engine", ["none", "dpseg", "opacus"])
@@ -283,3 +356,24 @@ def test_opacus_with_conv_transpose_warns_about_empty_batches():
 
     with pytest.warns(UserWarning, match="upsample='interp'"):
         Site("s", 0, ds, model_fn, SiteConfig(engine="opacus", batch_size=2), loss_fn=_ce)
+
+
+@pytest.mark.parametrize("engine", ["dpseg", "opacus"])
+def test_each_site_ledger_names_its_unit_and_keeps_it_on_resume(engine):
+    from dpseg.train.saved_model import federated_privacy
+
+    def build(unit):
+        x, y = _seg_data(6, seed=0)
+        cfg = SiteConfig(engine=engine, optimizer="sgd", lr=0.05, batch_size=3,
+                         sample_rate=0.5, accountant="rdp", privacy_unit=unit)  # fmt: skip
+        site = Site("s0", 0, _OneSliceAPatient(x, y), _conv_net, cfg, noise_multiplier=1.1,
+                    secret=1, loss_fn=_ce)  # fmt: skip
+        return Simulator([site], _conv_net(), FedAvg(), local_steps=1, secret=1)
+
+    sim = build("case")
+    sim.run(1)
+    state = sim.state_dict()
+    assert state["sites"]["s0"]["ledger"]["unit"] == "case"
+    assert federated_privacy(state)["unit"] == "case"  # what dpseg evaluate reports
+    with pytest.raises(ValueError, match="per case, this run's per patient"):
+        build("patient").load_state_dict(copy.deepcopy(state))

@@ -42,8 +42,21 @@ def test_compare_report_and_resume_after_kill(tmp_path, capsys):
     md = (straight / "report.md").read_text()
     assert "| site0 |" in md and "Training-time penalty" in md
 
+    # The run's secret (the key of every site's sampling and noise) is owner-only and in
+    # neither the report nor a checkpoint.
+    key = straight / "secret.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    secret = key.read_text().strip()
+    assert secret not in (straight / "report.json").read_text()
+    assert secret not in (straight / "report.md").read_text()
+    assert str(int(secret)) not in repr(load_checkpoint(straight / "checkpoint_dpseg.pt"))
+
     # "Kill" after round 1: run 1 round, then fresh objects resume from the files to round 2.
+    # The killed run is given the straight run's secret, as if it were the same run: its
+    # resume must then replay the straight run exactly, from OUT/secret.key.
     killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "secret.key").write_text(key.read_text())
     assert main(["federate", *flags, "--rounds", "1", "--out", str(killed)]) == 0
     eps_1 = json.loads((killed / "report.json").read_text())["sites"]["site0"]["epsilon"]["dpseg"]
     assert main(["federate", *flags, "--rounds", "2", "--out", str(killed), "--resume"]) == 0

@@ -110,10 +110,20 @@ def test_client_level_dp_noise_std_and_state():
     s = ClientLevelDP(FedAvg(), clip=2.0, noise_multiplier=1.5, expected_sites=3.0, seed=4)
     zero = {"a": torch.zeros(20000, dtype=torch.float64)}
     state = s.state_dict()
+    s.configure_fit(1)
     out = s.aggregate(zero, [])["a"]  # nobody reported: the server still releases noise
     assert out.std().item() == pytest.approx(1.5 * 2.0 / 3.0, rel=0.03)
+    s.configure_fit(2)
+    assert not torch.equal(s.aggregate(zero, [])["a"], out)  # each round its own noise
+    # Round r's noise is a function of (seed, r): a resumed server draws it again, and its
+    # state holds no generator to replay it from.
     s.load_state_dict(state)
+    s.configure_fit(1)
     assert torch.equal(s.aggregate(zero, [])["a"], out)
+    assert "generator" not in state
+    other = ClientLevelDP(FedAvg(), clip=2.0, noise_multiplier=1.5, expected_sites=3.0, seed=5)
+    other.configure_fit(1)
+    assert not torch.equal(other.aggregate(zero, [])["a"], out)
 
 
 def test_make_strategy_defaults_and_errors():

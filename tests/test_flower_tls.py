@@ -98,6 +98,14 @@ def test_tls_with_node_auth_refuses_an_unregistered_node(tmp_path):
     text = (tmp_path / "traffic" / "traffic.jsonl").read_text()
     assert not [n for n in case_names(cfg, out) if n in text]
     assert not sent_keys(tmp_path / "traffic") & UNNOISED
+    # Each site keyed its sampling and noise by a secret of its own, drawn on its node and
+    # kept owner-only in its state-dir (the server's in OUT); none of them ever travelled.
+    keys = [base / f"node{k}" / "site-state" / "secret.key" for k in range(2)]
+    keys.append(out / "secret.key")
+    secrets = [p.read_text().strip() for p in keys]
+    assert len(set(secrets)) == 3
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in keys)
+    assert not [v for v in secrets if v in text]
 
     # docs/flower.md's commands are the ones run here, but for the loopback's own ports.
     ran = _commands((base / "commands.txt").read_text())

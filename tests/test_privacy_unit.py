@@ -444,3 +444,51 @@ def test_grouping_holds_through_a_torch_func_unit():
     groups = _row_groups(rows, counts)
     _, expected = _expected_update(oracle_model, seg_loss_mean, x, y, groups, 0.5, 3, "mean")
     _assert_close(before - _flat(model), expected)
+
+
+class _Cases(TensorDataset):
+    """Items are MSD cases of which a subject may have several: the dataset says so."""
+
+    privacy_unit = "case"
+
+    @property
+    def patient_ids(self):
+        return list(range(len(self)))
+
+
+def test_the_declared_unit_is_named_as_the_caller_or_the_dataset_says():
+    x, y = _rows(6, seed=2)
+
+    def make(data, **kw):
+        model = SmallSegNet().double()
+        engine = dpseg.PrivacyEngine(accountant="rdp")
+        _quiet_make_private(
+            engine, module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(data, batch_size=2), noise_multiplier=1.0,
+            max_grad_norm=1.0, sample_rate=0.5, expected_batch_size=3, **kw,
+        )  # fmt: skip
+        return engine
+
+    ids = [0, 0, 1, 1, 2, 2]
+    assert make(TensorDataset(x, y), patient_ids=ids).guarantee.unit == "patient"
+    named = make(TensorDataset(x, y), patient_ids=ids, privacy_unit="subject")
+    assert named.get_privacy_spent(1e-5)["unit"] == "subject"
+    assert named.state_dict()["unit"] == "subject"
+    assert make(_Cases(x, y)).guarantee.unit == "case"
+    assert make(_Cases(x, y), privacy_unit="subject").guarantee.unit == "subject"  # the call wins
+    with pytest.raises(ValueError, match='not "item"'):
+        make(TensorDataset(x, y), patient_ids=ids, privacy_unit="item")
+    with pytest.raises(ValueError, match="give patient_ids too"):
+        make(TensorDataset(x, y), privacy_unit="case")  # a name for undeclared rows
+    # A ledger kept per patient does not become one per case on resume.
+    resumed = dpseg.PrivacyEngine(accountant="rdp")
+    kept = make(TensorDataset(x, y), patient_ids=ids)
+    kept.accountant.step(noise_multiplier=1.0, sample_rate=0.5)
+    resumed.load_state_dict(kept.state_dict())
+    with pytest.raises(ValueError, match="kept per patient.*would account per case"):
+        model = SmallSegNet().double()
+        _quiet_make_private(
+            resumed, module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(_Cases(x, y), batch_size=2), noise_multiplier=1.0,
+            max_grad_norm=1.0, sample_rate=0.5, expected_batch_size=3,
+        )  # fmt: skip

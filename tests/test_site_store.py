@@ -5,6 +5,8 @@ a spent budget must stay spent, and a state older than the site's release log is
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from dpseg.federated.flower.config import model_fn, run_config_for  # noqa: E402
 from dpseg.federated.runner import FederatedConfig  # noqa: E402
 from dpseg.federated.site import BudgetExhausted  # noqa: E402
 from dpseg.federated.site_store import RELEASES_FILE, STATE_FILE, SiteStore, StaleSiteState  # noqa: E402
+from dpseg.privacy.secret import SECRET_FILE, site_secret  # noqa: E402
 
 TINY = dict(
     phantoms=8, sites=2, size=16, patch=16, channels=(4, 8), local_steps=2, batch_size=2,
@@ -48,10 +51,14 @@ def weights(tmp_path_factory):
 
 
 def test_a_restarted_node_continues_bit_for_bit_from_its_disk(tmp_path, weights):
-    alive = _context(tmp_path / "a")  # one node that never restarts: Context.state only
+    # One node that never restarts (Context.state only), its secret fixed by --secret-seed;
+    # the restarting node holds the same secret in its state-dir's secret.key.
+    alive = _context(tmp_path / "a", secret_seed=29)
     reference = [_round(alive, r, weights) for r in (1, 2, 3)]
 
     state_dir = tmp_path / "hospital-disk"
+    state_dir.mkdir()
+    (state_dir / SECRET_FILE).write_text(f"{site_secret(29, 0)}\n")
     got = []
     for r in (1, 2, 3):  # a fresh SuperNode (empty Context.state) for every round
         got.append(_round(_context(tmp_path / "b", state_dir), r, weights))
@@ -63,6 +70,27 @@ def test_a_restarted_node_continues_bit_for_bit_from_its_disk(tmp_path, weights)
     assert [r["round"] for r in releases] == [1, 2, 3]
     assert [r["epsilon"] for r in releases] == [g["epsilon"] for g in got]
     assert not [p.name for p in state_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_site_keeps_its_own_secret_on_its_node(tmp_path):
+    # The key of the site's sampling and noise: drawn from OS entropy on the node the first
+    # time, owner-only in its state-dir, the same after a restart; without a state-dir, in
+    # the node's Context.state (never sent). Not derived from anything in the run config.
+    from dpseg.federated.flower.client import _secret
+
+    cfg = FederatedConfig(**TINY)
+    disk = tmp_path / "disk"
+    first = _secret(cfg, _context(tmp_path, disk), 0)
+    assert (disk / SECRET_FILE).stat().st_mode & 0o777 == 0o600
+    assert _secret(cfg, _context(tmp_path, disk), 0) == first  # a restarted node
+    assert _secret(cfg, _context(tmp_path, tmp_path / "other-disk"), 0) != first
+    memory = _context(tmp_path)
+    kept = _secret(cfg, memory, 0)
+    assert _secret(cfg, memory, 0) == kept != _secret(cfg, _context(tmp_path), 0)
+    assert str(kept) not in json.dumps(memory.run_config)
+    # --secret-seed (tests and reproductions): the simulator's derivation, on every node.
+    fixed = FederatedConfig(**TINY, secret_seed=29)
+    assert _secret(fixed, _context(tmp_path, disk), 1) == site_secret(29, 1)
 
 
 def test_a_spent_budget_stays_spent_after_a_restart(tmp_path, weights):
@@ -138,7 +166,12 @@ def test_the_flower_server_samples_remote_sites_under_client_level_dp():
     cfg = FederatedConfig(**TINY, client_clip=1.0, client_noise=1.0, fraction=0.5)
     sites = [RemoteSite(f"site{k}", k, k + 1, 0.5, 2, 1.0, 2, 4) for k in range(2)]
     sim = make_simulator(cfg, sites, num_classes=2)
-    draws = [[s.name for s in sim.sample()] for _ in range(40)]
+    draws = []
+    for r in range(40):  # the draw of round r + 1 (keyed by the server's secret and r)
+        sim.round = r
+        draws.append([s.name for s in sim.sample()])
+    sim.round = 0
+    assert [s.name for s in sim.sample()] == draws[0]  # a resumed server draws it again
     assert {tuple(d) for d in draws} >= {("site0",), ("site1",)}  # each site, independently
     assert all(set(d) <= {"site0", "site1"} for d in draws)
 

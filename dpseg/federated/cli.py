@@ -198,6 +198,13 @@ def add_federate_parser(sub) -> argparse.ArgumentParser:
     priv = p.add_argument_group("privacy")
     priv.add_argument("--engine", choices=ENGINES, default="dpseg")
     priv.add_argument(
+        "--privacy-unit",
+        default="patient",
+        metavar="NAME",
+        help="what the ledgers and the report call each case (default patient): say 'case' "
+        "when a subject may have several cases; a name only, refused on --resume if changed",
+    )
+    priv.add_argument(
         "--compare",
         type=_engines,
         default=None,
@@ -269,7 +276,18 @@ def add_federate_parser(sub) -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, required=False, help="run folder (required)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--seed", type=int, default=0, help="public seed: data split, phantoms, model init"
+    )
+    run.add_argument(
+        "--secret-seed",
+        type=int,
+        default=None,
+        help="fix the secret that keys every site's Poisson draws and noise and the server's "
+        "sampling (default: fresh OS entropy, kept in OUT/secret.key, and on Flower each "
+        "site's in its state-dir): for tests and reproductions only, since whoever knows it "
+        "can replay the batches and the noise",
+    )
     run.add_argument("--eval-overlap", type=float, default=0.25, help="sliding-window overlap")
     run.add_argument(
         "--eval-every",
@@ -307,6 +325,7 @@ def config_from_args(args):
         mu=args.mu, server_lr=args.server_lr, beta1=args.beta1, beta2=args.beta2, tau=args.tau,
         optimizer=args.optimizer, lr=args.lr, dp_lr=args.dp_lr, batch_size=args.batch_size,
         sample_rate=args.sample_rate, items_per_patient=args.items_per_patient,
+        privacy_unit=args.privacy_unit,
         lr_schedule=args.lr_schedule, engines=engines,
         noise_multiplier=1.0 if args.noise_multiplier is None else args.noise_multiplier,
         target_epsilon=args.target_epsilon, max_grad_norm=args.max_grad_norm, delta=args.delta,
@@ -315,7 +334,8 @@ def config_from_args(args):
         max_update_norm=args.max_update_norm, secagg=args.secagg,
         secagg_clip_range=args.secagg_clip_range, secagg_bits=args.secagg_bits,
         share_site_stats=args.share_site_stats,
-        device=args.device, seed=args.seed, eval_overlap=args.eval_overlap,
+        device=args.device, seed=args.seed, secret_seed=args.secret_seed,
+        eval_overlap=args.eval_overlap,
         engine_rounds=dict(args.engine_rounds), eval_every=args.eval_every,
         train_sites=tuple(args.train_sites),
     )  # fmt: skip

@@ -38,10 +38,13 @@ def _epsilon(cls: type[IAccountant], history: list[tuple], delta: float) -> floa
 class PrivacyLedger:
     """Rounds and epsilon of one party. ``accountant`` may be shared with a DP engine."""
 
-    def __init__(self, accountant: IAccountant, delta: float, owner: str = ""):
+    def __init__(
+        self, accountant: IAccountant, delta: float, owner: str = "", unit: str | None = None
+    ):
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         self.accountant, self.delta, self.owner = accountant, float(delta), owner
+        self.unit = unit  # what the epsilon protects ("patient", "case"; None: the server's)
         self.records: list[dict] = []
         self._cache: tuple[tuple, float] | None = None
 
@@ -75,12 +78,15 @@ class PrivacyLedger:
         return rec
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "mechanism": self.accountant.mechanism(),
             "delta": self.delta,
             "history": self.history,
             "records": [dict(r) for r in self.records],
         }
+        if self.unit is not None:
+            state["unit"] = self.unit
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state["mechanism"] != self.accountant.mechanism():
@@ -88,6 +94,12 @@ class PrivacyLedger:
                 f"ledger of {self.owner or 'this party'} was kept with the "
                 f"{state['mechanism']!r} accountant, this run uses "
                 f"{self.accountant.mechanism()!r}; resume with the same --accountant"
+            )
+        theirs = state.get("unit", "patient")  # what ledgers meant before they said
+        if self.unit is not None and theirs != self.unit:
+            raise ValueError(
+                f"ledger of {self.owner or 'this party'} is per {theirs}, this run's per "
+                f"{self.unit}; resume with --privacy-unit {theirs}"
             )
         self.accountant.history = [tuple(h) for h in state["history"]]
         self.records = [dict(r) for r in state["records"]]

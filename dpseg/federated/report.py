@@ -582,22 +582,23 @@ def write_report(report: dict, out: str | Path, plots: bool = True) -> None:
 
 def _sampling_text(cfg: dict) -> str:
     k = cfg.get("items_per_patient", 1)
-    patches = f", {k} patches a sampled patient, averaged before clipping" if k > 1 else ""
+    unit = cfg.get("privacy_unit", "patient")
+    patches = f", {k} patches a sampled {unit}, averaged before clipping" if k > 1 else ""
     if cfg.get("sample_rate") is not None:
         return (
-            f"Poisson over patients at q = {cfg['sample_rate']:g} (declared), normaliser "
+            f"Poisson over {unit}s at q = {cfg['sample_rate']:g} (declared), normaliser "
             f"--batch {cfg['batch_size']}{patches}, "
         )
-    return (
-        f"--batch {cfg['batch_size']} (Poisson over patients, q = 1 / ceil(n / batch)){patches}, "
-    )
+    rate = f"Poisson over {unit}s, q = 1 / ceil(n / batch)"
+    return f"--batch {cfg['batch_size']} ({rate}){patches}, "
 
 
 def _accountant_text(cfg: dict) -> str:
     """What each site's epsilon is about (dpseg.privacy.accountants)."""
+    unit = cfg.get("privacy_unit", "patient")
     if cfg.get("sample_rate") is not None:
-        return f"epsilon per patient, add/remove adjacency ({cfg['accountant']} accountant)"
+        return f"epsilon per {unit}, add/remove adjacency ({cfg['accountant']} accountant)"
     return (
-        "epsilon per patient, replace-one adjacency (q and the normaliser read each site's "
+        f"epsilon per {unit}, replace-one adjacency (q and the normaliser read each site's "
         "size, which is therefore public; dp_accounting's PLD)"
     )

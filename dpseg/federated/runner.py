@@ -20,9 +20,10 @@ import torch
 from dpseg.federated.partition import PARTITIONS
 from dpseg.federated.report import build_report, summary_lines, write_report
 from dpseg.federated.simulator import Simulator
-from dpseg.federated.site import ENGINES, Site, SiteConfig, derive_seed, poisson_rate
+from dpseg.federated.site import ENGINES, Site, SiteConfig, poisson_rate
 from dpseg.federated.sitedata import SiteData, evaluate_dice, load_sites, phantom_sites
 from dpseg.federated.strategies import STRATEGIES, make_strategy
+from dpseg.privacy.secret import derive_seed, resumed_secret, run_secret, site_secret
 from dpseg.train.checkpoint import load_checkpoint
 from dpseg.train.config import LR_SCHEDULES
 
@@ -77,6 +78,7 @@ class FederatedConfig:
     sample_rate: float | None = None  # declared q (add/remove); None: from each site's size
     items_per_patient: int = 1
     # privacy
+    privacy_unit: str = "patient"  # what the ledgers call each case ("case": see dpseg train)
     engines: tuple[str, ...] = ("dpseg",)
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
@@ -105,6 +107,10 @@ class FederatedConfig:
     # where
     device: str = "cpu"
     seed: int = 0
+    # fixes the federation's secret (dpseg.privacy.secret), which keys every site's Poisson
+    # draws and noise and the server's sampling: for tests and reproductions only (the
+    # randomness is then as public as this number). Default: OS entropy, in OUT/secret.key.
+    secret_seed: int | None = None
     eval_overlap: float = 0.25
     eval_every: int = 1  # evaluate the global model every N rounds, and after the last
     train_sites: tuple[str, ...] = ()  # only these sites train (all are scored); () = all
@@ -125,6 +131,11 @@ class FederatedConfig:
         """ValueError with the flag to change, for anything the run cannot start with."""
         if (self.data is None) == (self.phantoms is None):
             raise ValueError("give exactly one of --data DIR and --phantoms N")
+        if not self.privacy_unit.isidentifier() or self.privacy_unit == "item":
+            raise ValueError(
+                f"--privacy-unit must be one word naming what a case is (patient, case, "
+                f"subject; not item), got {self.privacy_unit!r}"
+            )
         if self.partition not in PARTITIONS:
             raise ValueError(f"--partition must be one of {PARTITIONS}, got {self.partition!r}")
         if self.phantoms is not None:
@@ -226,7 +237,7 @@ class FederatedConfig:
         """What must match for --resume (everything but the number of rounds and engines;
         with a learning-rate schedule over the rounds, their number too)."""
         d = asdict(self)
-        for k in ("engines", "engine_rounds", "extra"):
+        for k in ("engines", "engine_rounds", "extra", "secret_seed"):
             d.pop(k)
         if self.lr_schedule == "constant":
             d.pop("rounds")
@@ -316,7 +327,8 @@ def site_config(cfg: FederatedConfig, engine: str) -> SiteConfig:
     return SiteConfig(
         engine=engine, optimizer=cfg.optimizer, lr=cfg.lr_for(engine), batch_size=cfg.batch_size,
         sample_rate=cfg.sample_rate, items_per_patient=cfg.items_per_patient,
-        max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant, delta=cfg.delta,
+        privacy_unit=cfg.privacy_unit, max_grad_norm=cfg.max_grad_norm,
+        accountant=cfg.accountant, delta=cfg.delta,
         max_epsilon=cfg.max_epsilon, opacus_mode=cfg.opacus_mode, backend=cfg.backend,
         device=cfg.device,
     )  # fmt: skip
@@ -336,7 +348,11 @@ def build_simulator(
     sites: list[SiteData],
     num_classes: int,
     sigmas: dict[str, float],
+    secret: int | None = None,
 ) -> Simulator:
+    """The in-process federation of ``engine``. ``secret``: the federation's (every engine
+    of a run gets the same, so that they draw the same batches and compare like for like);
+    None draws fresh ones."""
     from dpseg.models import UNet
 
     def model_fn():
@@ -355,6 +371,7 @@ def build_simulator(
             site_cfg,
             noise_multiplier=sigmas[s.name],
             seed=cfg.seed,
+            secret=None if secret is None else site_secret(secret, k),
         )  # fmt: skip
         for k, s in enumerate(sites)
     ]
@@ -371,7 +388,7 @@ def build_simulator(
 
     sim = Simulator(
         members, model, strategy, local_steps=cfg.local_steps, local_epochs=cfg.local_epochs,
-        fraction=cfg.fraction, seed=cfg.seed, evaluate=evaluate, client_dp=client_dp,
+        fraction=cfg.fraction, seed=cfg.seed, secret=secret, evaluate=evaluate, client_dp=client_dp,
         label=engine, train_sites=tuple(cfg.train_sites), lr_schedule=round_lr_schedule(cfg),
         max_update_norm=cfg.max_update_norm,
     )  # fmt: skip
@@ -427,10 +444,13 @@ def run_federation(
             f"{out} already holds a run ({existing[0].name}); pass --resume to continue it "
             "or choose a new --out"
         )
+    # The run's secret (OUT/secret.key, owner-only): a resumed run needs it to replay the
+    # batches and noise it would have drawn; checkpoints never hold it.
+    secret = (resumed_secret if existing else run_secret)(out, cfg.secret_seed)
     try:
         sites, num_classes = load_data(cfg, out, progress)
         sigmas = noise_multipliers(cfg, sites)
-        sims = {e: build_simulator(cfg, e, sites, num_classes, sigmas) for e in cfg.engines}
+        sims = {e: build_simulator(cfg, e, sites, num_classes, sigmas, secret) for e in cfg.engines}
     except SetupError:
         raise
     except ValueError as exc:  # DataError is not a ValueError and passes through

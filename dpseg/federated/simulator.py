@@ -11,16 +11,23 @@ those that can still train, drawn uniformly (Flower's fraction_fit). With client
 each site is taken independently with probability q = fraction (Poisson sampling, which is
 what the accountant of the server's ledger assumes).
 
+Randomness: the sampling of sites and the client-level noise of round r are keyed by the
+server's secret and r; each site keys its own (site.py). ``secret`` is the federation's
+(dpseg.privacy.secret: the run's OUT/secret.key, or --secret-seed); without one the server
+and every site it is given draw their own from OS entropy.
+
 Checkpoints (``save``/``load``) hold the round, global weights, strategy state, every
-site's state (optimizer, ledger, RNGs), the sampler's RNG, the server ledger and the
-history, written by dpseg.train.checkpoint (a temporary file renamed over the old one, so a
-kill at any moment leaves either the previous or the new checkpoint, never a torn one;
-loaded with weights_only=True).
+site's state (optimizer, ledger, step count), the server ledger and the history, and no
+secret: neither generator states nor noise seeds. They are written by
+dpseg.train.checkpoint (a temporary file renamed over the old one, so a kill at any moment
+leaves either the previous or the new checkpoint, never a torn one; loaded with
+weights_only=True).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import traceback
 from collections.abc import Callable
@@ -42,6 +49,7 @@ from dpseg.federated.strategies import (
     update_norm,
 )
 from dpseg.federated.update_checks import nonfinite, screen_updates
+from dpseg.privacy.secret import derive_seed, server_secret
 from dpseg.train.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["FEDERATED_FORMAT", "Simulator"]
@@ -61,6 +69,7 @@ class Simulator:
         local_epochs: int | None = None,
         fraction: float = 1.0,
         seed: int = 0,
+        secret: int | None = None,
         evaluate: Callable[[nn.Module], dict] | None = None,
         client_dp: dict | None = None,
         label: str = "",
@@ -91,14 +100,17 @@ class Simulator:
         self.weights = trainable_state(model)
         self.round = 0
         self.history: list[dict] = []
-        self.sampler = np.random.default_rng([seed, 21])
+        # Which sites take part in round r, and the client-level noise, are keyed by the
+        # server's secret and r (never by the public seed alone, and never saved).
+        own = secrets.randbits(63) if secret is None else server_secret(secret)
+        self._key = derive_seed(seed, own)
         self.server_ledger: PrivacyLedger | None = None
         self.strategy = strategy
         if client_dp is not None:
             expected = self.fraction * len(sites)
             self.strategy = ClientLevelDP(
                 strategy, client_dp["clip"], client_dp["noise_multiplier"], expected,
-                seed=seed + 1_000_003,
+                seed=derive_seed(self._key, 2),
             )  # fmt: skip
             self.server_ledger = PrivacyLedger(
                 make_accountant(client_dp.get("accountant", "rdp")), client_dp["delta"], "server"
@@ -109,15 +121,17 @@ class Simulator:
         return [s for s in self.sites if not s.exhausted and s.name in self.train_sites]
 
     def sample(self) -> list[Site]:
+        """The sites of the next round (round self.round + 1)."""
+        rng = np.random.default_rng([self._key, 1, self.round + 1])
         if self.server_ledger is not None:
-            keep = self.sampler.random(len(self.sites)) < self.fraction
+            keep = rng.random(len(self.sites)) < self.fraction
             active = {s.name for s in self.active_sites()}  # names: RemoteSite is unhashable
             return [s for s, k in zip(self.sites, keep, strict=True) if k and s.name in active]
         active = self.active_sites()
         if not active:
             return []
         m = min(len(active), max(1, round(self.fraction * len(self.train_sites))))
-        chosen = sorted(self.sampler.choice(len(active), size=m, replace=False).tolist())
+        chosen = sorted(rng.choice(len(active), size=m, replace=False).tolist())
         return [active[i] for i in chosen]
 
     def close_round(self, record: dict, r: int) -> None:
@@ -156,10 +170,7 @@ class Simulator:
         if not bad:
             self.weights = new
             return
-        after = self.strategy.state_dict()
-        if "generator" in after:  # client-level DP: never draw the same noise twice
-            before = {**before, "generator": after["generator"]}
-        self.strategy.load_state_dict(before)
+        self.strategy.load_state_dict(before)  # (client-level noise is keyed by the round)
         record["refused_round"] = f"the new global model is not finite (in {bad[:3]})"
         log.error("%s round %d refused: %s", self.label, record["round"], record["refused_round"])
 
@@ -273,7 +284,6 @@ class Simulator:
             "weights": {k: v.detach().cpu().clone() for k, v in self.weights.items()},
             "strategy": self.strategy.state_dict(),
             "sites": {s.name: s.state_dict() for s in self.sites},
-            "sampler": self.sampler.bit_generator.state,
             "server_ledger": self.server_ledger.state_dict() if self.server_ledger else None,
             "history": self.history,
             "torch_rng": torch.get_rng_state(),
@@ -294,7 +304,6 @@ class Simulator:
         self.strategy.load_state_dict(state["strategy"])
         for s in self.sites:
             s.load_state_dict(state["sites"][s.name])
-        self.sampler.bit_generator.state = state["sampler"]
         if self.server_ledger is not None and state["server_ledger"] is not None:
             self.server_ledger.load_state_dict(state["server_ledger"])
         self.history = list(state["history"])

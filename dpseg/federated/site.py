@@ -2,10 +2,18 @@
 
 ``Site.fit(weights, local_steps, config)`` is one round: load the global weights, take
 ``local_steps`` optimizer steps on the site's own patients, return the change of weights.
-Everything that must survive between rounds (optimizer moments, the DP step counter and
-noise seed, the accountant history, the Poisson sampler's and patch sampler's RNG) is in
-``state_dict()``, so the same object runs inside the in-process simulator or a Flower
-ClientApp that is rebuilt for every round.
+Everything that must survive between rounds (optimizer moments, the DP step counter, the
+accountant history, the site's step count) is in ``state_dict()``, so the same object runs
+inside the in-process simulator or a Flower ClientApp that is rebuilt for every round.
+
+The site's randomness is keyed by its secret (dpseg.privacy.secret): step t's Poisson draw,
+patches and Opacus noise are functions of (key, t) (dpseg.train.loop.reseed_step), and
+dpseg's Philox noise of (noise seed, t) with the noise seed derived from the key. The
+secret never enters ``state_dict()``: a checkpoint, which the simulator writes beside its
+report, carries no generator state or noise seed from which anyone could replay the
+batches or subtract the noise. Resuming needs the secret again (the simulator keeps it in
+OUT/secret.key, a Flower site in its state-dir) and then replays the uninterrupted run
+exactly.
 
 Engines, on the same model, data, batches and seeds so that runs compare like for like:
 
@@ -33,6 +41,7 @@ global weights) is post-processing and spends no privacy.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Callable
@@ -47,8 +56,9 @@ from dpseg.data import flatten_collate
 from dpseg.federated.ledger import PrivacyLedger
 from dpseg.federated.strategies import SiteUpdate, Weights, trainable_state
 from dpseg.privacy.data_loader import DPDataLoader
+from dpseg.privacy.secret import derive_seed
 
-__all__ = ["ENGINES", "BudgetExhausted", "Site", "SiteConfig", "derive_seed", "poisson_rate"]
+__all__ = ["ENGINES", "BudgetExhausted", "Site", "SiteConfig", "poisson_rate"]
 
 ENGINES = ("dpseg", "opacus", "none")
 OPTIMIZERS = ("adam", "sgd")
@@ -56,11 +66,6 @@ OPTIMIZERS = ("adam", "sgd")
 
 class BudgetExhausted(RuntimeError):
     """The site's next round would spend more than its --max-epsilon; it stops training."""
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (independent streams for each site and purpose)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
 
 
 def poisson_rate(
@@ -88,6 +93,7 @@ class SiteConfig:
     # replace-one). Each sampled patient brings items_per_patient patches.
     sample_rate: float | None = None
     items_per_patient: int = 1
+    privacy_unit: str = "patient"  # what the ledger calls a site's unit (each of its cases)
     poisson: bool = True  # False: shuffled fixed batches (only without DP)
     max_grad_norm: float = 1.0
     accountant: str = "prv"
@@ -118,7 +124,11 @@ class SiteConfig:
 
 
 class Site:
-    """One site. ``model_fn()`` builds a fresh model (the same init everywhere)."""
+    """One site. ``model_fn()`` builds a fresh model (the same init everywhere).
+
+    ``secret`` keys the site's sampling and noise (see the module doc); without one the site
+    draws a fresh secret from OS entropy, so two sites built alike draw different batches
+    and noise. ``seed`` is public (the model's initialisation and the data split use it)."""
 
     def __init__(
         self,
@@ -130,6 +140,7 @@ class Site:
         *,
         noise_multiplier: float = 1.0,
         seed: int = 0,
+        secret: int | None = None,
         loss_fn: nn.Module | None = None,
     ):
         if len(dataset) == 0:
@@ -145,9 +156,13 @@ class Site:
             self.num_examples, config.batch_size, config.sample_rate
         )
         collate = flatten_collate if config.items_per_patient > 1 else None
-        self.loader_generator = torch.Generator().manual_seed(derive_seed(seed, 1, index))
-        self.noise_generator = torch.Generator().manual_seed(derive_seed(seed, 2, index))
-        noise_seed = derive_seed(seed, 3, index)
+        # The key of every random draw the site makes; kept out of state_dict().
+        self._key = derive_seed(seed, secrets.randbits(63) if secret is None else secret, index)
+        self.steps_taken = 0  # the next step's index in the key's stream
+        # Both generators are reseeded from (key, step) before each step's draw.
+        self.loader_generator = torch.Generator().manual_seed(derive_seed(self._key, 1))
+        self.noise_generator = torch.Generator().manual_seed(derive_seed(self._key, 2))
+        noise_seed = derive_seed(self._key, 3)
         if config.poisson:
             loader: DataLoader = DPDataLoader(
                 dataset, self.sample_rate, self.steps_per_epoch, generator=self.loader_generator,
@@ -183,16 +198,29 @@ class Site:
                     module=self.module, optimizer=base, data_loader=loader,
                     noise_multiplier=self.noise_multiplier, max_grad_norm=config.max_grad_norm,
                     poisson_sampling=True, noise_seed=noise_seed, backend=config.backend,
-                    **declared,
+                    **self._unit_name(), **declared,
                 )  # fmt: skip
-            self.ledger = PrivacyLedger(engine.accountant, config.delta, name)
+            self.ledger = PrivacyLedger(
+                engine.accountant, config.delta, name, unit=engine.guarantee.unit
+            )
         elif config.engine == "opacus":
             self.model, self.optimizer, self.loader, accountant = self._opacus(base, loader)
-            self.ledger = PrivacyLedger(accountant, config.delta, name)
+            # Opacus clips rows: they are the declared units only if each has one row.
+            ids = getattr(self.dataset, "patient_ids", None)
+            one_each = ids is not None and len(set(ids)) == len(ids)
+            unit = self.config.privacy_unit if one_each else "item"
+            self.ledger = PrivacyLedger(accountant, config.delta, name, unit=unit)
         else:
             self.model, self.optimizer, self.loader = self.module, base, loader
 
     # --- engines -----------------------------------------------------------------------------
+    def _unit_name(self) -> dict:
+        """The configured name of the site's unit, where its dataset declares its units
+        (PatchDataset: one a case); rows of a dataset that declares none are "item"s."""
+        if getattr(self.dataset, "patient_ids", None) is None:
+            return {}
+        return {"privacy_unit": self.config.privacy_unit}
+
     def _opacus(self, base, loader):
         import opacus
 
@@ -312,8 +340,11 @@ class Site:
     def _train(self, steps: int, on_step: Callable[[float], None] | None) -> list[float]:
         from dpseg.train.loop import local_train
 
-        # No per-step reseeding (seed=None): the site's generators carry on from round to
-        # round and travel in state_dict(), which is what makes a resumed run exact.
+        # Step t of the site is reseeded from (key, t): a resumed run, which knows t from
+        # its state and the key from its secret, draws what the uninterrupted one would.
+        start, self.steps_taken = self.steps_taken, self.steps_taken + steps
+        # (counted before training: the steps of a round that fails midway are never
+        # drawn again, though nothing of them left the site)
         with warnings.catch_warnings():
             # Opacus's hooks on the first layer, whose input needs no grad, make torch warn
             # at every backward; harmless, and it would flood the progress bar.
@@ -321,25 +352,23 @@ class Site:
             losses = local_train(
                 self.model, self.optimizer, self.loader, self.loss_fn, steps, self.device,
                 on_step=None if on_step is None else (lambda _step, loss, _n: on_step(loss)),
+                seed=self._key, start_step=start,
             )  # fmt: skip
         return [v for v in losses if not math.isnan(v)]  # NaN: an empty Poisson batch
 
     # --- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        data_rng = getattr(self.dataset, "_rng", None)  # PatchDataset's patch sampler
+        """Everything a resumed site needs but its secret: no generator state, no noise seed
+        (the module doc)."""
         return {
             "name": self.name,
             "engine": self.config.engine,
             "config": asdict(self.config),
             "noise_multiplier": self.noise_multiplier,
             "model": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": _without_noise_seed(self.optimizer.state_dict()),
             "ledger": self.ledger.state_dict() if self.ledger is not None else None,
-            "loader_rng": self.loader_generator.get_state(),
-            "noise_rng": self.noise_generator.get_state(),
-            "data_rng": data_rng.bit_generator.state
-            if isinstance(data_rng, np.random.Generator)
-            else None,
+            "steps_taken": self.steps_taken,
             "exhausted": self.exhausted,
         }
 
@@ -350,15 +379,23 @@ class Site:
                 f"this run uses {self.config.engine!r}"
             )
         self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # A state written before the secret keyed the noise holds a seed derived from the
+        # public --seed: the one this site derived from its secret stays.
+        self.optimizer.load_state_dict(_without_noise_seed(state["optimizer"]))
         if self.ledger is not None and state["ledger"] is not None:
             self.ledger.load_state_dict(state["ledger"])
-        self.loader_generator.set_state(state["loader_rng"])
-        self.noise_generator.set_state(state["noise_rng"])
-        data_rng = getattr(self.dataset, "_rng", None)
-        if state["data_rng"] is not None and isinstance(data_rng, np.random.Generator):
-            data_rng.bit_generator.state = state["data_rng"]
+        if "steps_taken" in state:
+            self.steps_taken = int(state["steps_taken"])
+        else:  # written before the step count: go on past every step the ledger counts
+            self.steps_taken = self.ledger.steps if self.ledger is not None else 0
         self.exhausted = state["exhausted"]
+
+
+def _without_noise_seed(state: dict) -> dict:
+    """An optimizer state without dpseg's noise seed (it would replay the noise)."""
+    if isinstance(state.get("dpseg"), dict) and "noise_seed" in state["dpseg"]:
+        state = {**state, "dpseg": {k: v for k, v in state["dpseg"].items() if k != "noise_seed"}}
+    return state
 
 
 def _default_loss() -> nn.Module:

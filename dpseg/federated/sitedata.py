@@ -25,7 +25,7 @@ from dpseg.federated.partition import (
     split_by_group,
     train_test_split,
 )
-from dpseg.federated.site import derive_seed
+from dpseg.privacy.secret import derive_seed
 from dpseg.train.metrics import dice_per_class
 
 __all__ = [

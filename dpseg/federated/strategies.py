@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dpseg.privacy.secret import derive_seed
+
 __all__ = [
     "STRATEGIES",
     "ClientLevelDP",
@@ -229,10 +231,15 @@ class ClientLevelDP(Strategy):
         self.inner, self.clip, self.noise_multiplier = inner, float(clip), float(noise_multiplier)
         self.expected_sites = float(expected_sites)
         self.name = inner.name
-        self.generator = torch.Generator().manual_seed(int(seed))
+        # Round r's noise is drawn from (seed, r) (configure_fit reseeds): a resumed run
+        # draws what the uninterrupted one would, and no generator state is saved. The
+        # seed must be secret (the simulator derives it from the server's secret).
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.last_clipped: list[str] = []
 
     def configure_fit(self, server_round: int) -> dict:
+        self.generator.manual_seed(derive_seed(self.seed, server_round))
         return self.inner.configure_fit(server_round)
 
     def combine(self, updates: list[SiteUpdate], template: Weights | None = None) -> Weights:
@@ -261,11 +268,10 @@ class ClientLevelDP(Strategy):
         return self.inner.apply(weights, delta)
 
     def state_dict(self) -> dict:
-        return {"inner": self.inner.state_dict(), "generator": self.generator.get_state()}
+        return {"inner": self.inner.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state["inner"])
-        self.generator.set_state(state["generator"])
+        self.inner.load_state_dict(state["inner"])  # (an older state's generator: ignored)
 
     def __repr__(self) -> str:
         return (

@@ -119,6 +119,7 @@ class PrivacyEngine:
         expected_batch_size: int | None = None,
         patient_ids: Sequence | None = None,
         items_per_patient: int = 1,
+        privacy_unit: str | None = None,
     ):
         """Returns (module, optimizer, data_loader) ready for an ordinary training loop;
         with ``grad_sample_mode="ghost"``, (module, optimizer, criterion, data_loader), as
@@ -138,6 +139,9 @@ class PrivacyEngine:
           sampling runs over patients; each sampled patient brings k of its items; its rows
           are averaged and clipped as one. Without them the unit is the dataset item (whose
           rows, when it yields several, are still clipped together).
+        - ``privacy_unit`` (or a ``privacy_unit`` attribute of the dataset): what the
+          declared unit is called in the ledger and every report, "patient" by default.
+          Name it for what it is: "case" where a subject may have several cases.
         """
         if noise_generator is not None:
             if noise_seed is not None or self.secure_mode:
@@ -166,6 +170,7 @@ class PrivacyEngine:
             loss_reduction=loss_reduction,
             patient_ids=patient_ids,
             items_per_patient=items_per_patient,
+            privacy_unit=privacy_unit,
         )
         distributed = DistributedContext(ddp.process_group) if ddp is not None else None
         dataset_size = len(data_loader.dataset)
@@ -233,7 +238,7 @@ class PrivacyEngine:
                 f"this engine's ledger is kept {held.describe()}; this call would account "
                 f"{guarantee.describe()}. A ledger is kept under one guarantee: use a new "
                 "PrivacyEngine, or the same sampling settings as before (sample_rate, "
-                "expected_batch_size, patient_ids, poisson_sampling)."
+                "expected_batch_size, patient_ids, privacy_unit, poisson_sampling)."
             )
         if self.accountant.mechanism() != name:
             history = list(self.accountant.history)
@@ -275,6 +280,7 @@ class PrivacyEngine:
             "loss_reduction",
             "patient_ids",
             "items_per_patient",
+            "privacy_unit",
         )
         plan = plan_sampling(data_loader, **{k: kwargs[k] for k in plan_keys if k in kwargs})
         accountant = accountant_for(self.accountant_name, plan.adjacency, plan.sampling)

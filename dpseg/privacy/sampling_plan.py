@@ -37,7 +37,7 @@ class SamplingPlan:
     normaliser_declared: bool
     steps_per_epoch: int
     num_units: int
-    unit: str  # "patient" or "item"
+    unit: str  # "item", or the declared unit's name ("patient" unless the caller names it)
     sampling: str  # "poisson" or "shuffled"
     patients: PatientIndex | None = None
     notes: list[str] = field(default_factory=list)  # what was replaced, said at make_private
@@ -53,6 +53,22 @@ def _patient_ids(loader: DataLoader, patient_ids: Sequence | None) -> Sequence |
     if patient_ids is not None:
         return patient_ids
     return getattr(loader.dataset, "patient_ids", None)
+
+
+def _unit_name(dataset, privacy_unit: str | None) -> str:
+    """What a declared unit is called in the ledger: ``privacy_unit``, else the dataset's
+    ``privacy_unit`` attribute, else "patient". A name is only a name: the units are those
+    patient_ids declare. It says honestly what they are (an MSD "case" that may be one of
+    several scans of a subject is not a patient)."""
+    name = privacy_unit if privacy_unit is not None else getattr(dataset, "privacy_unit", None)
+    if name is None:
+        return "patient"
+    if not isinstance(name, str) or not name.strip() or name.strip() != name or name == "item":
+        raise ValueError(
+            f'privacy_unit must be a word naming the declared unit ("patient", "case", '
+            f'"subject"; not "item", which means undeclared rows), got {name!r}'
+        )
+    return name
 
 
 def _check_rate(sample_rate: float) -> float:
@@ -94,6 +110,7 @@ def plan_sampling(
     loss_reduction: str = "mean",
     patient_ids: Sequence | None = None,
     items_per_patient: int = 1,
+    privacy_unit: str | None = None,
 ) -> SamplingPlan:
     """Validates the loader and the declared constants; raises with what to change."""
     if not isinstance(loader, DataLoader):
@@ -132,7 +149,12 @@ def plan_sampling(
             "needs neither: its rows are clipped together already."
         )
     num_units = len(patients) if patients is not None else len(dataset)
-    unit = "patient" if patients is not None else "item"
+    unit = _unit_name(dataset, privacy_unit) if patients is not None else "item"
+    if patients is None and privacy_unit is not None:
+        raise ValueError(
+            f"privacy_unit={privacy_unit!r} names the unit that patient_ids declare: give "
+            "patient_ids too (or a dataset with a patient_ids attribute)"
+        )
 
     if not poisson_sampling:
         q = 1 / len(loader)

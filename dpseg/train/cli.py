@@ -80,6 +80,15 @@ def add_train_parser(sub) -> None:
         help="patches (2-D: slices) each sampled patient brings, averaged before clipping "
         "so the patient still moves the update by at most C (default 1)",
     )
+    p.add_argument(
+        "--privacy-unit",
+        default=None,
+        metavar="NAME",
+        help="what the ledger and every report call the unit of privacy, each MSD case "
+        "(default patient): say 'case' when a subject may have several cases, as in the "
+        "Decathlon's hippocampus (one crop per hemisphere). A name only: the units are the "
+        "cases either way; resuming under another name is refused",
+    )
     privacy = p.add_mutually_exclusive_group()
     privacy.add_argument(
         "--no-dp", dest="dp", action="store_false", default=None, help="train without DP"

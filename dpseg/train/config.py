@@ -44,6 +44,9 @@ class TrainConfig:
     batch: int = 8
     sample_rate: float | None = None
     items_per_patient: int = 1
+    # What the ledger calls the unit each MSD case is (dpseg.privacy.sampling_plan): say
+    # "case" where a subject may have several cases (Task04: one crop per hemisphere).
+    privacy_unit: str = "patient"
     dp: bool = True
     noise_multiplier: float | None = None
     max_grad_norm: float = 1.0
@@ -68,7 +71,7 @@ class TrainConfig:
     p_foreground: float = 0.5
     overlap: float = 0.25
     seed: int = 0
-    # fixes the run's secret (dpseg.train.secret): sampling and noise as public as this
+    # fixes the run's secret (dpseg.privacy.secret): sampling and noise as public as this
     secret_seed: int | None = None
     split: str | None = None  # FILE[:KEY]: train only on this list of cases (dpseg.train.splits)
     normalize: str = "auto"  # intensities: see NORMALIZE
@@ -113,6 +116,11 @@ class TrainConfig:
             raise ValueError(
                 "items_per_patient > 1 needs engine 'dpseg': Opacus clips each row alone, so "
                 "a patient's k patches would move the update by k C"
+            )
+        if not self.privacy_unit.isidentifier() or self.privacy_unit == "item":
+            raise ValueError(
+                f"privacy_unit must be one word naming what a case is (patient, case, "
+                f"subject; not item), got {self.privacy_unit!r}"
             )
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")

@@ -236,7 +236,7 @@ def privatize(
     """Wrap for DP (cfg.engine) or, with cfg.dp False, only switch the loader to the same
     Poisson sampling. `noise_multiplier` overrides cfg (a resumed run keeps the sigma it
     started with). `rng_seed` keys the Poisson draws and the noise: the run's --seed mixed
-    with its secret (dpseg.train.secret), never the public seed alone."""
+    with its secret (dpseg.privacy.secret), never the public seed alone."""
     q = sampling_of(cfg, loader)[0]
     if not cfg.dp:
         from torch.nn.parallel import DistributedDataParallel
@@ -268,7 +268,7 @@ def privatize(
             model, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
                 max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, backend=cfg.backend,
-                noise_seed=rng_seed, **declared,
+                noise_seed=rng_seed, privacy_unit=cfg.privacy_unit, **declared,
             )  # fmt: skip
     else:
         import opacus

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import dpseg
 from dpseg.data import DataError, MSDDataset, Preprocessing
+from dpseg.privacy.secret import keyed_seed, resumed_secret, run_secret
 from dpseg.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from dpseg.train.config import TrainConfig, resolve_normalize
 from dpseg.train.loop import (
@@ -34,7 +35,6 @@ from dpseg.train.loop import (
     unwrap,
 )
 from dpseg.train.losses import DiceCELoss
-from dpseg.train.secret import keyed_seed, resumed_secret, run_secret
 
 
 # --- the run -----------------------------------------------------------------------------

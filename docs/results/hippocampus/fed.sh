@@ -13,7 +13,7 @@ D=${D:-.venv/bin/dpseg}
 DATA=${DATA:-../shared/data/hippocampus}
 SPLIT=docs/results/hippocampus/split.json
 R=${R:-runs/hippocampus}
-COMMON="--data $DATA --split $SPLIT --sites 3 --partition iid --test-fraction 0.05 --rounds 15 --local-steps 10 --eval-every 5 --patch 24 --channels 8,16,32 --sample-rate 0.3 --batch 16 --items-per-patient 2 --max-grad-norm 1 --lr 3e-3 --target-epsilon 8 --seed 0"
+COMMON="--data $DATA --split $SPLIT --sites 3 --partition iid --test-fraction 0.05 --rounds 15 --local-steps 10 --eval-every 5 --patch 24 --channels 8,16,32 --sample-rate 0.3 --batch 16 --items-per-patient 2 --max-grad-norm 1 --lr 3e-3 --target-epsilon 8 --seed 0 --privacy-unit case"
 RUNS=(
   "fed_s0|--compare dpseg,none"
   "alone_site0|--compare dpseg --train-sites site0"

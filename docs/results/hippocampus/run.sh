@@ -44,7 +44,7 @@ NP="--patch 32 --channels 8,16,32 --batch 8 --lr 3e-3 --lr-schedule cosine --ste
 # DP: chosen before any DP run on these cases, from the non-private configuration and DP's
 # levers (not tuned on them): q = 0.2 over the 160 cases (normaliser 32), 2 patches of 24^3 a
 # sampled case averaged before clipping, 300 steps, clip 1, sigma solved for epsilon 8.
-DP="--patch 24 --channels 8,16,32 --sample-rate 0.2 --batch 32 --items-per-patient 2 --max-grad-norm 1 --lr 3e-3 --lr-schedule cosine --steps 300 --target-epsilon 8 --val-fraction 0"
+DP="--patch 24 --channels 8,16,32 --sample-rate 0.2 --batch 32 --items-per-patient 2 --max-grad-norm 1 --lr 3e-3 --lr-schedule cosine --steps 300 --target-epsilon 8 --val-fraction 0 --privacy-unit case"
 FINAL=(
   "nodp_s0|--no-dp $NP --seed 0|"
   "dp_s0|$DP --seed 0|--also non-private=$R/nodp_s0/checkpoint.pt"

@@ -42,6 +42,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import time
 import traceback
 from dataclasses import replace
@@ -59,11 +60,13 @@ from dpseg.federated.site_store import SiteStore
 from dpseg.federated.sitedata import SiteData, evaluate_dice
 from dpseg.federated.strategies import Weights, trainable_state
 from dpseg.federated.update_checks import check_update
+from dpseg.privacy.secret import run_secret, site_secret
 
 __all__ = ["load_site", "make_client_app", "save_site"]
 
 log = logging.getLogger("dpseg.federated")
 STATE_KEY = "dpseg-site"  # the record in Context.state that holds Site.state_dict()
+SECRET_KEY = "dpseg-secret"  # and the site's secret, without a state-dir
 EVALUATION_FILE = "evaluation.jsonl"  # in the state-dir: the site's own validation
 
 
@@ -95,14 +98,32 @@ def _sigma(cfg: FederatedConfig, data: SiteData) -> float:
     return noise_multipliers(cfg, [data])[data.name]
 
 
-def _build_site(cfg: FederatedConfig, data: SiteData, index: int, num_classes: int) -> Site:
-    """The site exactly as runner.build_simulator builds site ``index`` (same seeds)."""
+def _build_site(
+    cfg: FederatedConfig, data: SiteData, index: int, num_classes: int, secret: int
+) -> Site:
+    """The site as runner.build_simulator builds site ``index`` (with the same secret, the
+    same batches and noise)."""
     from dpseg.federated.runner import site_config, site_patches
 
     return Site(
         data.name, index, site_patches(cfg, data, index), model_fn(cfg, num_classes),
         site_config(cfg, cfg.engines[0]), noise_multiplier=_sigma(cfg, data), seed=cfg.seed,
+        secret=secret,
     )  # fmt: skip
+
+
+def _secret(cfg: FederatedConfig, context: Context, index: int) -> int:
+    """The site's own secret (dpseg.privacy.secret): ``secret.key`` in its state-dir,
+    drawn from OS entropy the first time; without a state-dir, a record in Context.state
+    (never sent). --secret-seed derives it as the simulator does, for the tests."""
+    if cfg.secret_seed is not None:
+        return site_secret(cfg.secret_seed, index)
+    folder = context.node_config.get("state-dir")
+    if folder:
+        return run_secret(Path(str(folder)))
+    if SECRET_KEY not in context.state:
+        context.state[SECRET_KEY] = ConfigRecord({"secret": secrets.randbits(63)})
+    return int(context.state[SECRET_KEY]["secret"])
 
 
 def _store(context: Context) -> SiteStore | None:
@@ -116,7 +137,7 @@ def _store(context: Context) -> SiteStore | None:
 def load_site(context: Context) -> tuple[FederatedConfig, Site, SiteData, int]:
     cfg = load_config(context)
     data, index, num_classes = _site_data(cfg, context)
-    site = _build_site(cfg, data, index, num_classes)
+    site = _build_site(cfg, data, index, num_classes, _secret(cfg, context, index))
     store = _store(context)
     state = store.load() if store is not None else None  # the disk first: it is what survives
     if state is None and STATE_KEY in context.state:

@@ -42,20 +42,26 @@ from dpseg.federated.runner import (
 from dpseg.federated.simulator import Simulator
 from dpseg.federated.strategies import SiteUpdate
 from dpseg.federated.update_checks import check_secure_sum
+from dpseg.privacy.secret import resumed_secret, run_secret
 
 __all__ = ["flower_round", "make_server_app", "make_simulator", "server_state_path"]
 
 log = logging.getLogger("dpseg.federated")
 
 
-def make_simulator(cfg: FederatedConfig, sites: list[RemoteSite], num_classes: int) -> Simulator:
+def make_simulator(
+    cfg: FederatedConfig, sites: list[RemoteSite], num_classes: int, secret: int | None = None
+) -> Simulator:
     """A Simulator over the remote sites: its sampler, strategy (with client-level DP),
-    update checks, server ledger and history, with the rounds run by ``flower_round``."""
+    update checks, server ledger and history, with the rounds run by ``flower_round``.
+    ``secret`` keys the sampling of sites and the client-level noise (the server's own:
+    OUT/secret.key, or --secret-seed)."""
     model = model_fn(cfg, num_classes)().to(cfg.device)
     strategy, client_dp = server_strategy(cfg)
     return Simulator(
         sites, model, strategy, local_steps=cfg.local_steps, local_epochs=cfg.local_epochs,
-        fraction=cfg.fraction, seed=cfg.seed, client_dp=client_dp, label=cfg.engines[0],
+        fraction=cfg.fraction, seed=cfg.seed, secret=secret, client_dp=client_dp,
+        label=cfg.engines[0],
         lr_schedule=round_lr_schedule(cfg), max_update_norm=cfg.max_update_norm,
     )  # fmt: skip
 
@@ -278,12 +284,14 @@ def _server_main(grid: Grid, context: Context) -> None:
     cfg.check_secagg(len(sites))
     nodes = Nodes(grid, sites)
     num_classes = sites[0].num_classes
-    sim = make_simulator(cfg, sites, num_classes)
+    resume = bool(rc.get("resume", False))
+    secret = (resumed_secret if resume else run_secret)(out, cfg.secret_seed)
+    sim = make_simulator(cfg, sites, num_classes, secret)
     sigmas = {s.name: s.noise_multiplier for s in sites}
     env = {**run_environment(cfg.device), "runtime": "flower", "flwr": _flwr_version()}
     engine = cfg.engines[0]
     state_path = server_state_path(out, engine)
-    if bool(rc.get("resume", False)):
+    if resume:
         # The server's half of a resumed run; each site brings its own from its disk.
         sim.load(state_path)
         print(f"{engine}: resumed after round {sim.round} from {state_path.name}", flush=True)

@@ -1,5 +1,11 @@
 """The run's secret: what keys its Poisson draws and its noise.
 
+Shared by ``dpseg train`` (RUN/secret.key) and ``dpseg federate``: the in-process
+simulator keeps one secret for the run (OUT/secret.key) and gives each site a secret of its
+own derived from it (``site_secret``); on Flower each SuperNode keeps its own in its
+state-dir and the ServerApp its own in the run folder (client sampling and client-level
+noise).
+
 DP-SGD's guarantee assumes the adversary cannot replay the sampling or the noise. Keyed by
 the run's --seed alone (printed in every report and command line) both could be recomputed
 by anyone holding the run's record: the batches, and the noise to subtract from a released
@@ -32,13 +38,20 @@ def run_secret(out: Path, given: int | None = None, create: bool = True) -> int:
         return int(path.read_text().strip())
     if not create:
         raise FileNotFoundError(f"{path}: the run's secret is missing")
-    value = secrets.randbits(63)
-    tmp = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{SECRET_FILE}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(f"{value}\n")
-    os.replace(tmp, path)
-    return value
+        f.write(f"{secrets.randbits(63)}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:  # a link, not a rename: a process that lost the race reads the winner's secret
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return int(path.read_text().strip())
 
 
 def resumed_secret(out: Path, given: int | None) -> int:
@@ -52,6 +65,23 @@ def resumed_secret(out: Path, given: int | None) -> int:
         stacklevel=2,
     )
     return run_secret(out, None)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (independent streams for each site and purpose)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def site_secret(secret: int, index: int) -> int:
+    """Site ``index``'s own secret, from a federation's secret (the simulator's run secret,
+    or --secret-seed on every runtime, which is what makes Flower and the simulator draw
+    the same batches and noise in the tests)."""
+    return derive_seed(secret, 7, index)
+
+
+def server_secret(secret: int) -> int:
+    """The server's secret (which sites take part in a round, client-level noise)."""
+    return derive_seed(secret, 21)
 
 
 def keyed_seed(seed: int, secret: int) -> int:
