@@ -267,6 +267,11 @@ def test_sampling_and_noise_are_keyed_by_a_secret_kept_out_of_the_checkpoint(pha
     assert "noise_seed" not in ckpt["optimizer"]["dpseg"]  # the noise stays replayable only
     assert ckpt["config"]["secret_seed"] is None  # from the secret, which is not in here
     assert secret_a not in (runs[0] / "report.json").read_text()
+    # A fresh run in a folder an earlier run left its secret in (its checkpoint deleted)
+    # draws a new one: with the old it would replay that run's batches and noise.
+    (runs[0] / "checkpoint.pt").unlink()
+    assert _train(phantoms, runs[0], *args) == 0
+    assert (runs[0] / SECRET_FILE).read_text().strip() != secret_a
 
 
 def test_the_privacy_unit_is_named_in_the_ledger_report_and_evaluation(phantoms, tmp_path, capsys):

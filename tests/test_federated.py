@@ -268,32 +268,44 @@ def _leaves(obj):
 def test_sampling_and_noise_are_keyed_by_a_secret_the_checkpoint_does_not_hold(engine):
     # The public seed alone must not fix a site's batches or noise: anyone holding a run's
     # record (its --seed) could replay them and subtract the noise from a released update.
-    def run(secret, seed=5, torch_seed=0):
+    def run(secret, seed=5, torch_seed=0, client_dp=False, server_secret=None):
         sites = [
             _dp_site(k, n, engine=engine, seed=seed,
                      secret=None if secret is None else site_secret(secret, k))
             for k, n in enumerate((6, 8))
         ]  # fmt: skip
-        sim = Simulator(sites, _conv_net(), FedAvg(), local_steps=2, fraction=0.5, seed=seed,
-                        secret=secret, client_dp={"clip": 10.0, "noise_multiplier": 0.5,
-                                                  "delta": 1e-5})  # fmt: skip
+        server = secret if server_secret is None else server_secret
+        if client_dp:  # the server's randomness too: which sites, and the client-level noise
+            sim = Simulator(sites, _conv_net(), FedAvg(), local_steps=2, fraction=0.5, seed=seed,
+                            secret=server, client_dp={"clip": 10.0, "noise_multiplier": 0.5,
+                                                      "delta": 1e-5})  # fmt: skip
+        else:  # every site every round, no server noise: only the sites draw
+            sim = Simulator(sites, _conv_net(), FedAvg(), local_steps=2, seed=seed, secret=server)
         torch.manual_seed(torch_seed)  # nothing of the sampling or noise draws on it
         sim.run(2)
         return sim
 
-    same_a, same_b = run(secret=3), run(secret=3, torch_seed=1)
-    assert all(torch.equal(v, same_b.weights[k]) for k, v in same_a.weights.items())
-    fresh_a, fresh_b = run(secret=None), run(secret=None)  # the default: OS entropy
-    assert not torch.equal(fresh_a.weights["0.weight"], fresh_b.weights["0.weight"])
-    keys = [site._key for site in fresh_a.sites + fresh_b.sites] + [fresh_a._key, fresh_b._key]
-    assert len(set(keys)) == len(keys)
+    def same(a, b):
+        return all(torch.equal(v, b.weights[k]) for k, v in a.weights.items())
+
+    # The sites: the same secret replays them (whatever torch's global generator holds),
+    # and without one (OS entropy) two runs with the same public seed draw apart.
+    assert same(run(secret=3), run(secret=3, torch_seed=1))
+    assert not same(run(secret=None), run(secret=None))
+    assert not same(run(secret=3), run(secret=4, server_secret=3))  # the sites' secrets alone
+    # The server: with the sites' secrets fixed, its own secret moves the run.
+    with_dp = run(secret=3, client_dp=True)
+    assert same(with_dp, run(secret=3, client_dp=True, torch_seed=1))
+    assert not same(with_dp, run(secret=3, client_dp=True, server_secret=4))
 
     # Nothing in the checkpoint can regenerate the randomness: no generator state, no
     # noise seed, no key, and no integer that equals a key or a seed derived from it.
-    state = same_a.state_dict()
-    secret_ints = {same_a._key, derive_seed(same_a._key, 2)}
-    for site in same_a.sites:
-        secret_ints |= {site._key, *(derive_seed(site._key, p) for p in (1, 2, 3))}
+    from dpseg.federated.site import _TAG
+
+    state = with_dp.state_dict()
+    secret_ints = {with_dp._key, derive_seed(with_dp._key, 2)}
+    for site in with_dp.sites:
+        secret_ints |= {site._key, *(derive_seed(site._key, _TAG, p) for p in (1, 2, 3))}
     for path, leaf in _leaves(state):
         assert not {"noise_seed", "loader_rng", "noise_rng", "generator", "sampler"} & set(path)
         if isinstance(leaf, int):
@@ -302,6 +314,25 @@ def test_sampling_and_noise_are_keyed_by_a_secret_the_checkpoint_does_not_hold(e
         # the sampling and the noise do not draw on it)
         if isinstance(leaf, torch.Tensor) and leaf.dtype == torch.uint8 and path != ("torch_rng",):
             raise AssertionError(f"a byte tensor (an RNG state?) at {path}")
+
+
+def test_a_shuffled_site_resumes_exactly():
+    # engine "none" without Poisson sampling: fixed shuffled batches, keyed as Poisson
+    # draws are (the RandomSampler's generator), so a resumed site replays them too.
+    def build():
+        x, y = _seg_data(7, seed=1)
+        cfg = SiteConfig(engine="none", optimizer="sgd", lr=0.05, batch_size=2, poisson=False)
+        site = Site("s0", 0, TensorDataset(x, y), _conv_net, cfg, secret=9, loss_fn=_ce)
+        return Simulator([site], _conv_net(), FedAvg(), local_steps=2, secret=9)
+
+    straight = build()
+    straight.run(3)
+    first = build()
+    first.run(1)
+    second = build()
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    second.run(3)
+    assert all(torch.equal(v, second.weights[k]) for k, v in straight.weights.items())
 
 
 @pytest.mark.parametrize("engine", ["none", "dpseg", "opacus"])
@@ -377,3 +408,21 @@ def test_each_site_ledger_names_its_unit_and_keeps_it_on_resume(engine):
     assert federated_privacy(state)["unit"] == "case"  # what dpseg evaluate reports
     with pytest.raises(ValueError, match="per case, this run's per patient"):
         build("patient").load_state_dict(copy.deepcopy(state))
+    # A ledger saved before it named its unit resumes under this run's name.
+    old = copy.deepcopy(state)
+    del old["sites"]["s0"]["ledger"]["unit"]
+    build("patient").load_state_dict(old)
+    # Without a name the dataset's own holds; under Opacus, rows of a patient with several
+    # are not the patient: the ledger says "item".
+    x, y = _seg_data(6, seed=0)
+
+    class Named(_OneSliceAPatient):
+        privacy_unit = "subject"
+
+    cfg = SiteConfig(engine=engine, optimizer="sgd", batch_size=3, sample_rate=0.5,
+                     accountant="rdp")  # fmt: skip
+    named = Site("s0", 0, Named(x, y), _conv_net, cfg, secret=1, loss_fn=_ce)
+    assert named.ledger.unit == "subject"
+    if engine == "opacus":
+        rows = Site("s0", 0, _TwoSlicesAPatient(x, y), _conv_net, cfg, secret=1, loss_fn=_ce)
+        assert rows.ledger.unit == "item"

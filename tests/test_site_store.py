@@ -5,8 +5,6 @@ a spent budget must stay spent, and a state older than the site's release log is
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -51,17 +49,16 @@ def weights(tmp_path_factory):
 
 
 def test_a_restarted_node_continues_bit_for_bit_from_its_disk(tmp_path, weights):
-    # One node that never restarts (Context.state only), its secret fixed by --secret-seed;
-    # the restarting node holds the same secret in its state-dir's secret.key.
+    # One node that never restarts (Context.state only), and one restarted for every
+    # round, under one --secret-seed (that a restarted node finds its own secret again in
+    # its state-dir is test_a_site_keeps_its_own_secret_on_its_node's).
     alive = _context(tmp_path / "a", secret_seed=29)
     reference = [_round(alive, r, weights) for r in (1, 2, 3)]
 
     state_dir = tmp_path / "hospital-disk"
-    state_dir.mkdir()
-    (state_dir / SECRET_FILE).write_text(f"{site_secret(29, 0)}\n")
     got = []
     for r in (1, 2, 3):  # a fresh SuperNode (empty Context.state) for every round
-        got.append(_round(_context(tmp_path / "b", state_dir), r, weights))
+        got.append(_round(_context(tmp_path / "b", state_dir, secret_seed=29), r, weights))
     for ref, ours in zip(reference, got, strict=True):
         assert ours["epsilon"] == ref["epsilon"] > 0
         assert all(torch.equal(ours["delta"][k], ref["delta"][k]) for k in ref["delta"])
@@ -87,10 +84,38 @@ def test_a_site_keeps_its_own_secret_on_its_node(tmp_path):
     memory = _context(tmp_path)
     kept = _secret(cfg, memory, 0)
     assert _secret(cfg, memory, 0) == kept != _secret(cfg, _context(tmp_path), 0)
-    assert str(kept) not in json.dumps(memory.run_config)
+    # A site with no state begun again draws a new secret, even where an old one was left.
+    assert _secret(cfg, _context(tmp_path, disk), 0, fresh=True) != first
+    assert _secret(cfg, memory, 0, fresh=True) != kept
     # --secret-seed (tests and reproductions): the simulator's derivation, on every node.
     fixed = FederatedConfig(**TINY, secret_seed=29)
     assert _secret(fixed, _context(tmp_path, disk), 1) == site_secret(29, 1)
+
+
+def test_a_restarted_node_replays_its_round_from_its_own_secret(tmp_path, weights):
+    # No --secret-seed: the node draws its secret. A copy of its disk after round 1 (the
+    # hospital's backup) restarted on another node trains round 2 as the node itself does.
+    import shutil
+
+    disk = tmp_path / "disk"
+    _round(_context(tmp_path, disk), 1, weights)
+    shutil.copytree(disk, tmp_path / "backup")
+    ours = _round(_context(tmp_path, disk), 2, weights)
+    theirs = _round(_context(tmp_path, tmp_path / "backup"), 2, weights)
+    assert all(torch.equal(ours["delta"][k], theirs["delta"][k]) for k in ours["delta"])
+
+
+def test_a_site_begun_again_does_not_replay_a_left_secret(tmp_path, weights):
+    # The state-dir lost its state and release log (a new deployment on an old disk) but
+    # kept secret.key: the site starts at step 0, and must not draw the old run's batches
+    # and noise again. Its first round's update differs from the old first round's.
+    disk = tmp_path / "disk"
+    old = _round(_context(tmp_path, disk), 1, weights)
+    (disk / STATE_FILE).unlink()
+    (disk / RELEASES_FILE).unlink()
+    again = _round(_context(tmp_path, disk), 1, weights)
+    assert again["epsilon"] == old["epsilon"]
+    assert not all(torch.equal(again["delta"][k], old["delta"][k]) for k in old["delta"])
 
 
 def test_a_spent_budget_stays_spent_after_a_restart(tmp_path, weights):

@@ -95,8 +95,8 @@ class PrivacyLedger:
                 f"{state['mechanism']!r} accountant, this run uses "
                 f"{self.accountant.mechanism()!r}; resume with the same --accountant"
             )
-        theirs = state.get("unit", "patient")  # what ledgers meant before they said
-        if self.unit is not None and theirs != self.unit:
+        theirs = state.get("unit")  # (a ledger older than the unit's name: taken as ours)
+        if self.unit is not None and theirs is not None and theirs != self.unit:
             raise ValueError(
                 f"ledger of {self.owner or 'this party'} is per {theirs}, this run's per "
                 f"{self.unit}; resume with --privacy-unit {theirs}"

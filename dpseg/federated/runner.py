@@ -23,7 +23,7 @@ from dpseg.federated.simulator import Simulator
 from dpseg.federated.site import ENGINES, Site, SiteConfig, poisson_rate
 from dpseg.federated.sitedata import SiteData, evaluate_dice, load_sites, phantom_sites
 from dpseg.federated.strategies import STRATEGIES, make_strategy
-from dpseg.privacy.secret import derive_seed, resumed_secret, run_secret, site_secret
+from dpseg.privacy.secret import derive_seed, new_secret, resumed_secret, site_secret
 from dpseg.train.checkpoint import load_checkpoint
 from dpseg.train.config import LR_SCHEDULES
 
@@ -444,9 +444,15 @@ def run_federation(
             f"{out} already holds a run ({existing[0].name}); pass --resume to continue it "
             "or choose a new --out"
         )
+    others = sorted(p.name for p in out.glob("checkpoint_*.pt") if p not in existing)
+    if others and not existing:  # a fresh run would replace their secret (below)
+        raise SetupError(
+            f"{out} holds another run ({', '.join(others)}), whose resume needs its "
+            "secret.key: choose a new --out"
+        )
     # The run's secret (OUT/secret.key, owner-only): a resumed run needs it to replay the
     # batches and noise it would have drawn; checkpoints never hold it.
-    secret = (resumed_secret if existing else run_secret)(out, cfg.secret_seed)
+    secret = (resumed_secret if existing else new_secret)(out, cfg.secret_seed)
     try:
         sites, num_classes = load_data(cfg, out, progress)
         sigmas = noise_multipliers(cfg, sites)

@@ -64,6 +64,9 @@ ENGINES = ("dpseg", "opacus", "none")
 OPTIMIZERS = ("adam", "sgd")
 
 
+_TAG = 0x4E4F495345  # "NOISE": beyond any step a site takes (seeds apart from the steps')
+
+
 class BudgetExhausted(RuntimeError):
     """The site's next round would spend more than its --max-epsilon; it stops training."""
 
@@ -93,7 +96,9 @@ class SiteConfig:
     # replace-one). Each sampled patient brings items_per_patient patches.
     sample_rate: float | None = None
     items_per_patient: int = 1
-    privacy_unit: str = "patient"  # what the ledger calls a site's unit (each of its cases)
+    # What the ledger calls a site's declared unit; None: the dataset's own privacy_unit
+    # attribute, else "patient" (dpseg.privacy.sampling_plan).
+    privacy_unit: str | None = None
     poisson: bool = True  # False: shuffled fixed batches (only without DP)
     max_grad_norm: float = 1.0
     accountant: str = "prv"
@@ -159,10 +164,12 @@ class Site:
         # The key of every random draw the site makes; kept out of state_dict().
         self._key = derive_seed(seed, secrets.randbits(63) if secret is None else secret, index)
         self.steps_taken = 0  # the next step's index in the key's stream
-        # Both generators are reseeded from (key, step) before each step's draw.
-        self.loader_generator = torch.Generator().manual_seed(derive_seed(self._key, 1))
-        self.noise_generator = torch.Generator().manual_seed(derive_seed(self._key, 2))
-        noise_seed = derive_seed(self._key, 3)
+        # Both generators are reseeded from (key, step, stream 0-2) before each step's draw
+        # (dpseg.train.loop.reseed_step); the Philox noise is keyed by (noise seed, step),
+        # its seed drawn from the key under a tag that no step number reaches.
+        self.loader_generator = torch.Generator().manual_seed(derive_seed(self._key, _TAG, 1))
+        self.noise_generator = torch.Generator().manual_seed(derive_seed(self._key, _TAG, 2))
+        noise_seed = derive_seed(self._key, _TAG, 3)
         if config.poisson:
             loader: DataLoader = DPDataLoader(
                 dataset, self.sample_rate, self.steps_per_epoch, generator=self.loader_generator,
@@ -208,7 +215,8 @@ class Site:
             # Opacus clips rows: they are the declared units only if each has one row.
             ids = getattr(self.dataset, "patient_ids", None)
             one_each = ids is not None and len(set(ids)) == len(ids)
-            unit = self.config.privacy_unit if one_each else "item"
+            named = self.config.privacy_unit or getattr(self.dataset, "privacy_unit", None)
+            unit = (named or "patient") if one_each else "item"
             self.ledger = PrivacyLedger(accountant, config.delta, name, unit=unit)
         else:
             self.model, self.optimizer, self.loader = self.module, base, loader
@@ -217,7 +225,7 @@ class Site:
     def _unit_name(self) -> dict:
         """The configured name of the site's unit, where its dataset declares its units
         (PatchDataset: one a case); rows of a dataset that declares none are "item"s."""
-        if getattr(self.dataset, "patient_ids", None) is None:
+        if getattr(self.dataset, "patient_ids", None) is None or not self.config.privacy_unit:
             return {}
         return {"privacy_unit": self.config.privacy_unit}
 

@@ -3,8 +3,10 @@ SuperNode.
 
 ``SiteStore(folder)`` keeps two files there (the node config's ``state-dir``):
 
-- ``site_state.pt``: ``Site.state_dict()``: optimizer moments, the DP step counter and
-  noise seed, the accountant history, the samplers' RNG states, whether the budget is spent.
+- ``site_state.pt``: ``Site.state_dict()``: optimizer moments, the DP step counter, the
+  site's step count, the accountant history, whether the budget is spent (no generator
+  state and no noise seed: the site's ``secret.key`` beside it keys those, see
+  dpseg.federated.flower.client).
   Replaced atomically (a temporary file, fsync, rename, fsync of the folder), so a crash
   leaves the previous state or the new one, never a torn file.
 - ``releases.jsonl``: one line per update that left the site (round, DP steps, epsilon

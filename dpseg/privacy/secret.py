@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,30 +29,66 @@ import numpy as np
 SECRET_FILE = "secret.key"
 
 
+def _write_temp(folder: Path) -> tuple[Path, int]:
+    """A new secret from OS entropy in an owner-only temporary file of ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    value = secrets.randbits(63)
+    fd, tmp = tempfile.mkstemp(prefix=f".{SECRET_FILE}.", suffix=".tmp", dir=folder)
+    with os.fdopen(fd, "w") as f:  # mkstemp: mode 600
+        f.write(f"{value}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(tmp), value
+
+
+def _read(path: Path) -> int:
+    if path.stat().st_mode & 0o077:
+        warnings.warn(
+            f"{path} is readable by others (mode {path.stat().st_mode & 0o777:o}): whoever "
+            f"reads it can replay the batches and the noise. chmod 600 {path}",
+            stacklevel=3,
+        )
+    return int(path.read_text().strip())
+
+
 def run_secret(out: Path, given: int | None = None, create: bool = True) -> int:
     """The secret of the run in ``out``: ``given``, else the one saved there, else (with
-    ``create``) a fresh one from OS entropy, saved owner-only."""
+    ``create``) a fresh one from OS entropy, saved owner-only. Two processes that both
+    find none agree on one: the file appears by a link, which fails for the loser."""
     if given is not None:
         return int(given)
     path = Path(out) / SECRET_FILE
     if path.exists():
-        return int(path.read_text().strip())
+        return _read(path)
     if not create:
         raise FileNotFoundError(f"{path}: the run's secret is missing")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{SECRET_FILE}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{secrets.randbits(63)}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    try:  # a link, not a rename: a process that lost the race reads the winner's secret
+    tmp, _ = _write_temp(path.parent)
+    try:
         os.link(tmp, path)
     except FileExistsError:
         pass
+    except OSError:  # a file system without hard links: create it exclusively instead
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(tmp.read_text())
+        except FileExistsError:
+            pass
     finally:
-        os.unlink(tmp)
-    return int(path.read_text().strip())
+        tmp.unlink(missing_ok=True)
+    return _read(path)
+
+
+def new_secret(out: Path, given: int | None = None) -> int:
+    """A fresh run's secret: ``given``, else a new one from OS entropy that replaces any
+    ``secret.key`` an earlier run left in ``out``. A fresh run starts its steps at 0: with
+    an earlier run's secret it would draw that run's batches and noise again, of releases
+    already out."""
+    if given is not None:
+        return int(given)
+    tmp, value = _write_temp(Path(out))
+    os.replace(tmp, Path(out) / SECRET_FILE)
+    return value
 
 
 def resumed_secret(out: Path, given: int | None) -> int:

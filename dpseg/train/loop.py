@@ -169,6 +169,7 @@ class Privacy:
     sample_rate: float = 0.0
     grad_sample_mode: str | None = None
     notes: list[str] = field(default_factory=list)
+    unit: str = "item"  # what Opacus's rows are: one patch of one case each (no k > 1)
 
     def epsilon(self, delta: float) -> float | None:
         if self.engine is None:
@@ -189,7 +190,7 @@ class Privacy:
         return {
             "accountant": acc.mechanism(),
             "history": [list(h) for h in acc.history],
-            "unit": "item",
+            "unit": self.unit,
             "adjacency": "add/remove (Opacus's claim; q was derived from N)",
             "sampling": "poisson",
         }
@@ -255,7 +256,7 @@ def privatize(
             sigma = noise_for_epsilon(cfg, q, steps)
         else:
             sigma = 1.0 if cfg.noise_multiplier is None else float(cfg.noise_multiplier)
-    info = Privacy(noise_multiplier=sigma, sample_rate=q)
+    info = Privacy(noise_multiplier=sigma, sample_rate=q, unit=cfg.privacy_unit)
     if cfg.engine == "dpseg":
         engine = dpseg.PrivacyEngine(accountant=cfg.accountant)
         declared = {}
@@ -320,9 +321,13 @@ def reseed_step(loader: DataLoader, optimizer: torch.optim.Optimizer, seed: int,
     """Make step `step`'s batch, patches and (Opacus) noise functions of (seed, step) alone.
 
     Works on dpseg's and Opacus's Poisson loaders (their batch sampler draws from
-    `.generator`) and on PatchDataset (its numpy generator). Anything else is left alone.
+    `.generator`), on a shuffled DataLoader given a generator (its RandomSampler draws the
+    pass's order at the pass's first step) and on PatchDataset (its numpy generator).
+    Anything else is left alone.
     """
     sampler_gen = getattr(loader.batch_sampler, "generator", None)
+    if not isinstance(sampler_gen, torch.Generator):  # a shuffled pass: its RandomSampler's
+        sampler_gen = getattr(loader.sampler, "generator", None)
     if isinstance(sampler_gen, torch.Generator):
         sampler_gen.manual_seed(_seed_of(seed, step, 0))
     if isinstance(loader.dataset, PatchDataset):

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import dpseg
 from dpseg.data import DataError, MSDDataset, Preprocessing
-from dpseg.privacy.secret import keyed_seed, resumed_secret, run_secret
+from dpseg.privacy.secret import keyed_seed, new_secret, resumed_secret, run_secret
 from dpseg.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from dpseg.train.config import TrainConfig, resolve_normalize
 from dpseg.train.loop import (
@@ -138,7 +138,7 @@ def run_training(
             saved = load_checkpoint(out / "checkpoint.pt")["config"]
             resumed_secret(out, saved.get("secret_seed"))
         else:
-            run_secret(out, cfg.secret_seed)
+            new_secret(out, cfg.secret_seed)
         return distributed.launch(cfg, resume, overrides, progress, nproc)
     if distributed.rank() != 0:  # rank 0 holds the lock and writes the run folder
         return _run(cfg, resume, overrides, progress)
@@ -229,8 +229,10 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
     sigma = ckpt["privacy"]["noise_multiplier"] if ckpt is not None and cfg.dp else None
     if ckpt is not None:
         secret = resumed_secret(out, cfg.secret_seed)
-    else:
-        secret = run_secret(out, cfg.secret_seed, create=world_size() == 1)
+    elif world_size() == 1:
+        secret = new_secret(out, cfg.secret_seed)
+    else:  # the launcher drew it for every rank
+        secret = run_secret(out, cfg.secret_seed, create=False)
     rng_seed = keyed_seed(cfg.seed, secret)  # keys the Poisson draws and the noise
     model, optimizer, loader, privacy = privatize(
         cfg, model, optimizer, loader, steps, sigma, rng_seed=rng_seed

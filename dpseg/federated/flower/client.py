@@ -60,7 +60,7 @@ from dpseg.federated.site_store import SiteStore
 from dpseg.federated.sitedata import SiteData, evaluate_dice
 from dpseg.federated.strategies import Weights, trainable_state
 from dpseg.federated.update_checks import check_update
-from dpseg.privacy.secret import run_secret, site_secret
+from dpseg.privacy.secret import new_secret, run_secret, site_secret
 
 __all__ = ["load_site", "make_client_app", "save_site"]
 
@@ -112,16 +112,18 @@ def _build_site(
     )  # fmt: skip
 
 
-def _secret(cfg: FederatedConfig, context: Context, index: int) -> int:
+def _secret(cfg: FederatedConfig, context: Context, index: int, fresh: bool = False) -> int:
     """The site's own secret (dpseg.privacy.secret): ``secret.key`` in its state-dir,
-    drawn from OS entropy the first time; without a state-dir, a record in Context.state
-    (never sent). --secret-seed derives it as the simulator does, for the tests."""
+    drawn from OS entropy; without a state-dir, a record in Context.state (never sent).
+    ``fresh`` (the site holds no state: it has taken no step) draws a new one, replacing
+    any left behind, so that a site begun again never replays released batches and noise.
+    --secret-seed derives it as the simulator does, for the tests."""
     if cfg.secret_seed is not None:
         return site_secret(cfg.secret_seed, index)
     folder = context.node_config.get("state-dir")
     if folder:
-        return run_secret(Path(str(folder)))
-    if SECRET_KEY not in context.state:
+        return (new_secret if fresh else run_secret)(Path(str(folder)))
+    if fresh or SECRET_KEY not in context.state:
         context.state[SECRET_KEY] = ConfigRecord({"secret": secrets.randbits(63)})
     return int(context.state[SECRET_KEY]["secret"])
 
@@ -137,13 +139,14 @@ def _store(context: Context) -> SiteStore | None:
 def load_site(context: Context) -> tuple[FederatedConfig, Site, SiteData, int]:
     cfg = load_config(context)
     data, index, num_classes = _site_data(cfg, context)
-    site = _build_site(cfg, data, index, num_classes, _secret(cfg, context, index))
     store = _store(context)
     state = store.load() if store is not None else None  # the disk first: it is what survives
     if state is None and STATE_KEY in context.state:
         blob = context.state[STATE_KEY]["state"]
-        # The same tensors, dicts and RNG states that dpseg's checkpoints hold (weights_only).
+        # The same tensors and dicts that dpseg's checkpoints hold (weights_only).
         state = torch.load(io.BytesIO(blob), weights_only=True)
+    fresh = state is None and (store is None or not store.releases())
+    site = _build_site(cfg, data, index, num_classes, _secret(cfg, context, index, fresh))
     if state is not None:
         site.load_state_dict(state)
     if store is not None:  # the state must not be older than the site's own release log

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ from dpseg.federated.runner import (
 from dpseg.federated.simulator import Simulator
 from dpseg.federated.strategies import SiteUpdate
 from dpseg.federated.update_checks import check_secure_sum
-from dpseg.privacy.secret import resumed_secret, run_secret
+from dpseg.privacy.secret import new_secret, resumed_secret
 
 __all__ = ["flower_round", "make_server_app", "make_simulator", "server_state_path"]
 
@@ -230,11 +231,17 @@ def _evaluate_round(sim, grid, nodes, r, timeout, retries, record) -> None:
 
 def flower_round(
     sim: Simulator, grid: TrafficGrid, context: Context, nodes: Nodes, cfg: FederatedConfig,
-    timeout: float, retries: int,
+    timeout: float, retries: int, persist: Callable[[], None] | None = None,
 ) -> dict:  # fmt: skip
     """Simulator.run_round with the sites reached through Flower: the chosen sites train in
     parallel, and their updates are checked and aggregated in site order, as the simulator
-    does (or summed by SecAgg+)."""
+    does (or summed by SecAgg+).
+
+    ``persist()`` saves the server's state once the round's model is made and before it
+    leaves for the sites' evaluation: a server that dies after that release resumes past
+    the round. Resumed before it, it would make round r again with the same (secret, r)
+    client-level noise around other site updates, and the two released models' difference
+    would show the sum without noise."""
     r = sim.round + 1
     nodes.refresh()  # a site restarted since the last round is reached on its new node
     chosen = sim.sample()
@@ -261,11 +268,13 @@ def flower_round(
     site_cpu = sum(e.get("cpu_seconds") or 0.0 for e in record["sites"].values())
     record["cpu_seconds"] = site_cpu + time.process_time() - cpu_start
     sim.close_round(record, r)
+    sim.round = r
+    sim.history.append(record)
+    if persist is not None:
+        persist()
     eval_start = time.perf_counter()
     _evaluate_round(sim, grid, nodes, r, timeout, retries, record)
     record["eval_seconds"] = time.perf_counter() - eval_start
-    sim.round = r
-    sim.history.append(record)
     return record
 
 
@@ -285,7 +294,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     nodes = Nodes(grid, sites)
     num_classes = sites[0].num_classes
     resume = bool(rc.get("resume", False))
-    secret = (resumed_secret if resume else run_secret)(out, cfg.secret_seed)
+    secret = (resumed_secret if resume else new_secret)(out, cfg.secret_seed)
     sim = make_simulator(cfg, sites, num_classes, secret)
     sigmas = {s.name: s.noise_multiplier for s in sites}
     env = {**run_environment(cfg.device), "runtime": "flower", "flwr": _flwr_version()}
@@ -312,7 +321,10 @@ def _server_main(grid: Grid, context: Context) -> None:
         if sim.done:
             print(f"{engine}: every site has spent its privacy budget; stopping", flush=True)
             break
-        record = flower_round(sim, grid, context, nodes, cfg, timeout, retries)
+        record = flower_round(
+            sim, grid, context, nodes, cfg, timeout, retries,
+            persist=lambda: sim.save(state_path, extra={"config": cfg.resume_key()}),
+        )  # fmt: skip
         print(round_line(engine, record, cfg.rounds), flush=True)
         (out / "report.json").write_text(json.dumps(report(), indent=1))
         # The whole server side of the finished round (global model, strategy moments,
