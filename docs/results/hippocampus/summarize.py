@@ -323,7 +323,7 @@ def copy_finals(runs: Path) -> None:
         # test.md/F.json name the checkpoint where it was scored; point them at the copy
         for f in [*dest.glob("test*.json"), *dest.glob("test*.md")]:
             text = f.read_text()
-            for where in sorted({str(run), str(run.resolve())}, key=len, reverse=True):
+            for where in sorted({str(run), str(run.absolute()), str(run.resolve())}, key=len, reverse=True):
                 text = text.replace(where + "/", "")
             f.write_text(text)
 
