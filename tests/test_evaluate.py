@@ -406,6 +406,7 @@ def test_federate_split_and_overlays(msd, split_file, tmp_path, monkeypatch):
         "--data", str(msd), "--split", str(split_file), "--partition", "iid", "--sites", "2",
         "--test-fraction", "0.4", "--patch", "16", "--channels", "4,8", "--local-steps", "1",
         "--batch", "2", "--rounds", "1", "--accountant", "rdp", "--compare", "dpseg,none",
+        "--privacy-unit", "case",
     ]  # fmt: skip
     assert main(["federate", *flags, "--out", str(out)]) == 0
     train = set(read_case_list(split_file))
@@ -436,7 +437,7 @@ def test_federate_split_and_overlays(msd, split_file, tmp_path, monkeypatch):
         else:
             assert f["epsilon"] == pytest.approx(report["max_epsilon"]["dpseg"], rel=1e-6)
             assert set(f["epsilon_per_site"]) == set(report["sites"])
-            assert f["unit"] == "case"
+            assert f["unit"] == "case" and "unit" not in f.get("inferred", [])  # recorded
     test = read_case_list(f"{split_file}:test")
     f = evaluate_checkpoint(out / "checkpoint_dpseg.pt", msd, test, progress=False)
     assert f["cases"] == 3 and f["seen_in_training"] == []
