@@ -15,6 +15,13 @@ from tests.test_engine_oracle import assert_grad_samples, seg_loss_sum
 nets = pytest.importorskip("monai.networks.nets")
 pytest.importorskip("einops")
 
+
+def _fixed(model):
+    from dpseg.privacy import fix
+
+    return fix(model)
+
+
 # Small configurations: a few channels, 32^3 (SwinUNETR 64^3: its deepest level is 1/32).
 NETWORKS = {
     "UNet": (lambda: nets.UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1), 32),
@@ -38,6 +45,20 @@ NETWORKS = {
         lambda: nets.SwinUNETR(1, 2, feature_size=12, depths=(1, 1, 1, 1),
                                num_heads=(1, 1, 1, 1)),
         64,
+    ),
+    # BatchNorm by default: refused by make_private, run after dpseg.fix (GroupNorm)
+    "AttentionUnet (fixed)": (
+        lambda: _fixed(nets.AttentionUnet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2))), 32
+    ),
+    "SegResNetDS (fixed)": (
+        lambda: _fixed(nets.SegResNetDS(3, init_filters=4, in_channels=1, out_channels=2,
+                                        blocks_down=(1, 1, 1))),
+        32,
+    ),
+    "MedNeXt": (
+        lambda: nets.MedNeXt(3, 4, 1, 2, blocks_down=(1, 1, 1, 1), blocks_bottleneck=1,
+                             blocks_up=(1, 1, 1, 1)),
+        32,
     ),
 }  # fmt: skip
 
@@ -117,3 +138,18 @@ def test_window_attention_and_position_embedding_group_patients_without_replay()
     expected = torch.cat([summed[n].flatten() / 3 for n, _ in oracle.named_parameters()])
     got = before - torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-14)
+
+
+def test_monai_networks_with_batchnorm_are_refused_with_the_fix_named():
+    # AttentionUnet, VNet, HighResNet and SegResNetDS normalise over the batch by default.
+    import dpseg
+
+    model = nets.AttentionUnet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(2, 1, 8, 8, 8)), batch_size=2
+    )
+    with pytest.raises(ValueError, match=r"BatchNorm3d.*dpseg\.privacy\.fix"):
+        dpseg.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+        )  # fmt: skip
