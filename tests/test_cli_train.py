@@ -292,7 +292,7 @@ def test_the_privacy_unit_is_named_in_the_ledger_report_and_evaluation(phantoms,
     assert f["unit"] == "case" and "inferred" not in f
     # A name is refused where it would misstate the unit, and a resume may not rename it.
     assert _train(phantoms, tmp_path / "bad", "--privacy-unit", "item") == 2
-    assert "not item" in capsys.readouterr().err
+    assert 'not "item"' in capsys.readouterr().err
     assert main(["train", "--out", str(run), "--resume", "--steps", "2", "--quiet",
                  "--privacy-unit", "patient"]) == 2  # fmt: skip
     assert "privacy-unit" in capsys.readouterr().err

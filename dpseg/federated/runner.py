@@ -131,11 +131,9 @@ class FederatedConfig:
         """ValueError with the flag to change, for anything the run cannot start with."""
         if (self.data is None) == (self.phantoms is None):
             raise ValueError("give exactly one of --data DIR and --phantoms N")
-        if not self.privacy_unit.isidentifier() or self.privacy_unit == "item":
-            raise ValueError(
-                f"--privacy-unit must be one word naming what a case is (patient, case, "
-                f"subject; not item), got {self.privacy_unit!r}"
-            )
+        from dpseg.privacy.sampling_plan import check_unit_name
+
+        check_unit_name(self.privacy_unit)
         if self.partition not in PARTITIONS:
             raise ValueError(f"--partition must be one of {PARTITIONS}, got {self.partition!r}")
         if self.phantoms is not None:

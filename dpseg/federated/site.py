@@ -56,7 +56,8 @@ from dpseg.data import flatten_collate
 from dpseg.federated.ledger import PrivacyLedger
 from dpseg.federated.strategies import SiteUpdate, Weights, trainable_state
 from dpseg.privacy.data_loader import DPDataLoader
-from dpseg.privacy.secret import derive_seed
+from dpseg.privacy.sampling_plan import unit_name
+from dpseg.privacy.secret import derive_seed, without_noise_seed
 
 __all__ = ["ENGINES", "BudgetExhausted", "Site", "SiteConfig", "poisson_rate"]
 
@@ -215,8 +216,7 @@ class Site:
             # Opacus clips rows: they are the declared units only if each has one row.
             ids = getattr(self.dataset, "patient_ids", None)
             one_each = ids is not None and len(set(ids)) == len(ids)
-            named = self.config.privacy_unit or getattr(self.dataset, "privacy_unit", None)
-            unit = (named or "patient") if one_each else "item"
+            unit = unit_name(self.dataset, self.config.privacy_unit) if one_each else "item"
             self.ledger = PrivacyLedger(accountant, config.delta, name, unit=unit)
         else:
             self.model, self.optimizer, self.loader = self.module, base, loader
@@ -374,7 +374,7 @@ class Site:
             "config": asdict(self.config),
             "noise_multiplier": self.noise_multiplier,
             "model": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
-            "optimizer": _without_noise_seed(self.optimizer.state_dict()),
+            "optimizer": without_noise_seed(self.optimizer.state_dict()),
             "ledger": self.ledger.state_dict() if self.ledger is not None else None,
             "steps_taken": self.steps_taken,
             "exhausted": self.exhausted,
@@ -389,7 +389,7 @@ class Site:
         self.module.load_state_dict(state["model"])
         # A state written before the secret keyed the noise holds a seed derived from the
         # public --seed: the one this site derived from its secret stays.
-        self.optimizer.load_state_dict(_without_noise_seed(state["optimizer"]))
+        self.optimizer.load_state_dict(without_noise_seed(state["optimizer"]))
         if self.ledger is not None and state["ledger"] is not None:
             self.ledger.load_state_dict(state["ledger"])
         if "steps_taken" in state:
@@ -397,13 +397,6 @@ class Site:
         else:  # written before the step count: go on past every step the ledger counts
             self.steps_taken = self.ledger.steps if self.ledger is not None else 0
         self.exhausted = state["exhausted"]
-
-
-def _without_noise_seed(state: dict) -> dict:
-    """An optimizer state without dpseg's noise seed (it would replay the noise)."""
-    if isinstance(state.get("dpseg"), dict) and "noise_seed" in state["dpseg"]:
-        state = {**state, "dpseg": {k: v for k, v in state["dpseg"].items() if k != "noise_seed"}}
-    return state
 
 
 def _default_loss() -> nn.Module:

@@ -70,6 +70,7 @@ from dpseg.nnunet.cases import CaseDataset, CasePatches
 from dpseg.nnunet.loss import check_case_loss, refuse_batch_dice
 from dpseg.nnunet.settings import PRIVACY_KEYS, DPSettings, noise_for_schedule, steps_planned
 from dpseg.privacy import BatchMemoryManager, PrivacyEngine
+from dpseg.privacy.secret import without_noise_seed
 from dpseg.privacy.units import RowUnits
 
 LEDGER_FILE = "privacy.json"
@@ -405,7 +406,7 @@ class nnUNetTrainerDP(nnUNetTrainer):  # noqa: N801 (nnU-Net's trainers are name
         checkpoint = torch.load(tmp, map_location="cpu", weights_only=False)
         # The noise seed keys every draw (Philox(seed, step)): with it, the noise could be
         # subtracted from the momentum buffer. A resumed run draws fresh noise anyway.
-        checkpoint["optimizer_state"].get("dpseg", {}).pop("noise_seed", None)
+        checkpoint["optimizer_state"] = without_noise_seed(checkpoint["optimizer_state"])
         checkpoint["dpseg"] = record
         # The network is nnUNetTrainer's: under that name nnUNetv2_predict (-tr nnUNetTrainerDP
         # names the folder) rebuilds it without finding this class, which its search would

@@ -55,20 +55,24 @@ def _patient_ids(loader: DataLoader, patient_ids: Sequence | None) -> Sequence |
     return getattr(loader.dataset, "patient_ids", None)
 
 
-def _unit_name(dataset, privacy_unit: str | None) -> str:
+def check_unit_name(name) -> str:
+    """``name`` if it can name a declared unit (one word, not "item", which means rows that
+    declare no unit); ValueError saying what to give otherwise."""
+    if not isinstance(name, str) or not name.isidentifier() or name == "item":
+        raise ValueError(
+            f'privacy_unit must be one word naming the declared unit ("patient", "case", '
+            f'"subject"; not "item", which means undeclared rows), got {name!r}'
+        )
+    return name
+
+
+def unit_name(dataset, privacy_unit: str | None) -> str:
     """What a declared unit is called in the ledger: ``privacy_unit``, else the dataset's
     ``privacy_unit`` attribute, else "patient". A name is only a name: the units are those
     patient_ids declare. It says honestly what they are (an MSD "case" that may be one of
     several scans of a subject is not a patient)."""
     name = privacy_unit if privacy_unit is not None else getattr(dataset, "privacy_unit", None)
-    if name is None:
-        return "patient"
-    if not isinstance(name, str) or not name.strip() or name.strip() != name or name == "item":
-        raise ValueError(
-            f'privacy_unit must be a word naming the declared unit ("patient", "case", '
-            f'"subject"; not "item", which means undeclared rows), got {name!r}'
-        )
-    return name
+    return "patient" if name is None else check_unit_name(name)
 
 
 def _check_rate(sample_rate: float) -> float:
@@ -149,7 +153,7 @@ def plan_sampling(
             "needs neither: its rows are clipped together already."
         )
     num_units = len(patients) if patients is not None else len(dataset)
-    unit = _unit_name(dataset, privacy_unit) if patients is not None else "item"
+    unit = unit_name(dataset, privacy_unit) if patients is not None else "item"
     if patients is None and privacy_unit is not None:
         raise ValueError(
             f"privacy_unit={privacy_unit!r} names the unit that patient_ids declare: give "

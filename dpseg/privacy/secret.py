@@ -126,3 +126,16 @@ def keyed_seed(seed: int, secret: int) -> int:
     return int(
         np.random.SeedSequence([int(seed), int(secret)]).generate_state(1, np.uint64)[0] >> 1
     )
+
+
+def without_noise_seed(optimizer_state: dict) -> dict:
+    """An optimizer's state without dpseg's noise seed, for a checkpoint: with the seed
+    anyone holding the checkpoint could regenerate the noise. A resumed run derives it again
+    from its secret. (Opacus's DPOptimizer keeps no seed in its state.)"""
+    dp = optimizer_state.get("dpseg")
+    if isinstance(dp, dict) and "noise_seed" in dp:
+        optimizer_state = {
+            **optimizer_state,
+            "dpseg": {k: v for k, v in dp.items() if k != "noise_seed"},
+        }
+    return optimizer_state

@@ -117,11 +117,9 @@ class TrainConfig:
                 "items_per_patient > 1 needs engine 'dpseg': Opacus clips each row alone, so "
                 "a patient's k patches would move the update by k C"
             )
-        if not self.privacy_unit.isidentifier() or self.privacy_unit == "item":
-            raise ValueError(
-                f"privacy_unit must be one word naming what a case is (patient, case, "
-                f"subject; not item), got {self.privacy_unit!r}"
-            )
+        from dpseg.privacy.sampling_plan import check_unit_name
+
+        check_unit_name(self.privacy_unit)
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.epochs is not None and not self.epochs > 0:

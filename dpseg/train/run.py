@@ -16,7 +16,13 @@ from tqdm import tqdm
 
 import dpseg
 from dpseg.data import DataError, MSDDataset, Preprocessing
-from dpseg.privacy.secret import keyed_seed, new_secret, resumed_secret, run_secret
+from dpseg.privacy.secret import (
+    keyed_seed,
+    new_secret,
+    resumed_secret,
+    run_secret,
+    without_noise_seed,
+)
 from dpseg.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from dpseg.train.config import TrainConfig, resolve_normalize
 from dpseg.train.loop import (
@@ -294,7 +300,7 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
                     "percentiles": list(prep.percentiles),
                     "target_spacing": list(cfg.spacing) if cfg.spacing else None,
                 },  # fmt: skip
-                "optimizer": _optimizer_state(optimizer),
+                "optimizer": without_noise_seed(optimizer.state_dict()),
                 "privacy": {
                     "noise_multiplier": privacy.noise_multiplier,
                     "sample_rate": privacy.sample_rate,
@@ -434,14 +440,3 @@ def _global_sum(value: int) -> int:
         t = t.cuda()
     dist.all_reduce(t)
     return int(t.item())
-
-
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    # dpseg's DPOptimizer adds its step counter and noise seed; the seed is dropped: with
-    # it a checkpoint would let anyone regenerate the noise (a resumed run re-derives it
-    # from RUN/secret.key). Opacus's keeps only the wrapped optimizer's state (its noise
-    # generator is reseeded per step, see reseed_step).
-    state = optimizer.state_dict()
-    if isinstance(state.get("dpseg"), dict):
-        state["dpseg"] = {k: v for k, v in state["dpseg"].items() if k != "noise_seed"}
-    return state
