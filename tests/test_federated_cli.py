@@ -101,8 +101,6 @@ def test_compare_report_and_resume_after_kill(tmp_path, capsys):
     assert main(["federate", *TINY, "--rounds", "1", "--out", str(stale)]) == 2
     assert "checkpoint_none.pt" in capsys.readouterr().err
     resumed = json.loads((killed / "report.json").read_text())
-    for name, site in resumed["sites"].items():  # the same steps at the same sigma and q
-        assert site["epsilon"] == report["sites"][name]["epsilon"], name
     assert sum(s["epsilon"]["dpseg"] for s in resumed["sites"].values()) > eps_1  # it went on
     reports = [json.loads((tmp_path / r / "report.json").read_text()) for r in ("s2", "k2")]
     assert reports[0]["sites"] == reports[1]["sites"]  # Dice, epsilons, cases: all of it
