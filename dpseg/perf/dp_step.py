@@ -32,7 +32,6 @@ from dpseg.perf.harness import (
     Timing,
     environment,
     peak_memory_call,
-    prepare_memory_measurement,
     time_call,
 )
 
@@ -198,7 +197,6 @@ def run_step_benchmark(
     cfg: StepBenchConfig, progress: Callable[[str], None] | None = None
 ) -> StepBenchReport:
     """dpseg's benchmark U-Net (cfg.channels, cfg.size^3, cfg.batch) under every engine."""
-    prepare_memory_measurement()
     model, x, y = build_workload(cfg)
     return _run_engines(model, x, y, cfg, None, {}, progress)
 
@@ -231,7 +229,6 @@ def bench_step(
             f"example_target has {example_target.shape[0]} samples, example_input "
             f"{example_input.shape[0]}"
         )
-    prepare_memory_measurement()
     cfg = StepBenchConfig(
         size=int(example_input.shape[-1]),
         batch=int(example_input.shape[0]),
