@@ -2,11 +2,11 @@
 # Issue 26's table: MONAI's networks, non-private against dpseg's DP step, engines
 # interleaved in one process, 15 rounds each after warm-up (median and interquartile range),
 # CPU, 2 threads. Then the two limits (clip-and-sum pass against a copy, noise against randn).
-#   bash docs/results/floor26/run.sh        (about 20 minutes on 2 idle cores)
+#   bash docs/results/floor26/run.sh [OUT]  (about 20 minutes on 2 idle cores)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-B=".venv/bin/dpseg bench --engines none,dpseg --repeats 15"
-O=docs/results/floor26
+B="${DPSEG:-.venv/bin/dpseg} bench --engines none,dpseg --repeats 15"
+O=${1:-docs/results/floor26}  # the output folder (the committed one by default)
 M=monai.networks.nets
 $B --size 64 --batch 2 --warmup 1 --model $M:SwinUNETR --model-kwargs '{"in_channels": 1, "out_channels": 2, "feature_size": 12}' --out $O/swinunetr
 $B --size 48 --batch 2 --warmup 1 --model $M:UNETR --model-kwargs '{"in_channels": 1, "out_channels": 2, "img_size": [48, 48, 48], "feature_size": 16, "hidden_size": 192, "mlp_dim": 768, "num_heads": 4}' --out $O/unetr
@@ -14,4 +14,4 @@ $B --size 48 --batch 2 --model $M:UNet --model-kwargs '{"spatial_dims": 3, "in_c
 $B --size 48 --batch 2 --model $M:SegResNet --model-kwargs '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_filters": 16}' --out $O/segresnet
 $B --size 48 --batch 2 --model $M:DynUNet --model-kwargs '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "kernel_size": [3, 3, 3, 3], "strides": [1, 2, 2, 2], "upsample_kernel_size": [2, 2, 2]}' --out $O/dynunet
 $B --size 48 --batch 2 --model $M:BasicUNet --model-kwargs '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2}' --out $O/basicunet
-.venv/bin/python bench/limits_cpu.py --threads 2 --rounds 15 --out $O/limits
+${PY:-.venv/bin/python} bench/limits_cpu.py --threads 2 --rounds 15 --out $O/limits
