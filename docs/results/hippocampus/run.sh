@@ -45,11 +45,17 @@ NP="--patch 32 --channels 8,16,32 --batch 8 --lr 3e-3 --lr-schedule cosine --ste
 # levers (not tuned on them): q = 0.2 over the 160 cases (normaliser 32), 2 patches of 24^3 a
 # sampled case averaged before clipping, 300 steps, clip 1, sigma solved for epsilon 8.
 DP="--patch 24 --channels 8,16,32 --sample-rate 0.2 --batch 32 --items-per-patient 2 --max-grad-norm 1 --lr 3e-3 --lr-schedule cosine --steps 300 --target-epsilon 8 --val-fraction 0 --privacy-unit case"
+# DP's width lever (added after the runs above, fixed before it ran, one configuration): the
+# same run at half the widths, 4,8,16 (about a quarter of the parameters, so half the noise
+# norm at the same sigma, while the clipped signal keeps its norm of at most C).
+DPN="${DP/--channels 8,16,32/--channels 4,8,16}"
 FINAL=(
   "nodp_s0|--no-dp $NP --seed 0|"
   "dp_s0|$DP --seed 0|--also non-private=$R/nodp_s0/checkpoint.pt"
   "nodp_s1|--no-dp $NP --seed 1|"
   "dp_s1|$DP --seed 1|--also non-private=$R/nodp_s1/checkpoint.pt"
+  "dpn_s0|$DPN --seed 0|--also non-private=$R/nodp_s0/checkpoint.pt --also dp=$R/dp_s0/checkpoint.pt"
+  "dpn_s1|$DPN --seed 1|--also non-private=$R/nodp_s1/checkpoint.pt --also dp=$R/dp_s1/checkpoint.pt"
 )
 
 run_one() {  # run_one DIR NAME OPTIONS
