@@ -2,6 +2,7 @@
 # The runs behind docs/results/hippocampus (issue 24), one at a time, one thread each, niced:
 #   bash docs/results/hippocampus/run.sh tune          # every tuning configuration below
 #   bash docs/results/hippocampus/run.sh final         # the chosen ones on all 160, scored on the 40 test cases
+#   bash docs/results/hippocampus/run.sh pretrain      # the phantom pretraining the dpp_* runs start from
 #   bash docs/results/hippocampus/run.sh NAME [NAME..] # some configurations, by name
 #   .venv/bin/python docs/results/hippocampus/summarize.py   # tuning.md, test.md, copies the finals here
 # Each run writes $R/[tune/]NAME/ (report, checkpoint), NAME.cmd (its command) and NAME.log.
@@ -49,6 +50,13 @@ DP="--patch 24 --channels 8,16,32 --sample-rate 0.2 --batch 32 --items-per-patie
 # same run at half the widths, 4,8,16 (about a quarter of the parameters, so half the noise
 # norm at the same sigma, while the clipped signal keeps its norm of at most C).
 DPN="${DP/--channels 8,16,32/--channels 4,8,16}"
+# Public pretraining (the lever the issue names, tried after the runs above and fixed before
+# any DP run from it): the same U-Net trained without DP on 40 of dpseg's synthetic CT
+# phantoms (dpseg phantoms: no patient, disjoint from Task04; liver masks, so the output
+# layer for Task04's three classes starts fresh), then the DP run above from those weights.
+PHANTOMS=$R/phantoms
+PRE="--data $PHANTOMS --threads 1 --quiet --no-dp --patch 24 --channels 8,16,32 --batch 16 --lr 3e-3 --lr-schedule cosine --steps 600 --val-fraction 0.1 --seed 0"
+DPP="$DP --init $R/pre_phantoms/checkpoint.pt"
 FINAL=(
   "nodp_s0|--no-dp $NP --seed 0|"
   "dp_s0|$DP --seed 0|--also non-private=$R/nodp_s0/checkpoint.pt"
@@ -56,7 +64,21 @@ FINAL=(
   "dp_s1|$DP --seed 1|--also non-private=$R/nodp_s1/checkpoint.pt"
   "dpn_s0|$DPN --seed 0|--also non-private=$R/nodp_s0/checkpoint.pt --also dp=$R/dp_s0/checkpoint.pt"
   "dpn_s1|$DPN --seed 1|--also non-private=$R/nodp_s1/checkpoint.pt --also dp=$R/dp_s1/checkpoint.pt"
+  "dpp_s0|$DPP --seed 0|--also non-private=$R/nodp_s0/checkpoint.pt --also dp=$R/dp_s0/checkpoint.pt"
+  "dpp_s1|$DPP --seed 1|--also non-private=$R/nodp_s1/checkpoint.pt --also dp=$R/dp_s1/checkpoint.pt"
 )
+
+pretrain() {  # the phantoms, then the non-private model the dpp_* runs start from
+  mkdir -p "$R"
+  [ -f "$PHANTOMS/dataset.json" ] ||
+    $D phantoms --out "$PHANTOMS" --cases 40 --sites 1 --size 48 --seed 7 --quiet
+  if [ -f "$R/pre_phantoms/report.json" ]; then echo "skip pre_phantoms (done)"; return; fi
+  echo "dpseg train $PRE --out $R/pre_phantoms" > "$R/pre_phantoms.cmd"
+  echo "$(date +%T) pre_phantoms"
+  # shellcheck disable=SC2086
+  ( time nice -n 10 $D train $PRE --out "$R/pre_phantoms" ) > "$R/pre_phantoms.log" 2>&1
+  grep -m 1 "validation Dice" "$R/pre_phantoms.log" || tail -n 5 "$R/pre_phantoms.log"
+}
 
 run_one() {  # run_one DIR NAME OPTIONS
   local dir=$1 name=$2 opts=$3
@@ -96,7 +118,8 @@ targets=("$@")
 for t in "${targets[@]}"; do
   case $t in
     tune) for line in "${TUNE[@]}"; do run_one "$R/tune" "${line%%|*}" "${line#*|}"; done ;;
-    final) for line in "${FINAL[@]}"; do final_one "$line"; done ;;
+    final) pretrain; for line in "${FINAL[@]}"; do final_one "$line"; done ;;
+    pretrain) pretrain ;;
     *)
       if opts=$(lookup "$t" "${TUNE[@]}"); then run_one "$R/tune" "$t" "$opts"
       elif opts=$(lookup "$t" "${FINAL[@]}"); then final_one "$t|$opts"
