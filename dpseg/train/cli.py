@@ -136,6 +136,15 @@ def add_train_parser(sub) -> None:
         "list and no other case is loaded",
     )
     p.add_argument(
+        "--init",
+        default=None,
+        metavar="CKPT",
+        help="start the model from these weights (a dpseg checkpoint.pt or a saved "
+        "state_dict): public pretraining. Tensors are matched by name and shape; an output "
+        "layer for other classes starts fresh. Refused when the weights were trained on any "
+        "case of --data: they would publish those patients outside the epsilon",
+    )
+    p.add_argument(
         "--normalize",
         choices=NORMALIZE,
         default=None,

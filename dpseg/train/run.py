@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import dpseg
 from dpseg.data import DataError, MSDDataset, Preprocessing
+from dpseg.train.init_weights import load_init
 from dpseg.privacy.secret import (
     keyed_seed,
     new_secret,
@@ -225,8 +226,12 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
         va_images, va_labels, va_volumes = [], [], []
 
     model = build_model(cfg, num_classes)
+    init = None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+        init = ckpt.get("init")
+    elif cfg.init:
+        init = load_init(model, cfg.init, cfg.data, names)
     model.to(device)
     optimizer = build_optimizer(cfg, model.parameters())
     model = wrap_for_ranks(model, device)
@@ -307,6 +312,7 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
                     "ledger": privacy.ledger(),
                 },
                 "split": split,
+                "init": init,
                 "step": step,
                 "seconds": seconds,
                 "history": history,
@@ -410,6 +416,7 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
         "num_classes": num_classes,
         "parameters": sum(p.numel() for p in unwrap(model).parameters()),
         "resumed_from_step": start if ckpt is not None else None,
+        "init": init,
         "per_case": rows,
         "overlays": overlays,
         "config": cfg.as_dict(),
