@@ -194,6 +194,12 @@ def _run_train(args) -> int:
                 f"--data {args.data} differs from the run's data {saved['data']}; resume with "
                 "the same data or leave --data out"
             )
+        if "init" in given and given["init"] != saved.get("init"):
+            raise UsageError(
+                "--init applies to a new run only: --resume continues from the run's own "
+                "weights (and its record of where they started). Drop --init, or start a new "
+                "--out."
+            )
         for key, value in given.items():
             old = saved.get(key)
             old = tuple(old) if isinstance(old, list) else old

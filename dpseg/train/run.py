@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 import dpseg
 from dpseg.data import DataError, MSDDataset, Preprocessing
-from dpseg.train.init_weights import load_init
 from dpseg.privacy.secret import (
     keyed_seed,
     new_secret,
@@ -26,6 +25,7 @@ from dpseg.privacy.secret import (
 )
 from dpseg.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from dpseg.train.config import TrainConfig, resolve_normalize
+from dpseg.train.init_weights import apply_init, read_init
 from dpseg.train.loop import (
     build_model,
     build_optimizer,
@@ -134,6 +134,8 @@ def run_training(
     if nproc > 1 and distributed.world_size() == 1:  # the launcher: start the workers
         if not resume:
             cfg.check()  # here, not in N tracebacks
+            if cfg.init:
+                read_init(cfg.init, cfg.data, [c.name for c in MSDDataset(cfg.data).cases])
             if (out / "checkpoint.pt").exists():
                 raise DataError(
                     f"{out / 'checkpoint.pt'}: this run folder already holds a checkpoint. "
@@ -210,6 +212,9 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
         indices = _listed(dataset, indices, cfg.split)
     train_idx, val_idx = split_cases(indices, cfg.val_fraction, cfg.seed)
     names = [c.name for c in dataset.cases]
+    init, init_weights = None, None
+    if ckpt is None and cfg.init:  # before any case is loaded: refused weights cost nothing
+        init_weights = read_init(cfg.init, cfg.data, names)
     split = {"train": [names[i] for i in train_idx], "val": [names[i] for i in val_idx]}
     if ckpt is not None and ckpt.get("split") != split:
         raise DataError(
@@ -226,12 +231,11 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
         va_images, va_labels, va_volumes = [], [], []
 
     model = build_model(cfg, num_classes)
-    init = None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         init = ckpt.get("init")
-    elif cfg.init:
-        init = load_init(model, cfg.init, cfg.data, names)
+    elif init_weights is not None:
+        init = apply_init(model, *init_weights)
     model.to(device)
     optimizer = build_optimizer(cfg, model.parameters())
     model = wrap_for_ranks(model, device)
