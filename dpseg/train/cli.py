@@ -136,6 +136,15 @@ def add_train_parser(sub) -> None:
         "list and no other case is loaded",
     )
     p.add_argument(
+        "--init",
+        default=None,
+        metavar="CKPT",
+        help="start the model from these weights (a dpseg checkpoint.pt or a saved "
+        "state_dict): public pretraining. Tensors are matched by name and shape; an output "
+        "layer for other classes starts fresh. Refused when the weights were trained on any "
+        "case of --data: they would publish those patients outside the epsilon",
+    )
+    p.add_argument(
         "--normalize",
         choices=NORMALIZE,
         default=None,
@@ -184,6 +193,12 @@ def _run_train(args) -> int:
             raise UsageError(
                 f"--data {args.data} differs from the run's data {saved['data']}; resume with "
                 "the same data or leave --data out"
+            )
+        if "init" in given and given["init"] != saved.get("init"):
+            raise UsageError(
+                "--init applies to a new run only: --resume continues from the run's own "
+                "weights (and its record of where they started). Drop --init, or start a new "
+                "--out."
             )
         for key, value in given.items():
             old = saved.get(key)

@@ -74,6 +74,9 @@ class TrainConfig:
     # fixes the run's secret (dpseg.privacy.secret): sampling and noise as public as this
     secret_seed: int | None = None
     split: str | None = None  # FILE[:KEY]: train only on this list of cases (dpseg.train.splits)
+    # a checkpoint or state_dict to start from, trained on data disjoint from `data`
+    # (dpseg.train.init_weights refuses one that saw these cases)
+    init: str | None = None
     normalize: str = "auto"  # intensities: see NORMALIZE
     eval_every: int = 0
     checkpoint_every: int = 50

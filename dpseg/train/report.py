@@ -172,6 +172,19 @@ def format_markdown(report: dict[str, Any]) -> str:
     ]
     if report.get("resumed_from_step") is not None:
         lines.append(f"| resumed from step | {report['resumed_from_step']} |")
+    init = report.get("init")
+    if init:
+        source = (
+            f"trained on {init['source_data']} ({init['source_cases']} cases, "
+            f"{'DP' if init['source_dp'] else 'non-private'})"
+            if init["provenance"] == "recorded"
+            else "provenance not recorded: the epsilon holds only if these weights saw none "
+            "of this run's cases"
+        )
+        lines.append(
+            f"| started from | {init['path']} (sha256 {init['sha256'][:12]}), {init['loaded']} "
+            f"tensors loaded, {len(init['kept_fresh'])} fresh; {source} |"
+        )
     for note in report.get("notes", []):
         lines.append(f"| note | {note} |")
     lines += ["", "![loss](loss.png) ![Dice](dice.png) ![epsilon](epsilon.png)", ""]

@@ -25,6 +25,7 @@ from dpseg.privacy.secret import (
 )
 from dpseg.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from dpseg.train.config import TrainConfig, resolve_normalize
+from dpseg.train.init_weights import apply_init, read_init
 from dpseg.train.loop import (
     build_model,
     build_optimizer,
@@ -133,6 +134,8 @@ def run_training(
     if nproc > 1 and distributed.world_size() == 1:  # the launcher: start the workers
         if not resume:
             cfg.check()  # here, not in N tracebacks
+            if cfg.init:
+                read_init(cfg.init, cfg.data, [c.name for c in MSDDataset(cfg.data).cases])
             if (out / "checkpoint.pt").exists():
                 raise DataError(
                     f"{out / 'checkpoint.pt'}: this run folder already holds a checkpoint. "
@@ -209,6 +212,9 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
         indices = _listed(dataset, indices, cfg.split)
     train_idx, val_idx = split_cases(indices, cfg.val_fraction, cfg.seed)
     names = [c.name for c in dataset.cases]
+    init, init_weights = None, None
+    if ckpt is None and cfg.init:  # before any case is loaded: refused weights cost nothing
+        init_weights = read_init(cfg.init, cfg.data, names)
     split = {"train": [names[i] for i in train_idx], "val": [names[i] for i in val_idx]}
     if ckpt is not None and ckpt.get("split") != split:
         raise DataError(
@@ -227,6 +233,9 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
     model = build_model(cfg, num_classes)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+        init = ckpt.get("init")
+    elif init_weights is not None:
+        init = apply_init(model, *init_weights)
     model.to(device)
     optimizer = build_optimizer(cfg, model.parameters())
     model = wrap_for_ranks(model, device)
@@ -307,6 +316,7 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
                     "ledger": privacy.ledger(),
                 },
                 "split": split,
+                "init": init,
                 "step": step,
                 "seconds": seconds,
                 "history": history,
@@ -410,6 +420,7 @@ def _run(cfg: TrainConfig, resume: bool, overrides: dict | None, progress: bool)
         "num_classes": num_classes,
         "parameters": sum(p.numel() for p in unwrap(model).parameters()),
         "resumed_from_step": start if ckpt is not None else None,
+        "init": init,
         "per_case": rows,
         "overlays": overlays,
         "config": cfg.as_dict(),
