@@ -126,6 +126,9 @@ def _hd_text(row: dict[str, Any]) -> str:
     return ", ".join("inf" if h is None else f"{h:.1f}" for h in hd) or "n/a"
 
 
+_SOURCE_PRIVACY = {True: "DP", False: "non-private"}  # None: a federated source's, unrecorded
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     cfg = report["config"]
     eps = "infinite (no DP)" if not report["dp"] else f"{report['epsilon']:.2f}"
@@ -176,7 +179,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     if init:
         source = (
             f"trained on {init['source_data']} ({init['source_cases']} cases, "
-            f"{'DP' if init['source_dp'] else 'non-private'})"
+            f"{_SOURCE_PRIVACY.get(init['source_dp'], 'privacy not recorded')})"
             if init["provenance"] == "recorded"
             else "provenance not recorded: the epsilon holds only if these weights saw none "
             "of this run's cases"
