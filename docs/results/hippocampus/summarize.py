@@ -142,7 +142,8 @@ def test_table(runs: Path) -> list[str]:
 
 
 # the 160-case models of run.sh (dpn: DP at half the widths; dpp: DP from phantom pretraining)
-HEADLINE = ("nodp_s0", "nodp_s1", "dp_s0", "dp_s1", "dpn_s0", "dpn_s1", "dpp_s0", "dpp_s1")
+HEADLINE = ("nodp_s0", "nodp_s1", "dp_s0", "dp_s1", "dpn_s0", "dpn_s1", "dpp_s0", "dpp_s1",
+            "dpp_s2")  # fmt: skip
 SIZES = {40: "{}40_s{}", 80: "{}80_s{}", 160: "{}_s{}"}  # trend.sh's names, run.sh's at 160
 # Retuned per size (trend.sh): the expected batch kept at 32 cases (q = 32 / N), sigma solved
 # again; at 160 cases that is run.sh's own DP run.
