@@ -14,6 +14,9 @@
 // multiply); _mm256_mul_epu32 on 64-bit lanes does it in one instruction. Measured on the
 // 2-core AMD EPYC (Zen 3) development VM, one thread, CPU time per normal: 9.5 ns with GCC's
 // vectorisation of every stage (Philox 58% of it), 5.7 ns with the intrinsics.
+// On a 2-core AMD EPYC with AVX-512 (Zen 4), 2 threads, bench/limits_cpu.py: 2.61 ns per
+// normal with GCC's AVX-512 vectorisation of the generic Philox, 1.41 ns with the AVX-512
+// intrinsics below (torch.randn: 3.41 ns).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -181,6 +184,67 @@ void philox_uniforms_avx2(uint64_t seed, uint64_t step, uint64_t q0, int64_t nq,
   }
   philox_uniforms_generic(seed, step, q0, i, nq, u);  // the last nq % 8 blocks
 }
+
+// The same on AVX-512: eight blocks a vector, two vectors per iteration (16 blocks), every
+// instruction AVX512F. GCC's vectorisation of the generic loop emulates the 64-bit multiply
+// (vpmullq is AVX512DQ) where _mm512_mul_epu32 needs one instruction, as on AVX2.
+DPSEG_TARGET("avx512f")
+inline void set_uniforms_avx512(Uniforms& u, int64_t i, __m512i x0, __m512i x1, __m512i x2,
+                                __m512i x3) {
+  const __m512i two52_bits = _mm512_set1_epi64(kTwo52Bits);
+  const __m512d two52 = _mm512_set1_pd(kTwo52), two26 = _mm512_set1_pd(67108864.0);
+  const auto to_double = [&](__m512i v) DPSEG_TARGET("avx512f") {
+    return _mm512_sub_pd(_mm512_castsi512_pd(_mm512_or_si512(v, two52_bits)), two52);
+  };
+  const __m512d n1 = _mm512_add_pd(_mm512_mul_pd(to_double(_mm512_srli_epi64(x0, 5)), two26),
+                                   to_double(_mm512_srli_epi64(x1, 6)));
+  _mm512_storeu_pd(&u.u1[i], _mm512_mul_pd(_mm512_add_pd(n1, _mm512_set1_pd(0.5)),
+                                           _mm512_set1_pd(0x1p-53)));
+  _mm512_storeu_si512(&u.quarter[i], _mm512_srli_epi64(x2, 30));
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi64(x2, 5), _mm512_set1_epi64(0x1FFFFFF));
+  const __m512d n2 = _mm512_add_pd(_mm512_mul_pd(to_double(hi), two26),
+                                   to_double(_mm512_srli_epi64(x3, 6)));
+  _mm512_storeu_pd(&u.rem[i], _mm512_mul_pd(n2, _mm512_set1_pd(0x1p-51)));
+}
+
+DPSEG_TARGET("avx512f")
+void philox_uniforms_avx512(uint64_t seed, uint64_t step, uint64_t q0, int64_t nq, Uniforms& u) {
+  __m512i k0[10], k1[10];
+  uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r, a += kPhiloxW0, b += kPhiloxW1) {
+    k0[r] = _mm512_set1_epi64(a);
+    k1[r] = _mm512_set1_epi64(b);
+  }
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+  const __m512i low = _mm512_set1_epi64(kLow32);
+  const __m512i s0 = _mm512_set1_epi64(step & kLow32), s1 = _mm512_set1_epi64(step >> 32);
+  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), eight = _mm512_set1_epi64(8);
+  int64_t i = 0;
+  for (; i + 16 <= nq; i += 16) {
+    const __m512i qa = _mm512_add_epi64(_mm512_set1_epi64(q0 + static_cast<uint64_t>(i)), lane);
+    const __m512i qb = _mm512_add_epi64(qa, eight);
+    __m512i a0 = _mm512_and_si512(qa, low), a1 = _mm512_srli_epi64(qa, 32), a2 = s0, a3 = s1;
+    __m512i b0 = _mm512_and_si512(qb, low), b1 = _mm512_srli_epi64(qb, 32), b2 = s0, b3 = s1;
+#pragma GCC unroll 10
+    for (int r = 0; r < 10; ++r) {
+      const __m512i pa0 = _mm512_mul_epu32(a0, m0), pb0 = _mm512_mul_epu32(b0, m0);
+      const __m512i pa1 = _mm512_mul_epu32(a2, m1), pb1 = _mm512_mul_epu32(b2, m1);
+      a0 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(pa1, 32), a1), k0[r]);
+      b0 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(pb1, 32), b1), k0[r]);
+      a2 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(pa0, 32), a3), k1[r]);
+      b2 = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(pb0, 32), b3), k1[r]);
+      a1 = pa1;
+      b1 = pb1;
+      a3 = pa0;
+      b3 = pb0;
+    }
+    set_uniforms_avx512(u, i, _mm512_and_si512(a0, low), _mm512_and_si512(a1, low),
+                        _mm512_and_si512(a2, low), _mm512_and_si512(a3, low));
+    set_uniforms_avx512(u, i + 8, _mm512_and_si512(b0, low), _mm512_and_si512(b1, low),
+                        _mm512_and_si512(b2, low), _mm512_and_si512(b3, low));
+  }
+  philox_uniforms_generic(seed, step, q0, i, nq, u);  // the last nq % 16 blocks
+}
 #endif
 
 // out[2i], out[2i + 1] = the pair of the block whose uniforms are u's i-th, i < nq.
@@ -243,13 +307,12 @@ void normal_pairs(uint64_t seed, uint64_t step, uint64_t q0, int64_t nq, double*
   philox_uniforms_avx2(seed, step, q0, nq, u);
   pairs_from_uniforms(u, nq, out);
 }
-// AVX-512 (untested on the Zen 3 development machine): GCC vectorises the generic Philox
-// with 64-bit multiplies (vpmullq needs AVX512DQ; here it is emulated) and the float loops
-// with mask registers.
+// AVX-512: Philox with intrinsics as above, the float loops vectorised by GCC with mask
+// registers.
 DPSEG_TARGET("avx512f")
 void normal_pairs(uint64_t seed, uint64_t step, uint64_t q0, int64_t nq, double* out) {
   Uniforms u;
-  philox_uniforms_generic(seed, step, q0, 0, nq, u);
+  philox_uniforms_avx512(seed, step, q0, nq, u);
   pairs_from_uniforms(u, nq, out);
 }
 #else
