@@ -131,8 +131,17 @@ def _add_bench(sub):
         "most P (BatchMemoryManager for dpseg and Opacus, gradient accumulation without DP)",
     )
     p.add_argument("--backend", default="auto", help="dpseg fused-op backend")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (engines interleaved)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--round-seconds",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="run about S seconds of steps per engine in each timed round (the same number "
+        "for every engine, paced by the fastest one's warm-up) and record their mean; steadier "
+        "ratios for short steps on a shared CPU (default 0: one step a round)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.set_defaults(func=_run_bench)
 
@@ -148,6 +157,8 @@ def _run_bench(args) -> int:
         )
     gpu = args.device == "cuda"
     size = args.size or (128 if gpu else 64)
+    if args.round_seconds < 0:
+        raise UsageError(f"--round-seconds must be >= 0, got {args.round_seconds}")
     if args.physical_batch is not None and args.physical_batch < 1:
         raise UsageError(f"--physical-batch must be >= 1, got {args.physical_batch}")
     if args.model is not None:
@@ -175,6 +186,7 @@ def _run_bench(args) -> int:
                 spatial_dims=args.spatial_dims,
                 upsample=args.upsample,
                 rows_per_patient=args.rows_per_patient,
+                round_seconds=args.round_seconds,
             )
             reports.append(_show(args, run_step_benchmark(cfg, progress=_running)))
     return _write_reports(args, reports)
@@ -213,7 +225,7 @@ def _bench_user_model(args, size: int) -> int:
             report = bench_step(
                 model, x, y, engines=tuple(args.engines), repeats=args.repeats,
                 warmup=args.warmup, backend=args.backend, physical_batch=args.physical_batch,
-                amp=amp, name=args.model, progress=_running,
+                amp=amp, round_seconds=args.round_seconds, name=args.model, progress=_running,
             )  # fmt: skip
             report.config["model_kwargs"] = kwargs
             reports.append(_show(args, report))

@@ -42,6 +42,45 @@ def test_step_benchmark_runs_every_engine_and_reports_ratios():
     assert report.environment["torch"] == torch.__version__
 
 
+def test_steps_per_round_paces_every_engine_by_the_fastest():
+    from dpseg.perf.dp_step import steps_per_round
+
+    assert steps_per_round(0.0, [0.01, 0.02]) == 1  # off: one step a round
+    assert steps_per_round(1.0, []) == 1  # no warm-up to pace by
+    assert steps_per_round(1.0, [0.3, 0.1]) == 10  # the fastest engine sets the count
+    assert steps_per_round(1.0, [2.5]) == 1
+
+
+def test_round_seconds_times_the_same_number_of_steps_for_each_engine(monkeypatch, capsys):
+    """Each timed sample is one round's wall time over its K steps, K the same for every
+    engine; the CLI reports K and refuses a negative --round-seconds."""
+    import dpseg.perf.dp_step as dp_step
+
+    calls = {}
+
+    def fake_make_step(engine, *args, **kwargs):
+        calls[engine] = 0
+
+        def step():
+            calls[engine] += 1
+
+        return step
+
+    monkeypatch.setattr(dp_step, "make_step", fake_make_step)
+    cfg = StepBenchConfig(
+        channels=(4, 8), size=8, batch=2, repeats=3, warmup=1, engines=("none", "dpseg"),
+        round_seconds=1e-3,
+    )  # fmt: skip
+    report = run_step_benchmark(cfg)
+    k = report.config["steps_per_round"]
+    assert k > 1  # an empty step is far faster than 1 ms
+    # one warm-up step, 3 rounds of k, one for the peak-memory reading
+    assert calls == {"none": 2 + 3 * k, "dpseg": 2 + 3 * k}
+    assert f"over 3 rounds of {k} steps" in format_table(report)
+    assert main(["bench", "--round-seconds", "-1", "--size", "8", "--channels", "4,8"]) == 2
+    assert "--round-seconds must be >= 0" in capsys.readouterr().err
+
+
 def test_bench_cli_writes_results_and_reads_toml_config(tmp_path, capsys):
     config = tmp_path / "bench.toml"
     config.write_text(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,12 @@ class StepBenchConfig:
     spatial_dims: int = 3  # 2: a 2-D U-Net on size x size slices (the demo's workload)
     upsample: str = "transpose"  # "interp": the federated runs' (Opacus has no ConvTranspose)
     rows_per_patient: int = 1  # dpseg-grouped: consecutive rows of one patient
+    # A timed round runs every engine for this many seconds' worth of steps (the same whole
+    # number of steps for each, from the fastest engine's last warm-up step) and records the
+    # mean step; 0: one step a round. Short steps on a shared CPU jitter by 10-20% from one
+    # to the next (page faults of fresh buffers, preemption), which widens a one-step round's
+    # ratio without moving its median.
+    round_seconds: float = 0.0
 
 
 @dataclass
@@ -215,6 +222,7 @@ def bench_step(
     backend: str = "auto",
     physical_batch: int | None = None,
     amp: str = "none",
+    round_seconds: float = 0.0,
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> StepBenchReport:
@@ -242,12 +250,30 @@ def bench_step(
         backend=backend,
         physical_batch=physical_batch,
         channels=(),
+        round_seconds=round_seconds,
     )
     extra = {
         "model": name or type(model).__name__,
         "input_shape": list(example_input.shape),
     }
     return _run_engines(model, example_input, example_target, cfg, loss_fn, extra, progress)
+
+
+def steps_per_round(round_seconds: float, warm_step_s: list[float]) -> int:
+    """Steps each engine runs in one timed round: enough for ``round_seconds`` at the fastest
+    engine's warm-up pace (the same number for every engine, so a round compares equal work);
+    1 without a target or a warm-up to pace it by."""
+    if round_seconds <= 0 or not warm_step_s:
+        return 1
+    return max(1, math.ceil(round_seconds / max(min(warm_step_s), 1e-6)))
+
+
+def _repeated(step: Callable[[], None], times: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(times):
+            step()
+
+    return run
 
 
 def first_line(exc: BaseException) -> str:
@@ -268,7 +294,7 @@ def _run_engines(model, x, y, cfg, loss_fn, extra: dict, progress) -> StepBenchR
     # Build and warm every engine first, then time them interleaved, one step each per
     # round: load on a shared machine drifts, and timing engines in separate blocks would
     # charge that drift to whichever engine ran during it.
-    steps, results = {}, {}
+    steps, results, warm_s = {}, {}, {}
     for engine in cfg.engines:
         if progress:
             progress(f"{engine}: build and warm up")
@@ -276,19 +302,22 @@ def _run_engines(model, x, y, cfg, loss_fn, extra: dict, progress) -> StepBenchR
         try:
             step = make_step(engine, model, x, y, cfg, loss_fn)
             for _ in range(cfg.warmup):
-                step()
+                warm_s[engine] = time_call(step, repeats=1, warmup=0, device=device).median_s
             steps[engine] = step
         except torch.OutOfMemoryError:
             results[engine].error = "out of memory"
         except Exception as exc:  # a baseline that cannot run is reported, not fatal
             results[engine].error = first_line(exc)
+    per_round = steps_per_round(cfg.round_seconds, [warm_s[e] for e in steps if e in warm_s])
+    report.config["steps_per_round"] = per_round
     samples = {engine: [] for engine in steps}
     for round_ in range(cfg.repeats):
         if progress:
             progress(f"timing round {round_ + 1}/{cfg.repeats}")
         for engine, step in list(steps.items()):
             try:
-                samples[engine].append(time_call(step, repeats=1, warmup=0, device=device).median_s)
+                run = _repeated(step, per_round)
+                samples[engine].append(time_call(run, 1, 0, device).median_s / per_round)
             except torch.OutOfMemoryError:
                 results[engine].error = "out of memory"
                 del steps[engine]
@@ -355,6 +384,7 @@ def format_table(report: StepBenchReport) -> str:
             lines.append(
                 f"{engine} / {base}, round by round: median {q[1]:.3f}x, "
                 f"IQR {q[0]:.3f}-{q[2]:.3f}x over {len(by[engine].samples_s)} rounds"
+                + (f" of {k} steps" if (k := cfg.get("steps_per_round", 1)) > 1 else "")
             )
     return "\n".join(lines)
 

@@ -241,9 +241,15 @@ def _scores(runs: Path) -> dict[str, dict]:
     return out
 
 
+def _alone_prefix(seed: int) -> str:
+    """fed.sh's names of the sites trained alone with DP beside fed_sS (seed 0's came first)."""
+    return "alone_site" if seed == 0 else f"alone_s{seed}_site"
+
+
 def federated_table(runs: Path) -> list[str]:
     """Federated DP against federated non-private, and against each site alone with DP (and
-    the mean of the three), paired over the 40 test cases."""
+    the mean of the three), paired over the 40 test cases, per seed (a seed also deals the
+    cases to the sites)."""
     sys.path.insert(0, str(HERE.parents[2]))
     from dpseg.train.scoring import compare_scores
 
@@ -251,13 +257,20 @@ def federated_table(runs: Path) -> list[str]:
     fed = {k: v for k, v in scores.items() if k.startswith(("fed_", "alone_"))}
     if not fed:
         return []
-    alone = [v for k, v in fed.items() if k.startswith("alone_")]
+    seeds = sorted({int(k.split()[0][len("fed_s") :]) for k in fed if k.startswith("fed_s")})
     md = ["", "## Federated: three sites simulated from one hospital", ""]
-    if len(alone) > 1:
-        scores["mean of sites alone"] = _mean_scores(alone)
+    means = {}
+    for seed in seeds:
+        alone = [v for k, v in fed.items() if k.startswith(_alone_prefix(seed))]
+        if len(alone) > 1:
+            means[seed] = f"mean of sites alone, seed {seed}"
+            scores[means[seed]] = _mean_scores(alone)
+    if means:
         md.append(
-            f"'mean of sites alone': each test case's Dice averaged over the {len(alone)} "
-            "models trained by one site alone with DP (paired like any other model)."
+            "'mean of sites alone, seed S': each test case's Dice averaged over the models "
+            "trained by one site alone with DP, beside fed_sS (the seed deals the cases to the "
+            "sites: alone_siteK for seed 0, alone_sS_siteK for seed S; paired like any other "
+            "model)."
         )
     md += [
         "",
@@ -271,16 +284,20 @@ def federated_table(runs: Path) -> list[str]:
             f"{f['dice_per_label']['2']:.3f} | {f['mean_dice']:.3f} | "
             f"{f['largest_component']['mean_dice']:.3f} |"
         )
-    if len(alone) > 1:
-        m = scores["mean of sites alone"]["per_case"].values()
+    for name in means.values():
+        m = scores[name]["per_case"].values()
         md.append(
-            f"| mean of sites alone | | | | {np.mean([c['mean_dice'] for c in m]):.3f} | "
+            f"| {name} | | | | {np.mean([c['mean_dice'] for c in m]):.3f} | "
             f"{np.mean([c['largest_component']['mean_dice'] for c in m]):.3f} |"
         )
     md += ["", "| A | B | A - B | interval | lc: A - B | lc: interval |",
            "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    pairs = [("fed_s0 dpseg", "fed_s0 none"), ("fed_s0 dpseg", "mean of sites alone")]
-    pairs += [("fed_s0 dpseg", k) for k in fed if k.startswith("alone_")]
+    pairs = []
+    for seed in seeds:
+        dp = f"fed_s{seed} dpseg"
+        pairs += [(dp, f"fed_s{seed} none")]
+        pairs += [(dp, means[seed])] if seed in means else []
+        pairs += [(dp, k) for k in fed if k.startswith(_alone_prefix(seed))]
     for a, b in pairs:
         if a in scores and b in scores:
             rows = [r for r in compare_scores(scores[a], scores[b]) if r["metric"] == "mean_dice"]
@@ -325,19 +342,26 @@ def copy_finals(runs: Path) -> None:
         # test.md/F.json name the checkpoint where it was scored; point them at the copy
         for f in [*dest.glob("test*.json"), *dest.glob("test*.md")]:
             text = f.read_text()
-            for where in sorted({str(run), str(run.absolute()), str(run.resolve())}, key=len, reverse=True):
+            for where in sorted(
+                {str(run), str(run.absolute()), str(run.resolve())}, key=len, reverse=True
+            ):
                 text = text.replace(where + "/", "")
             f.write_text(text)
 
 
 def main() -> None:
     runs = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/hippocampus")
-    (HERE / "tuning.md").write_text("\n".join(tuning(runs)) + "\n")
+    wrote = []
+    # A runs folder rebuilt from the committed finals has no tuning runs: keep tuning.md.
+    if any((runs / "tune").glob("*/report.json")):
+        (HERE / "tuning.md").write_text("\n".join(tuning(runs)) + "\n")
+        wrote.append("tuning.md")
     if any(runs.glob("*/test*.json")):
         copy_finals(runs)
         md = test_table(runs) + federated_table(runs) + trend_table(runs)
         (HERE / "test.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {HERE / 'tuning.md'}" + (" and test.md" if any(runs.glob("*/test.json")) else ""))
+        wrote.append("test.md")
+    print(f"wrote {', '.join(wrote) or 'nothing'} in {HERE}")
 
 
 if __name__ == "__main__":
