@@ -1,4 +1,4 @@
-"""The per-sample conv backward strategies (loop, grouped, fused) against ATen itself: each
+"""The per-sample conv backward strategies (loop, grouped, fused, patches) against ATen itself: each
 sample's weight gradient from a batch-of-one call, and the batch's input gradient, on
 awkward shapes (stride, dilation, groups, padding, odd sizes, transposed, batch 1)."""
 
@@ -19,6 +19,8 @@ CASES = [
     (3, 3, 4, 3, 2, 2, 1, 1, 1, True, (3, 4, 5)),
     (1, 4, 3, 3, 5, 3, 2, 1, 1, False, (23,)),
     (3, 7, 1, 8, 3, 1, 1, 1, 1, False, (5, 5, 5)),  # Cin = 1, an odd batch
+    (3, 2, 1, 4, 3, 2, 2, 2, 1, False, (9, 8, 7)),  # Cin = 1, stride 2, dilation 2
+    (2, 3, 2, 5, (2, 3), 1, 1, 1, 1, False, (6, 7)),  # a non-square kernel
 ]
 
 
@@ -26,16 +28,19 @@ def _aten(go, x, w, geometry, need):
     return torch.ops.aten.convolution_backward(go, x, w, None, *geometry, [need, True, False])
 
 
-@pytest.mark.parametrize("strategy", ["loop", "grouped", "fused", "auto"])
+@pytest.mark.parametrize("strategy", ["loop", "grouped", "fused", "patches", "auto"])
 @pytest.mark.parametrize("case", CASES)
 def test_strategy_matches_aten_per_sample(case, strategy):
     dims, batch, cin, cout, k, stride, pad, dil, groups, transposed, size = case
+    if strategy == "patches" and (transposed or groups != 1):
+        pytest.skip("patches are for plain convolutions")
     g = torch.Generator().manual_seed(hash(case) % 2**31)
     x = torch.randn(batch, cin, *size, generator=g, dtype=torch.float64)
+    kernel = list(k) if isinstance(k, tuple) else [k] * dims
     if transposed:
-        w = torch.randn(cin, cout // groups, *([k] * dims), generator=g, dtype=torch.float64)
+        w = torch.randn(cin, cout // groups, *kernel, generator=g, dtype=torch.float64)
     else:
-        w = torch.randn(cout, cin // groups, *([k] * dims), generator=g, dtype=torch.float64)
+        w = torch.randn(cout, cin // groups, *kernel, generator=g, dtype=torch.float64)
     out_pad = [stride - 1 if transposed and stride > 1 else 0] * dims
     geometry = ([stride] * dims, [pad] * dims, [dil] * dims, transposed, out_pad, groups)
     out = torch.ops.aten.convolution(x, w, None, *geometry)
@@ -52,6 +57,33 @@ def test_strategy_matches_aten_per_sample(case, strategy):
             )
         else:
             assert gi is None
+
+
+def test_patches_refuse_a_transposed_or_grouped_conv_and_auto_times_them_on_cin_1():
+    from dpseg.privacy.rules import conv_weight_grad as cwg
+
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(4, 2, 3, 3)
+    geometry = ([1, 1], [1, 1], [1, 1], False, [0, 0], 2)
+    go = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match="plain convolutions"):
+        cwg.per_sample_conv_weight_grad(go, x, w, *geometry, strategy="patches")
+    with cwg.force_strategy("patches"):  # forced on a grouped conv: the exact loop instead
+        assert cwg.choose_strategy(go, x, w, *geometry) == "loop"
+    # a one-channel 3x3x3 input layer is large enough to be timed: patches are a candidate
+    x, w = torch.randn(2, 1, 48, 48, 48), torch.randn(16, 1, 3, 3, 3)
+    geometry = ([1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1)
+    assert cwg._patches_fit(x, w, geometry[2], False, 1)
+    assert not cwg._patches_fit(x, torch.randn(16, 16, 3, 3, 3), geometry[2], False, 1)
+    timed = {}
+    real = cwg._fastest
+    cwg._choice_cache.clear()
+    try:
+        cwg._fastest = lambda candidates, device: timed.update(candidates) or "patches"
+        assert cwg.choose_strategy(torch.randn(2, 16, 48, 48, 48), x, w, *geometry) == "patches"
+    finally:
+        cwg._fastest = real
+        cwg._choice_cache.clear()
+    assert set(timed) == {"loop", "grouped", "patches"}
 
 
 def test_empty_batch():

@@ -99,9 +99,11 @@ def test_conv_and_transposed_conv_per_sample_grads(cfg):
     assert_grad_samples(layer.double(), _input(cfg["batch"], cin, [size] * dims))
 
 
-@pytest.mark.parametrize("strategy", ["loop", "grouped", "fused"])
+@pytest.mark.parametrize("strategy", ["loop", "grouped", "fused", "patches"])
 def test_both_conv_strategies(monkeypatch, strategy):
     monkeypatch.setenv("DPSEG_CONV_STRATEGY", strategy)
+    first = nn.Conv3d(1, 5, 3, padding=2, dilation=2).double()  # a one-channel input layer
+    assert_grad_samples(first, _input(3, 1, [6, 7, 5]))
     layer = nn.Conv3d(4, 6, 3, stride=2, padding=1, groups=2).double()
     assert_grad_samples(layer, _input(3, 4, [7, 6, 5]))
     up = nn.ConvTranspose3d(4, 6, 2, stride=2, groups=2).double()

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 26's table: MONAI's networks, non-private against dpseg's DP step, engines
-# interleaved in one process, 15 rounds each after warm-up (median and interquartile range),
+# interleaved in one process, 15 rounds each after warm-up (median and interquartile range;
+# a round is at least 1 s of steps per engine: --round-seconds 1),
 # CPU, 2 threads, at the issue's sizes (DynUNet and BasicUNet at 16-128: MONAI's defaults are
 # twice as wide). Then the two limits (clip-and-sum pass against a copy, noise against randn).
 #   bash docs/results/floor26/run.sh [OUT]  (about 20 minutes on 2 idle cores)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-B="${DPSEG:-.venv/bin/dpseg} bench --engines none,dpseg --repeats 15"
+B="${DPSEG:-.venv/bin/dpseg} bench --engines none,dpseg --repeats 15 --round-seconds 1"
 O=${1:-docs/results/floor26}  # the output folder (the committed one by default)
 M=monai.networks.nets
 $B --size 64 --batch 2 --warmup 1 --model $M:SwinUNETR --model-kwargs '{"in_channels": 1, "out_channels": 2, "feature_size": 12}' --out $O/swinunetr
