@@ -69,6 +69,8 @@ FINAL=(
   # a third seed of the pretraining lever (added later, the same configuration): its two
   # seeds' results were 0.28 apart
   "dpp_s2|$DPP --seed 2|--also non-private=$R/nodp_s0/checkpoint.pt"
+  # its pair from scratch (the same added later): DP from scratch at seed 2
+  "dp_s2|$DP --seed 2|--also non-private=$R/nodp_s0/checkpoint.pt"
 )
 
 pretrain() {  # the phantoms, then the non-private model the dpp_* runs start from
