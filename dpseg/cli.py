@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -157,8 +158,10 @@ def _run_bench(args) -> int:
         )
     gpu = args.device == "cuda"
     size = args.size or (128 if gpu else 64)
-    if args.round_seconds < 0:
-        raise UsageError(f"--round-seconds must be >= 0, got {args.round_seconds}")
+    if not math.isfinite(args.round_seconds) or args.round_seconds < 0:
+        raise UsageError(f"--round-seconds must be a number >= 0, got {args.round_seconds}")
+    if args.round_seconds > 0 and args.warmup < 1:
+        raise UsageError("--round-seconds paces its rounds by a warm-up step: use --warmup >= 1")
     if args.physical_batch is not None and args.physical_batch < 1:
         raise UsageError(f"--physical-batch must be >= 1, got {args.physical_batch}")
     if args.model is not None:

@@ -21,6 +21,7 @@ CASES = [
     (3, 7, 1, 8, 3, 1, 1, 1, 1, False, (5, 5, 5)),  # Cin = 1, an odd batch
     (3, 2, 1, 4, 3, 2, 2, 2, 1, False, (9, 8, 7)),  # Cin = 1, stride 2, dilation 2
     (2, 3, 2, 5, (2, 3), 1, 1, 1, 1, False, (6, 7)),  # a non-square kernel
+    (2, 2, 1, 3, (3, 2), (1, 2), (0, 2), (2, 1), 1, False, (9, 8)),  # per-dim geometry
 ]
 
 
@@ -41,8 +42,9 @@ def test_strategy_matches_aten_per_sample(case, strategy):
         w = torch.randn(cin, cout // groups, *kernel, generator=g, dtype=torch.float64)
     else:
         w = torch.randn(cout, cin // groups, *kernel, generator=g, dtype=torch.float64)
-    out_pad = [stride - 1 if transposed and stride > 1 else 0] * dims
-    geometry = ([stride] * dims, [pad] * dims, [dil] * dims, transposed, out_pad, groups)
+    per_dim = [list(v) if isinstance(v, tuple) else [v] * dims for v in (stride, pad, dil)]
+    out_pad = [s - 1 if transposed and s > 1 else 0 for s in per_dim[0]]
+    geometry = (*per_dim, transposed, out_pad, groups)
     out = torch.ops.aten.convolution(x, w, None, *geometry)
     go = torch.randn(out.shape, generator=g, dtype=torch.float64)
     for need in (True, False):

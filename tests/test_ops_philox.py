@@ -171,18 +171,25 @@ def test_cpp_noise_equals_torch_bitwise_large():
     assert torch.equal(cpp, gaussian_noise(1_000_003, 42, 17, 999, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("versions", ["1", "0"], ids=["per-target", "portable"])
+@pytest.mark.parametrize(
+    "versions",
+    [["-DDPSEG_X86_VERSIONS=1"], ["-DDPSEG_X86_VERSIONS=1", "-DDPSEG_NO_AVX512"],
+     ["-DDPSEG_X86_VERSIONS=0"]],
+    ids=["per-target", "avx2-at-best", "portable"],
+)  # fmt: skip
 def test_cpu_block_generator_equals_the_scalar_header(tmp_path, versions):
-    """The vectorised CPU generator (AVX2 intrinsics where the CPU has them, else GCC's
-    vectorisation) and the portable path, each bitwise the scalar philox.h, compiled with
-    setup.py's flags. The extension's own path is held to the torch mirror above."""
+    """The vectorised CPU generator (the best of its AVX-512 or AVX2 intrinsics the CPU has,
+    else GCC's vectorisation), the same without the AVX-512 version (so an AVX-512 CPU
+    checks the AVX2 one too), and the portable path, each bitwise the scalar philox.h,
+    compiled with setup.py's flags. The extension's own path is held to the torch mirror
+    above."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
     root = Path(__file__).resolve().parents[1]
     exe = tmp_path / "check"
     cmd = [cxx, "-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno",
-           f"-DDPSEG_X86_VERSIONS={versions}", "-I", str(root / "csrc"),
+           *versions, "-I", str(root / "csrc"),
            str(root / "tests" / "cpp" / "philox_block_check.cpp"),
            str(root / "csrc" / "cpu" / "philox_cpu.cpp"), "-o", str(exe)]  # fmt: skip
     built = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

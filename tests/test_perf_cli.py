@@ -52,9 +52,10 @@ def test_steps_per_round_paces_every_engine_by_the_fastest():
 
 
 def test_round_seconds_times_the_same_number_of_steps_for_each_engine(monkeypatch, capsys):
-    """Each timed sample is one round's wall time over its K steps, K the same for every
-    engine; the CLI reports K and refuses a negative --round-seconds."""
+    """Each timed sample is one round's time over its K steps, K the same for every engine
+    and paced by the warm-up; the CLI reports K and refuses what it cannot pace."""
     import dpseg.perf.dp_step as dp_step
+    from dpseg.perf.harness import Timing
 
     calls = {}
 
@@ -66,19 +67,31 @@ def test_round_seconds_times_the_same_number_of_steps_for_each_engine(monkeypatc
 
         return step
 
+    def fake_time_call(fn, repeats=1, warmup=0, device="cpu"):
+        before = sum(calls.values())
+        fn()
+        return Timing.of([1e-3 * (sum(calls.values()) - before)])  # 1 ms a step
+
     monkeypatch.setattr(dp_step, "make_step", fake_make_step)
+    monkeypatch.setattr(dp_step, "time_call", fake_time_call)
     cfg = StepBenchConfig(
         channels=(4, 8), size=8, batch=2, repeats=3, warmup=1, engines=("none", "dpseg"),
-        round_seconds=1e-3,
+        round_seconds=0.01,
     )  # fmt: skip
     report = run_step_benchmark(cfg)
-    k = report.config["steps_per_round"]
-    assert k > 1  # an empty step is far faster than 1 ms
-    # one warm-up step, 3 rounds of k, one for the peak-memory reading
-    assert calls == {"none": 2 + 3 * k, "dpseg": 2 + 3 * k}
-    assert f"over 3 rounds of {k} steps" in format_table(report)
-    assert main(["bench", "--round-seconds", "-1", "--size", "8", "--channels", "4,8"]) == 2
-    assert "--round-seconds must be >= 0" in capsys.readouterr().err
+    assert report.config["steps_per_round"] == 10  # 10 ms of 1 ms steps
+    # one warm-up step, 3 rounds of 10, one for the peak-memory reading
+    assert calls == {"none": 32, "dpseg": 32}
+    for r in report.results:
+        assert r.samples_s == pytest.approx([1e-3] * 3)  # the round's time over its steps
+    assert "over 3 rounds of 10 steps" in format_table(report)
+    with pytest.raises(ValueError, match="warmup >= 1"):
+        run_step_benchmark(StepBenchConfig(channels=(4, 8), size=8, warmup=0, round_seconds=1))
+    for bad in (["--round-seconds", "-1"], ["--round-seconds", "nan"],
+                ["--round-seconds", "1", "--warmup", "0"]):  # fmt: skip
+        assert main(["bench", *bad, "--size", "8", "--channels", "4,8"]) == 2
+        err = capsys.readouterr().err
+        assert "--round-seconds" in err and "Traceback" not in err
 
 
 def test_bench_cli_writes_results_and_reads_toml_config(tmp_path, capsys):

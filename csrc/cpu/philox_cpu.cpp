@@ -185,6 +185,7 @@ void philox_uniforms_avx2(uint64_t seed, uint64_t step, uint64_t q0, int64_t nq,
   philox_uniforms_generic(seed, step, q0, i, nq, u);  // the last nq % 8 blocks
 }
 
+#if !defined(DPSEG_NO_AVX512)  // -DDPSEG_NO_AVX512: AVX2 at best (tests check it on AVX-512 CPUs)
 // The same on AVX-512: eight blocks a vector, two vectors per iteration (16 blocks), every
 // instruction AVX512F. GCC's vectorisation of the generic loop emulates the 64-bit multiply
 // (vpmullq is AVX512DQ) where _mm512_mul_epu32 needs one instruction, as on AVX2.
@@ -245,6 +246,7 @@ void philox_uniforms_avx512(uint64_t seed, uint64_t step, uint64_t q0, int64_t n
   }
   philox_uniforms_generic(seed, step, q0, i, nq, u);  // the last nq % 16 blocks
 }
+#endif  // DPSEG_NO_AVX512
 #endif
 
 // out[2i], out[2i + 1] = the pair of the block whose uniforms are u's i-th, i < nq.
@@ -307,6 +309,7 @@ void normal_pairs(uint64_t seed, uint64_t step, uint64_t q0, int64_t nq, double*
   philox_uniforms_avx2(seed, step, q0, nq, u);
   pairs_from_uniforms(u, nq, out);
 }
+#if !defined(DPSEG_NO_AVX512)
 // AVX-512: Philox with intrinsics as above, the float loops vectorised by GCC with mask
 // registers.
 DPSEG_TARGET("avx512f")
@@ -315,6 +318,7 @@ void normal_pairs(uint64_t seed, uint64_t step, uint64_t q0, int64_t nq, double*
   philox_uniforms_avx512(seed, step, q0, nq, u);
   pairs_from_uniforms(u, nq, out);
 }
+#endif
 #else
 void normal_pairs(uint64_t seed, uint64_t step, uint64_t q0, int64_t nq, double* out) {
   Uniforms u;

@@ -220,8 +220,10 @@ def choose_strategy(
     if forced:
         if forced not in STRATEGIES:
             raise ValueError(f"DPSEG_CONV_STRATEGY={forced!r}; use one of {STRATEGIES}")
-        if forced == "patches" and (geometry[3] or geometry[5] != 1):
-            return "loop"  # no patches of a transposed or grouped conv; loop is as exact
+        if forced == "patches" and not _patches_fit(x, w, geometry[2], geometry[3], geometry[5]):
+            # no patches of a transposed or grouped conv, nor of a hidden layer's (Cin x
+            # kernel floats per position, gigabytes at 128^3): the loop is as exact
+            return "loop"
         return "grouped" if forced == "fused" and not need_input_grad else forced
     if x.shape[0] <= 1 and x.device.type != "cuda":
         return "loop"
