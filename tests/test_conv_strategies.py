@@ -1,6 +1,7 @@
-"""The per-sample conv backward strategies (loop, grouped, fused, patches) against ATen itself: each
-sample's weight gradient from a batch-of-one call, and the batch's input gradient, on
-awkward shapes (stride, dilation, groups, padding, odd sizes, transposed, batch 1)."""
+"""The per-sample conv backward strategies (loop, grouped, fused, patches) against ATen
+itself: each sample's weight gradient from a batch-of-one call, and the batch's input
+gradient, on awkward shapes (stride, dilation, groups, padding, odd sizes, transposed,
+batch 1, per-dimension geometry)."""
 
 from __future__ import annotations
 
@@ -74,8 +75,8 @@ def test_patches_refuse_a_transposed_or_grouped_conv_and_auto_times_them_on_cin_
     # a one-channel 3x3x3 input layer is large enough to be timed: patches are a candidate
     x, w = torch.randn(2, 1, 48, 48, 48), torch.randn(16, 1, 3, 3, 3)
     geometry = ([1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1)
-    assert cwg._patches_fit(x, w, geometry[2], False, 1)
-    assert not cwg._patches_fit(x, torch.randn(16, 16, 3, 3, 3), geometry[2], False, 1)
+    assert cwg._patches_fit(w, False, 1)
+    assert not cwg._patches_fit(torch.randn(16, 16, 3, 3, 3), False, 1)
     timed = {}
     real = cwg._fastest
     cwg._choice_cache.clear()

@@ -291,9 +291,9 @@ def _run_engines(model, x, y, cfg, loss_fn, extra: dict, progress) -> StepBenchR
         },
         environment=environment(device),
     )
-    # Build and warm every engine first, then time them interleaved, one step each per
-    # round: load on a shared machine drifts, and timing engines in separate blocks would
-    # charge that drift to whichever engine ran during it.
+    # Build and warm every engine first, then time them interleaved, the same number of
+    # steps each per round (cfg.round_seconds): load on a shared machine drifts, and timing
+    # engines in separate blocks would charge that drift to whichever engine ran during it.
     if cfg.round_seconds > 0 and cfg.warmup < 1:
         raise ValueError("round_seconds paces the rounds by a warm-up step: set warmup >= 1")
     steps, results, warm_s = {}, {}, {}

@@ -144,7 +144,7 @@ def _patches(go, x, w, stride, padding, dilation, transposed, output_padding, gr
 _PATCH_FLOATS = 64
 
 
-def _patches_fit(x, w, dilation, transposed, groups) -> bool:
+def _patches_fit(w, transposed, groups) -> bool:
     return not transposed and groups == 1 and w[0].numel() <= _PATCH_FLOATS
 
 
@@ -220,7 +220,7 @@ def choose_strategy(
     if forced:
         if forced not in STRATEGIES:
             raise ValueError(f"DPSEG_CONV_STRATEGY={forced!r}; use one of {STRATEGIES}")
-        if forced == "patches" and not _patches_fit(x, w, geometry[2], geometry[3], geometry[5]):
+        if forced == "patches" and not _patches_fit(w, geometry[3], geometry[5]):
             # no patches of a transposed or grouped conv, nor of a hidden layer's (Cin x
             # kernel floats per position, gigabytes at 128^3): the loop is as exact
             return "loop"
@@ -239,7 +239,7 @@ def choose_strategy(
             choice = "fused" if need_input_grad else "grouped"
         else:
             names = ["loop", "grouped"]
-            if _patches_fit(x, w, geometry[2], geometry[3], geometry[5]):
+            if _patches_fit(w, geometry[3], geometry[5]):
                 names.append("patches")
             if x.device.type == "cuda" and _triton_usable(x.device):
                 names.append("triton")
