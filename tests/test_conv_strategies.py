@@ -34,8 +34,8 @@ def _aten(go, x, w, geometry, need):
 @pytest.mark.parametrize("case", CASES)
 def test_strategy_matches_aten_per_sample(case, strategy):
     dims, batch, cin, cout, k, stride, pad, dil, groups, transposed, size = case
-    if strategy == "patches" and (transposed or groups != 1):
-        pytest.skip("patches are for plain convolutions")
+    if strategy == "patches" and groups != 1:
+        pytest.skip("patches are for ungrouped convolutions")
     g = torch.Generator().manual_seed(hash(case) % 2**31)
     x = torch.randn(batch, cin, *size, generator=g, dtype=torch.float64)
     kernel = list(k) if isinstance(k, tuple) else [k] * dims
@@ -68,21 +68,22 @@ def test_patches_refuse_a_transposed_or_grouped_conv_and_auto_times_them_on_cin_
     x, w = torch.randn(2, 4, 5, 5), torch.randn(4, 2, 3, 3)
     geometry = ([1, 1], [1, 1], [1, 1], False, [0, 0], 2)
     go = torch.randn(2, 4, 5, 5)
-    with pytest.raises(ValueError, match="plain convolutions"):
+    with pytest.raises(ValueError, match="ungrouped convolutions"):
         cwg.per_sample_conv_weight_grad(go, x, w, *geometry, strategy="patches")
     with cwg.force_strategy("patches"):  # forced on a grouped conv: the exact loop instead
         assert cwg.choose_strategy(go, x, w, *geometry) == "loop"
     # a one-channel 3x3x3 input layer is large enough to be timed: patches are a candidate
     x, w = torch.randn(2, 1, 48, 48, 48), torch.randn(16, 1, 3, 3, 3)
     geometry = ([1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1)
-    assert cwg._patches_fit(w, False, 1)
-    assert not cwg._patches_fit(torch.randn(16, 16, 3, 3, 3), False, 1)
+    go = torch.randn(2, 16, 48, 48, 48)
+    assert cwg._patches_fit(go, x, w, *geometry)
+    assert not cwg._patches_fit(go, x, torch.randn(16, 16, 3, 3, 3), *geometry)
     timed = {}
     real = cwg._fastest
     cwg._choice_cache.clear()
     try:
         cwg._fastest = lambda candidates, device: timed.update(candidates) or "patches"
-        assert cwg.choose_strategy(torch.randn(2, 16, 48, 48, 48), x, w, *geometry) == "patches"
+        assert cwg.choose_strategy(go, x, w, *geometry) == "patches"
     finally:
         cwg._fastest = real
         cwg._choice_cache.clear()
@@ -96,3 +97,71 @@ def test_empty_batch():
     geometry = ([1] * 3, [0] * 3, [1] * 3, False, [0] * 3, 1)
     gi, gw = conv_backward_per_sample(go, x, w, geometry, True, strategy="fused")
     assert gi.shape == x.shape and gw.shape == (0, *w.shape)
+
+
+def _case_tensors(case):
+    dims, batch, cin, cout, k, stride, pad, dil, groups, transposed, size = case
+    g = torch.Generator().manual_seed(hash(case) % 2**31)
+    x = torch.randn(batch, cin, *size, generator=g, dtype=torch.float64)
+    kernel = list(k) if isinstance(k, tuple) else [k] * dims
+    shape = (cin, cout // groups) if transposed else (cout, cin // groups)
+    w = torch.randn(*shape, *kernel, generator=g, dtype=torch.float64)
+    per_dim = [list(v) if isinstance(v, tuple) else [v] * dims for v in (stride, pad, dil)]
+    out_pad = [s - 1 if transposed and s > 1 else 0 for s in per_dim[0]]
+    geometry = (*per_dim, transposed, out_pad, groups)
+    go = torch.randn(torch.ops.aten.convolution(x, w, None, *geometry).shape, generator=g,
+                     dtype=torch.float64)  # fmt: skip
+    return go, x, w, geometry
+
+
+STRIDE_1 = [
+    (3, 2, 4, 6, 3, 1, 1, 1, 2, False, (6, 5, 7)),  # groups
+    (2, 3, 2, 5, (3, 5), 1, (1, 2), (2, 1), 1, False, (9, 8)),  # per-dim padding, dilation
+    (1, 2, 3, 4, 4, 1, 0, 1, 1, False, (11,)),  # an even kernel, no padding
+    (3, 2, 2, 2, 1, 1, 0, 1, 1, False, (4, 5, 6)),  # 1x1x1
+]
+
+
+@pytest.mark.parametrize("case", CASES + STRIDE_1)
+def test_input_grad_as_a_forward_conv_matches_aten(case):
+    """The input gradient as a forward conv (flipped kernel; of a transposed conv, the conv
+    itself) against ATen's backward-data, wherever it applies; and where it does not
+    (strided, or padding beyond the kernel's reach), the chooser keeps backward-data."""
+    from dpseg.privacy.rules import conv_weight_grad as cwg
+
+    go, x, w, geometry = _case_tensors(case)
+    want = _aten(go, x, w, geometry, True)[0]
+    if cwg._forward_input_grad_fits(go, x, w, *geometry):
+        got = cwg._input_grad_by_forward(go, x, w, *geometry)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    else:
+        assert not geometry[3] and (max(geometry[0]) > 1 or max(geometry[1]) > 0)
+        assert cwg.choose_input_grad(go, x, w, *geometry) == "backward"
+    torch.testing.assert_close(cwg.conv_input_grad(go, x, w, *geometry), want, rtol=1e-10,
+                               atol=1e-10)  # fmt: skip
+
+
+def test_input_grad_choice_is_timed_once_per_shape_and_used_by_the_rule():
+    from dpseg.privacy.rules import conv_weight_grad as cwg
+
+    x, w = torch.randn(2, 2, 40, 40, 40), torch.randn(2, 2, 3, 3, 3)
+    go = torch.randn(2, 2, 40, 40, 40)
+    geometry = ([1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1)
+    timed = []
+    real = cwg._fastest
+    cwg._input_grad_cache.clear()
+    try:
+        cwg._fastest = lambda candidates, device: timed.append(sorted(candidates)) or "forward"
+        for _ in range(2):
+            assert cwg.choose_input_grad(go, x, w, *geometry) == "forward"
+        assert timed == [["backward", "forward"]]  # timed once, then cached
+        with cwg.force_strategy("grouped"):
+            gi, _ = conv_backward_per_sample(go, x, w, geometry, True)
+        torch.testing.assert_close(gi, _aten(go, x, w, geometry, True)[0], rtol=1e-4, atol=1e-4)
+        # a strided conv's input gradient is not a plain forward conv: never a candidate
+        assert cwg.choose_input_grad(go[..., ::2, ::2, ::2], x, w, [2] * 3, *geometry[1:]) == (
+            "backward"
+        )
+    finally:
+        cwg._fastest = real
+        cwg._input_grad_cache.clear()

@@ -97,3 +97,29 @@ def test_rule_uses_the_fused_op(monkeypatch):
         results.append([p.grad_sample.clone() for p in model.parameters()])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@needs_op
+@pytest.mark.parametrize("batch,channels,groups", [(1, 6, 1), (1, 6, 3), (3, 8, 2), (2, 16, 8)])
+def test_the_same_bits_on_any_thread_count(batch, channels, groups):
+    """Groups are shared out whole when there are enough of them (each group's two passes
+    together, while it is in cache), planes otherwise: one thread takes the first schedule
+    on every shape here, 2 and 3 threads the second on some. Both must give the same bits."""
+    x, w, b = (t.detach() for t in _forward(batch, channels, (9, 8, 7), groups, torch.float32))
+    out, mean, rstd = torch.ops.aten.native_group_norm(
+        x, w, b, batch, channels, 9 * 8 * 7, groups, 1e-5
+    )
+    go = torch.randn_like(out)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(
+                torch.ops.dpseg.group_norm_backward_per_sample(go, x, mean, rstd, w, groups)
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)

@@ -108,10 +108,88 @@ def _grouped_both(go, x, w, stride, padding, dilation, transposed, output_paddin
 
 
 def _input_grad(go, x, w, stride, padding, dilation, transposed, output_padding, groups):
+    """The input gradient by ATen's backward-data kernel (what ordinary autograd calls)."""
     return _aten_conv_backward(
         go, x, w, None, stride, padding, dilation, transposed, output_padding, groups,
         [True, False, False],
     )[0]  # fmt: skip
+
+
+def _input_grad_by_forward(go, x, w, stride, padding, dilation, transposed, output_padding, groups):
+    """The same input gradient as a forward convolution of ``go``. Of a transposed conv it is
+    the conv itself (same weight, stride, padding); of a stride-1 conv, the conv with the
+    kernel flipped, in and out channels swapped per group, and padding d (k - 1) - p.
+
+    Why: oneDNN's backward-data kernel has a floor for few-channel layers that its forward
+    kernel does not. At 48^3, B=2, 2 threads (AVX-512): a 2->2 3x3x3 conv's input gradient
+    takes 20 ms by backward-data, 2.7 ms as this forward (the forward itself: 3.3 ms); 4->4
+    19.6 against 5.3, 8->8 20.2 against 9.8, 16->16 20.5 against 20.3 (no gain: both are
+    the plain kernel there). The timed choice (``choose_input_grad``) keeps whichever wins."""
+    nd = w.dim() - 2
+    if transposed:
+        return torch.ops.aten.convolution(
+            go, w, None, stride, padding, dilation, False, [0] * nd, groups
+        )
+    cout, cin_group, kernel = w.shape[0], w.shape[1], w.shape[2:]
+    flipped = (
+        w.view(groups, cout // groups, cin_group, *kernel)
+        .transpose(1, 2)
+        .reshape(groups * cin_group, cout // groups, *kernel)
+        .flip(tuple(range(2, 2 + nd)))
+    )
+    pad = [d * (k - 1) - p for d, k, p in zip(dilation, kernel, padding, strict=True)]
+    return torch.ops.aten.convolution(
+        go, flipped, None, [1] * nd, pad, dilation, False, [0] * nd, groups
+    )
+
+
+def _forward_input_grad_fits(go, x, w, stride, padding, dilation, transposed, output_padding,
+                             groups) -> bool:  # fmt: skip
+    """Whether ``_input_grad_by_forward`` applies: a transposed conv whose forward gives back
+    x's size (not when an output_padding reaches the stride), or a stride-1 conv whose
+    padding is at most the kernel's reach (the flipped conv's padding is not negative)."""
+    kernel = w.shape[2:]
+    if transposed:
+        reach = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+        size = [
+            (n + 2 * p - r - 1) // s + 1
+            for n, p, r, s in zip(go.shape[2:], padding, reach, stride, strict=True)
+        ]
+        return size == list(x.shape[2:])
+    return all(s == 1 for s in stride) and all(
+        d * (k - 1) >= p for d, k, p in zip(dilation, kernel, padding, strict=True)
+    )
+
+
+_input_grad_cache: dict[tuple, str] = {}
+_INPUT_GRADS = {"backward": _input_grad, "forward": _input_grad_by_forward}
+
+
+def choose_input_grad(go, x, w, *geometry) -> str:
+    """"backward" (ATen's backward-data) or "forward" (``_input_grad_by_forward``) for this
+    layer shape: timed once per shape and batch bucket, as the weight strategies are."""
+    if not _forward_input_grad_fits(go, x, w, *geometry):
+        return "backward"
+    key = (
+        x.shape[0].bit_length(), tuple(x.shape[1:]), tuple(go.shape[1:]), tuple(w.shape),
+        x.dtype, x.device.type, *map(str, geometry),
+    )  # fmt: skip
+    choice = _input_grad_cache.get(key)
+    if choice is None:
+        if go.numel() < _TIMING_THRESHOLD:
+            choice = "backward"
+        else:
+            choice = _fastest(
+                {name: (lambda fn=fn: fn(go, x, w, *geometry)) for name, fn in _INPUT_GRADS.items()},
+                x.device,
+            )
+        _input_grad_cache[key] = choice
+    return choice
+
+
+def conv_input_grad(go, x, w, *geometry) -> torch.Tensor:
+    """The conv's input gradient by the faster of backward-data and a forward conv."""
+    return _INPUT_GRADS[choose_input_grad(go, x, w, *geometry)](go, x, w, *geometry)
 
 
 def _patches(go, x, w, stride, padding, dilation, transposed, output_padding, groups):
@@ -120,9 +198,17 @@ def _patches(go, x, w, stride, padding, dilation, transposed, output_padding, gr
     position, which is what Opacus's unfold pays at every layer; dpseg takes it only where
     that is small (``_patches_fit``: a network's first layer on a one-channel image, where
     oneDNN's per-sample weight gradient is at its worst)."""
-    if transposed or groups != 1:
-        raise ValueError("the patches strategy is for plain convolutions (groups=1)")
+    if groups != 1:
+        raise ValueError("the patches strategy is for ungrouped convolutions (groups=1)")
     nd = x.dim() - 2
+    if transposed:
+        # A transposed conv is the adjoint of the conv with its weight: <go, conv_T(x, w)> =
+        # <conv(go, w), x>, so its weight gradient is that conv's, with go as the input and
+        # x as the output gradient (when conv(go) gives back x's size: _patches_fit).
+        if not _forward_input_grad_fits(go, x, w, stride, padding, dilation, True,
+                                        output_padding, groups):  # fmt: skip
+            raise ValueError("this transposed conv's output padding reaches its stride")
+        return _patches(x, go, w, stride, padding, dilation, False, [0] * nd, groups)
     x = torch.nn.functional.pad(x, [p for pad in reversed(padding) for p in (pad, pad)])
     for d in range(nd):  # (B, Cin, *positions, *kernel): windows along each spatial dim
         span = dilation[d] * (w.shape[2 + d] - 1) + 1
@@ -144,8 +230,14 @@ def _patches(go, x, w, stride, padding, dilation, transposed, output_padding, gr
 _PATCH_FLOATS = 64
 
 
-def _patches_fit(w, transposed, groups) -> bool:
-    return not transposed and groups == 1 and w[0].numel() <= _PATCH_FLOATS
+def _patches_fit(go, x, w, stride, padding, dilation, transposed, output_padding, groups):
+    """At most _PATCH_FLOATS floats a position (w[0] is Cin x kernel of a conv, Cout x
+    kernel of a transposed one), ungrouped, and a transposed conv's adjoint fits x."""
+    if groups != 1 or w[0].numel() > _PATCH_FLOATS:
+        return False
+    return not transposed or _forward_input_grad_fits(
+        go, x, w, stride, padding, dilation, transposed, output_padding, groups
+    )
 
 
 def _triton(go, x, w, *geometry):
@@ -210,7 +302,7 @@ def _candidate(name, go, x, w, geometry, need_input_grad):
     impl = _IMPLS[name]
     if not need_input_grad:
         return lambda: impl(go, x, w, *geometry)
-    return lambda: (impl(go, x, w, *geometry), _input_grad(go, x, w, *geometry))
+    return lambda: (impl(go, x, w, *geometry), conv_input_grad(go, x, w, *geometry))
 
 
 def choose_strategy(
@@ -220,7 +312,7 @@ def choose_strategy(
     if forced:
         if forced not in STRATEGIES:
             raise ValueError(f"DPSEG_CONV_STRATEGY={forced!r}; use one of {STRATEGIES}")
-        if forced == "patches" and not _patches_fit(w, geometry[3], geometry[5]):
+        if forced == "patches" and not _patches_fit(go, x, w, *geometry):
             # no patches of a transposed or grouped conv, nor of a hidden layer's (Cin x
             # kernel floats per position, gigabytes at 128^3): the loop is as exact
             return "loop"
@@ -239,7 +331,7 @@ def choose_strategy(
             choice = "fused" if need_input_grad else "grouped"
         else:
             names = ["loop", "grouped"]
-            if _patches_fit(w, geometry[3], geometry[5]):
+            if _patches_fit(go, x, w, *geometry):
                 names.append("patches")
             if x.device.type == "cuda" and _triton_usable(x.device):
                 names.append("triton")
@@ -273,7 +365,7 @@ def conv_backward_per_sample(
     if strategy == "fused" and need_input_grad:
         with profiled("dpseg::per_sample_weight_grad[fused]"):
             return _grouped_both(grad_out, x, weight, *geometry, True)
-    grad_input = _input_grad(grad_out, x, weight, *geometry) if need_input_grad else None
+    grad_input = conv_input_grad(grad_out, x, weight, *geometry) if need_input_grad else None
     if strategy == "fused":
         strategy = "grouped"
     return grad_input, per_sample_conv_weight_grad(grad_out, x, weight, *geometry, strategy)
