@@ -44,4 +44,10 @@ TORCH_LIBRARY(dpseg, m) {
   m.def(
       "group_norm_backward_per_sample(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, "
       "Tensor? weight, int groups, bool input_grad=True) -> (Tensor, Tensor, Tensor)");
+  // Per-sample weight gradient of an ungrouped 3-D conv with few input floats per output
+  // position (a first layer): grad_out (B, Cout, OZ, OY, OX), x already padded (B, Cin, Z,
+  // Y, X) -> (B, Cout, Cin, kz, ky, kx). Lower dimensions come in with leading sizes of 1.
+  m.def(
+      "conv_weight_grad_per_sample(Tensor grad_out, Tensor x, int[] kernel, int[] stride, "
+      "int[] dilation) -> Tensor");
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dpseg.ops import _ext
 from dpseg.privacy.rules.conv_weight_grad import conv_backward_per_sample
 
 CASES = [
@@ -30,12 +31,14 @@ def _aten(go, x, w, geometry, need):
     return torch.ops.aten.convolution_backward(go, x, w, None, *geometry, [need, True, False])
 
 
-@pytest.mark.parametrize("strategy", ["loop", "grouped", "fused", "patches", "auto"])
+@pytest.mark.parametrize("strategy", ["loop", "grouped", "fused", "patches", "direct", "auto"])
 @pytest.mark.parametrize("case", CASES)
 def test_strategy_matches_aten_per_sample(case, strategy):
     dims, batch, cin, cout, k, stride, pad, dil, groups, transposed, size = case
-    if strategy == "patches" and groups != 1:
-        pytest.skip("patches are for ungrouped convolutions")
+    if strategy in ("patches", "direct") and groups != 1:
+        pytest.skip(f"{strategy} is for ungrouped convolutions")
+    if strategy == "direct" and not _ext.has_op("conv_weight_grad_per_sample"):
+        pytest.skip("C++ extension without the op")
     g = torch.Generator().manual_seed(hash(case) % 2**31)
     x = torch.randn(batch, cin, *size, generator=g, dtype=torch.float64)
     kernel = list(k) if isinstance(k, tuple) else [k] * dims
@@ -87,7 +90,8 @@ def test_patches_refuse_a_transposed_or_grouped_conv_and_auto_times_them_on_cin_
     finally:
         cwg._fastest = real
         cwg._choice_cache.clear()
-    assert set(timed) == {"loop", "grouped", "patches"}
+    direct = {"direct"} if _ext.has_op("conv_weight_grad_per_sample") else set()
+    assert set(timed) == {"loop", "grouped", "patches"} | direct
 
 
 def test_empty_batch():
@@ -165,3 +169,77 @@ def test_input_grad_choice_is_timed_once_per_shape_and_used_by_the_rule():
     finally:
         cwg._fastest = real
         cwg._input_grad_cache.clear()
+
+
+def test_input_grad_forced_by_the_environment(monkeypatch):
+    from dpseg.privacy.rules import conv_weight_grad as cwg
+
+    x, w, go = torch.randn(2, 2, 6, 6, 6), torch.randn(3, 2, 3, 3, 3), torch.randn(2, 3, 6, 6, 6)
+    geometry = ([1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1)
+    for name in ("forward", "backward"):
+        monkeypatch.setenv("DPSEG_CONV_INPUT_GRAD", name)
+        assert cwg.choose_input_grad(go, x, w, *geometry) == name
+    monkeypatch.setenv("DPSEG_CONV_INPUT_GRAD", "sideways")
+    with pytest.raises(ValueError, match="DPSEG_CONV_INPUT_GRAD='sideways'"):
+        cwg.choose_input_grad(go, x, w, *geometry)
+
+
+def test_patches_of_a_transposed_conv_need_its_adjoint_to_fit():
+    from dpseg.privacy.rules import conv_weight_grad as cwg
+
+    # stride 2, dilation 3, output padding 2: the conv of go gives one more position than x
+    x, w = torch.randn(2, 3, 5, 5), torch.randn(3, 2, 3, 3)
+    geometry = ([2, 2], [1, 1], [3, 3], True, [2, 2], 1)
+    go = torch.randn(torch.ops.aten.convolution(x, w, None, *geometry).shape)
+    assert not cwg._patches_fit(go, x, w, *geometry)
+    with pytest.raises(ValueError, match="output padding reaches its stride"):
+        cwg.per_sample_conv_weight_grad(go, x, w, *geometry, strategy="patches")
+    with cwg.force_strategy("patches"):
+        assert cwg.choose_strategy(go, x, w, *geometry) == "loop"
+    assert cwg.choose_input_grad(go, x, w, *geometry) == "backward"
+    gi, gw = conv_backward_per_sample(go, x, w, geometry, True)  # still exact
+    want = torch.stack([_aten(go[b : b + 1], x[b : b + 1], w, geometry, False)[1] for b in (0, 1)])
+    torch.testing.assert_close(gw, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gi, _aten(go, x, w, geometry, True)[0], rtol=1e-4, atol=1e-4)
+
+
+needs_direct = pytest.mark.skipif(
+    not _ext.has_op("conv_weight_grad_per_sample"), reason="C++ extension without the op"
+)
+
+
+@needs_direct
+def test_direct_kernel_same_bits_on_any_thread_count_and_float32_close_to_float64():
+    """The direct kernel's float32 result against the float64 loop (float lanes over a
+    plane, added in double), and bit-identical on 1, 2 and 3 threads (fixed lane order)."""
+    from dpseg.privacy.rules import conv_weight_grad as cwg
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, 13, 17, 19, generator=g)
+    w = torch.randn(5, 2, 3, 3, 3, generator=g)
+    for stride in ([1, 1, 1], [2, 1, 1], [1, 2, 3]):
+        geometry = (stride, [1, 1, 1], [1, 1, 1], False, [0, 0, 0], 1)
+        go = torch.randn(torch.ops.aten.convolution(x, w, None, *geometry).shape, generator=g)
+        want = cwg._loop(go.double(), x.double(), w.double(), *geometry)
+        threads, runs = torch.get_num_threads(), []
+        try:
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                runs.append(cwg._direct(go, x, w, *geometry))
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(runs[0], r) for r in runs[1:])
+        torch.testing.assert_close(runs[0].double(), want, rtol=1e-5, atol=1e-4)
+
+
+@needs_direct
+def test_direct_kernel_opcheck_and_bad_inputs():
+    go, x = torch.randn(2, 3, 4, 4, 4, dtype=torch.float64), torch.randn(2, 1, 6, 6, 6, dtype=torch.float64)
+    args = (go, x, [3, 3, 3], [1, 1, 1], [1, 1, 1])
+    torch.library.opcheck(torch.ops.dpseg.conv_weight_grad_per_sample.default, args)
+    with pytest.raises(RuntimeError, match="the padded input gives 3 positions"):
+        torch.ops.dpseg.conv_weight_grad_per_sample(go, x, [4, 3, 3], [1, 1, 1], [1, 1, 1])
+    with pytest.raises(RuntimeError, match="must be 5-D"):
+        torch.ops.dpseg.conv_weight_grad_per_sample(go[0], x, [3, 3, 3], [1, 1, 1], [1, 1, 1])
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        torch.ops.dpseg.conv_weight_grad_per_sample(go.float(), x, [3, 3, 3], [1, 1, 1], [1, 1, 1])

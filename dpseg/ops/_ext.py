@@ -66,6 +66,13 @@ if LOAD_ERROR is None:
             return dx, x.new_empty((n, c)), x.new_empty((n, c))
 
 
+    if _has_kernel("conv_weight_grad_per_sample", "CPU"):
+
+        @torch.library.register_fake("dpseg::conv_weight_grad_per_sample")
+        def _conv_weight_grad_fake(grad_out, x, kernel, stride, dilation):
+            return x.new_empty((x.shape[0], grad_out.shape[1], x.shape[1], *kernel))
+
+
 if LOAD_ERROR is None and _has_kernel("clip_accumulate_noise_sgd_", "CPU"):
 
     @torch.library.register_fake("dpseg::clip_accumulate_noise_sgd_")
