@@ -243,3 +243,26 @@ def test_direct_kernel_opcheck_and_bad_inputs():
         torch.ops.dpseg.conv_weight_grad_per_sample(go[0], x, [3, 3, 3], [1, 1, 1], [1, 1, 1])
     with pytest.raises(RuntimeError, match="dtypes differ"):
         torch.ops.dpseg.conv_weight_grad_per_sample(go.float(), x, [3, 3, 3], [1, 1, 1], [1, 1, 1])
+
+
+@needs_direct
+def test_direct_kernel_edges_no_positions_and_an_unused_infinite_input():
+    """No output positions: zeros, and nothing read past the input. An inf in an input
+    column that no tap uses (dilation 3 in x skips it) leaves the gradient finite, as the
+    other strategies do."""
+    from dpseg.privacy.rules import conv_weight_grad as cwg
+
+    buf = torch.full((8,), float("nan"))
+    x = buf[:2].view(1, 1, 1, 2, 1)
+    out = torch.ops.dpseg.conv_weight_grad_per_sample(
+        torch.empty(1, 1, 1, 2, 0), x, [1, 1, 3], [1, 1, 1], [1, 1, 1]
+    )
+    assert torch.equal(out, torch.zeros(1, 1, 1, 1, 1, 3))
+    x = torch.randn(2, 1, 6, 5)
+    x[..., 2] = float("inf")  # width 5, kernel 2 with dilation 3: column 2 is never read
+    w = torch.randn(1, 1, 2, 2)
+    geometry = ([1, 1], [0, 0], [1, 3], False, [0, 0], 1)
+    go = torch.randn(torch.ops.aten.convolution(x, w, None, *geometry).shape)
+    got = cwg._direct(go, x, w, *geometry)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, cwg._loop(go, x, w, *geometry), rtol=1e-5, atol=1e-5)

@@ -201,6 +201,15 @@ def test_module_called_twice_accumulates_and_frozen_params_are_ignored():
     assert_grad_samples(model, _input(3, 3, [5, 6]))
 
 
+def test_a_parameter_registered_under_two_names_counts_once():
+    """register_parameter("bias_alias", m.bias): one parameter, one gradient (the capture
+    reads a leaf's own parameters once each, as named_parameters does)."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Linear(4, 3)).double()
+    for layer in model:
+        layer.register_parameter("bias_alias", layer.bias)
+    assert_grad_samples(model, _input(3, 2, [5, 6]))
+
+
 # ---------------------------------------------------------------------------------------
 # The whole DP step: update = scale * (sum_b clip(g_b) + noise)
 

@@ -100,14 +100,18 @@ def test_rule_uses_the_fused_op(monkeypatch):
 
 
 @needs_op
-@pytest.mark.parametrize("batch,channels,groups", [(1, 6, 1), (1, 6, 3), (3, 8, 2), (2, 16, 8)])
-def test_the_same_bits_on_any_thread_count(batch, channels, groups):
+@pytest.mark.parametrize(
+    "batch,channels,groups,spatial",
+    [(1, 6, 1, (9, 8, 7)), (1, 6, 3, (9, 8, 7)), (3, 8, 2, (9, 8, 7)), (2, 16, 8, (9, 8, 7)),
+     (1, 3, 1, (4097,)), (2, 4, 2, (2049,))],  # planes past one float block (2048)
+)  # fmt: skip
+def test_the_same_bits_on_any_thread_count(batch, channels, groups, spatial):
     """Groups are shared out whole when there are enough of them (each group's two passes
     together, while it is in cache), planes otherwise: one thread takes the first schedule
     on every shape here, 2 and 3 threads the second on some. Both must give the same bits."""
-    x, w, b = (t.detach() for t in _forward(batch, channels, (9, 8, 7), groups, torch.float32))
+    x, w, b = (t.detach() for t in _forward(batch, channels, spatial, groups, torch.float32))
     out, mean, rstd = torch.ops.aten.native_group_norm(
-        x, w, b, batch, channels, 9 * 8 * 7, groups, 1e-5
+        x, w, b, batch, channels, x[0, 0].numel(), groups, 1e-5
     )
     go = torch.randn_like(out)
     threads = torch.get_num_threads()
@@ -123,3 +127,25 @@ def test_the_same_bits_on_any_thread_count(batch, channels, groups):
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+@needs_op
+@pytest.mark.parametrize("offset", [100.0, 1000.0])
+def test_float32_dgamma_keeps_its_precision_when_the_mean_dwarfs_the_spread(offset):
+    """dgamma = sum dy (x - mean) rstd with the forward's saved mean and rstd: summed as
+    dy*x minus db*mean it cancels (ATen's float backward: relative error 8e-3 at x = 100 +
+    0.01 randn); centred it does not. The oracle is the same formula in float64 on the same
+    float32 inputs and saved statistics."""
+    g = torch.Generator().manual_seed(5)
+    x = (offset + 0.01 * torch.randn(2, 4, 64, 64, generator=g, dtype=torch.float64)).float()
+    w = torch.randn(4, generator=g)
+    go = torch.randn(2, 4, 64, 64, generator=g)
+    out, mean, rstd = torch.ops.aten.native_group_norm(x, w, None, 2, 4, 4096, 2, 1e-5)
+    _, dgamma, dbeta = torch.ops.dpseg.group_norm_backward_per_sample(go, x, mean, rstd, w, 2)
+    m64 = mean.double().repeat_interleave(2, dim=1)[..., None]  # per (sample, channel)
+    r64 = rstd.double().repeat_interleave(2, dim=1)
+    xs, gs = x.double().flatten(2), go.double().flatten(2)
+    want = (gs * (xs - m64)).sum(-1) * r64
+    err = (dgamma.double() - want).abs().max() / want.abs().max()
+    assert err < 1e-5, f"dgamma relative error {err:.1e}"
+    torch.testing.assert_close(dbeta.double(), gs.sum(-1), rtol=1e-5, atol=1e-3)

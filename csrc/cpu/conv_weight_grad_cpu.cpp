@@ -9,11 +9,10 @@
 // 3x3x3 layer at 48^3, B = 2, 2 threads, batched (non-private) weight gradient 2.0 ms; per
 // sample, loop 10.6, grouped 8-22, patches 5.3.
 //
-// Schedule: one task per (b, o). Each output row (b, o, z, y, :) is met once; against it,
-// every (c, kz, ky, kx) adds the row's products with the shifted input row into 16 float
-// lanes, which are added into double lanes after each output plane (z), so no float sum runs
-// over more than a plane's row length x rows / 16 products. Fixed order: the same bits on
-// any thread count.
+// Schedule: one task per (b, o). For each output plane z, every tap (c, kz, ky, kx) adds its
+// products over the plane into kLanes float lanes, which are added into double lanes after
+// the plane, so no float sum runs over more than a plane's positions / kLanes products.
+// Fixed order: the same bits on any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -61,16 +60,17 @@ inline __attribute__((always_inline)) void dot_lanes(const T* __restrict__ g,
 // OX) and sample b's input x (C x Z x Y x X), into dst (C x KZ x KY x KX), plane by output
 // plane z. Each tap k sums its products in kLanes float lanes over the plane (lanes, K x
 // kLanes), added into double lanes (total) after each plane, reduced pairwise at the end.
-// With unit stride in y and x, the plane is first copied into ``pad`` with x's row pitch
-// (zeros past OX), so that a tap is one run over the plane, (OY - 1) X + OX long: a row of
-// 48 is too short to pay for a loop of its own. Otherwise, row by row. (A pad column meets
-// an input element of the next row; the product is 0 unless that element is not finite,
-// and then the sample's gradient is not finite either way.)
+// With unit stride in y and x and no dilation in x, the plane is first copied into ``pad``
+// with x's row pitch (zeros past OX), so that a tap is one run over the plane, (OY - 1) X +
+// OX long: a row of 48 is too short to pay for a loop of its own. Otherwise, row by row. (A
+// pad column meets an input element that some other tap uses; the product is 0 unless that
+// element is not finite, and then the sample's gradient is not finite either way. With a
+// dilation in x, some elements are used by no tap, hence the condition.)
 template <typename T>
 DPSEG_CONV_CLONES void task(const Geometry& s, const T* g, const T* x, T* pad, T* lanes,
                             double* total, T* dst) {
   const int64_t K = s.C * s.KZ * s.KY * s.KX;
-  const bool flat = s.sy == 1 && s.sx == 1;
+  const bool flat = s.sy == 1 && s.sx == 1 && s.dx == 1;
   for (int64_t i = 0; i < K * kLanes; ++i) total[i] = 0.0;
   for (int64_t z = 0; z < s.OZ; ++z) {
     const T* gz = g + z * s.OY * s.OX;
@@ -135,6 +135,7 @@ at::Tensor conv_weight_grad_per_sample_cpu(const at::Tensor& grad_out, const at:
   const int64_t K = C * KZ * KY * KX;
   at::Tensor out = at::empty({B, O, C, KZ, KY, KX}, x.options());
   if (out.numel() == 0) return out;
+  if (grad_out.numel() == 0) return out.zero_();  // no positions: no products (and no reads)
   const at::Tensor go = grad_out.contiguous(), xc = x.contiguous();
   const int64_t OZ = go.size(2), OY = go.size(3), OX = go.size(4);
   const int64_t Z = xc.size(2), Y = xc.size(3), X = xc.size(4);

@@ -160,8 +160,14 @@ class CapturedLayer:
         module = self.module
         if self.unit:
             params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        else:  # a leaf's own parameters, read live (named_parameters' generator costs ~10 us)
-            params = [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad]
+        else:  # a leaf's own parameters, read live (named_parameters' generator costs ~10 us),
+            # each once under its first name, as named_parameters gives them: an alias
+            # (register_parameter("b2", m.bias)) would otherwise count its gradient twice
+            params, seen = [], set()
+            for n, p in module._parameters.items():
+                if p is not None and p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append((n, p))
         if self.bypass or not params or not torch.is_grad_enabled():
             return type(module).forward(module, x, *args, **kwargs)
         if not isinstance(x, torch.Tensor) or (args and not self.unit):

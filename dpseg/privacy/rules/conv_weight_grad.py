@@ -37,6 +37,17 @@ the timing and take ``grouped``.
              first conv on a one-channel image). oneDNN is at its worst there: SegResNet's
              1->16 3x3x3 layer at 48^3, B=2, 2 threads (AVX-512): loop 7.2 ms, grouped
              8.4 ms, patches 5.0 ms, the batched non-private weight gradient 2.5 ms.
+             A transposed conv's through its adjoint (the conv of go with the same weight).
+``direct``   dpseg's C++ kernel for the same layers (CPU): each output row against the
+             shifted input rows, per (sample, output channel), nothing materialised. MONAI
+             UNet's last 2->2 conv at 48^3: 1.1 ms (grouped 3.9, batched 3.2).
+
+The input gradient, when wanted, is itself chosen by timing (``choose_input_grad``):
+ATen's backward-data kernel, or the same gradient as a forward convolution (flipped kernel;
+of a transposed conv, the conv itself). oneDNN's backward-data has a ~20 ms floor for
+few-channel layers at 48^3 that its forward kernel does not (2->2: 20 against 2.7 ms).
+Ordinary autograd pays that floor; so the DP step can be faster than the non-private one on
+such a layer (MONAI's UNet: its last conv 22.5 ms non-private, 4.7 ms in the DP step).
 ``triton``   dpseg.kernels.conv_weight_grad: an implicit GEMM split over voxels, one launch
              for the whole batch. ``auto`` times it beside the other two on CUDA tensors; on
              CPU tensors (TRITON_INTERPRET=1) it runs only when forced -- by
