@@ -16,4 +16,7 @@ $B --size 48 --batch 2 --model $M:UNet --model-kwargs '{"spatial_dims": 3, "in_c
 $B --size 48 --batch 2 --model $M:SegResNet --model-kwargs '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_filters": 16}' --out $O/segresnet
 $B --size 48 --batch 2 --model $M:DynUNet --model-kwargs '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "kernel_size": [3, 3, 3, 3], "strides": [1, 2, 2, 2], "upsample_kernel_size": [2, 2, 2], "filters": [16, 32, 64, 128]}' --out $O/dynunet
 $B --size 48 --batch 2 --model $M:BasicUNet --model-kwargs '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "features": [16, 16, 32, 64, 128, 16]}' --out $O/basicunet
+# The UNet again with every conv input gradient by ATen's backward-data, as the non-private
+# step computes it: what dpseg's choice of a forward conv for it (few-channel layers) gains.
+DPSEG_CONV_INPUT_GRAD=backward $B --size 48 --batch 2 --model $M:UNet --model-kwargs '{"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 2}' --out $O/unet_backward_data
 ${PY:-.venv/bin/python} bench/limits_cpu.py --threads 2 --rounds 15 --out $O/limits
