@@ -234,7 +234,10 @@ def test_direct_kernel_same_bits_on_any_thread_count_and_float32_close_to_float6
 
 @needs_direct
 def test_direct_kernel_opcheck_and_bad_inputs():
-    go, x = torch.randn(2, 3, 4, 4, 4, dtype=torch.float64), torch.randn(2, 1, 6, 6, 6, dtype=torch.float64)
+    go, x = (
+        torch.randn(2, 3, 4, 4, 4, dtype=torch.float64),
+        torch.randn(2, 1, 6, 6, 6, dtype=torch.float64),
+    )
     args = (go, x, [3, 3, 3], [1, 1, 1], [1, 1, 1])
     torch.library.opcheck(torch.ops.dpseg.conv_weight_grad_per_sample.default, args)
     with pytest.raises(RuntimeError, match="the padded input gives 3 positions"):

@@ -65,7 +65,6 @@ if LOAD_ERROR is None:
             dx = x.new_empty(x.shape) if input_grad else x.new_empty((0,))
             return dx, x.new_empty((n, c)), x.new_empty((n, c))
 
-
     if _has_kernel("conv_weight_grad_per_sample", "CPU"):
 
         @torch.library.register_fake("dpseg::conv_weight_grad_per_sample")

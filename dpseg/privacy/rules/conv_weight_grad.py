@@ -177,7 +177,7 @@ _INPUT_GRADS = {"backward": _input_grad, "forward": _input_grad_by_forward}
 
 
 def choose_input_grad(go, x, w, *geometry) -> str:
-    """"backward" (ATen's backward-data) or "forward" (``_input_grad_by_forward``) for this
+    """ "backward" (ATen's backward-data) or "forward" (``_input_grad_by_forward``) for this
     layer shape: timed once per shape and batch bucket, as the weight strategies are, unless
     DPSEG_CONV_INPUT_GRAD names one (where the forward applies)."""
     if not _forward_input_grad_fits(go, x, w, *geometry):
@@ -197,7 +197,10 @@ def choose_input_grad(go, x, w, *geometry) -> str:
             choice = "backward"
         else:
             choice = _fastest(
-                {name: (lambda fn=fn: fn(go, x, w, *geometry)) for name, fn in _INPUT_GRADS.items()},
+                {
+                    name: (lambda fn=fn: fn(go, x, w, *geometry))
+                    for name, fn in _INPUT_GRADS.items()
+                },
                 x.device,
             )
         _input_grad_cache[key] = choice
