@@ -177,9 +177,9 @@ _INPUT_GRADS = {"backward": _input_grad, "forward": _input_grad_by_forward}
 
 
 def choose_input_grad(go, x, w, *geometry) -> str:
-    """ "backward" (ATen's backward-data) or "forward" (``_input_grad_by_forward``) for this
-    layer shape: timed once per shape and batch bucket, as the weight strategies are, unless
-    DPSEG_CONV_INPUT_GRAD names one (where the forward applies)."""
+    """How this layer shape's input gradient is computed: "backward" (ATen's backward-data)
+    or "forward" (``_input_grad_by_forward``), timed once per shape and batch bucket as the
+    weight strategies are, unless DPSEG_CONV_INPUT_GRAD names one (where forward applies)."""
     if not _forward_input_grad_fits(go, x, w, *geometry):
         return "backward"
     forced = os.environ.get("DPSEG_CONV_INPUT_GRAD")  # to measure one against the other
