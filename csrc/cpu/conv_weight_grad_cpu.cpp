@@ -29,7 +29,7 @@ namespace {
 #endif
 
 struct Geometry {
-  int64_t C, O, OZ, OY, OX, Z, Y, X, KZ, KY, KX, sz, sy, sx, dz, dy, dx;
+  int64_t C, OZ, OY, OX, Z, Y, X, KZ, KY, KX, sz, sy, sx, dz, dy, dx;
 };
 
 constexpr int kLanes = 64;  // four AVX-512 registers of floats: four independent chains
@@ -140,7 +140,7 @@ at::Tensor conv_weight_grad_per_sample_cpu(const at::Tensor& grad_out, const at:
   const int64_t OZ = go.size(2), OY = go.size(3), OX = go.size(4);
   const int64_t Z = xc.size(2), Y = xc.size(3), X = xc.size(4);
 
-  const Geometry geo{C, O, OZ, OY, OX, Z, Y, X, KZ, KY, KX, stride[0], stride[1], stride[2],
+  const Geometry geo{C, OZ, OY, OX, Z, Y, X, KZ, KY, KX, stride[0], stride[1], stride[2],
                      dilation[0], dilation[1], dilation[2]};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_weight_grad_per_sample", [&] {
     const scalar_t* gp = go.const_data_ptr<scalar_t>();

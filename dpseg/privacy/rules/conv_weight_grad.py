@@ -180,20 +180,18 @@ def choose_input_grad(go, x, w, *geometry) -> str:
     """How this layer shape's input gradient is computed: "backward" (ATen's backward-data)
     or "forward" (``_input_grad_by_forward``), timed once per shape and batch bucket as the
     weight strategies are, unless DPSEG_CONV_INPUT_GRAD names one (where forward applies)."""
-    if not _forward_input_grad_fits(go, x, w, *geometry):
-        return "backward"
     forced = os.environ.get("DPSEG_CONV_INPUT_GRAD")  # to measure one against the other
     if forced:
         if forced not in _INPUT_GRADS:
             raise ValueError(f"DPSEG_CONV_INPUT_GRAD={forced!r}; use one of {sorted(_INPUT_GRADS)}")
-        return forced
+        return forced if _forward_input_grad_fits(go, x, w, *geometry) else "backward"
     key = (
         x.shape[0].bit_length(), tuple(x.shape[1:]), tuple(go.shape[1:]), tuple(w.shape),
         x.dtype, x.device.type, *map(str, geometry),
     )  # fmt: skip
     choice = _input_grad_cache.get(key)
     if choice is None:
-        if go.numel() < _TIMING_THRESHOLD:
+        if not _forward_input_grad_fits(go, x, w, *geometry) or go.numel() < _TIMING_THRESHOLD:
             choice = "backward"
         else:
             choice = _fastest(
@@ -218,18 +216,9 @@ def _patches(go, x, w, stride, padding, dilation, transposed, output_padding, gr
     position, which is what Opacus's unfold pays at every layer; dpseg takes it only where
     that is small (``_patches_fit``: a network's first layer on a one-channel image, where
     oneDNN's per-sample weight gradient is at its worst)."""
-    if groups != 1:
-        raise ValueError("the patches strategy is for ungrouped convolutions (groups=1)")
+    go, x = _plain_operands("patches", go, x, w, stride, padding, dilation, transposed,
+                            output_padding, groups)  # fmt: skip
     nd = x.dim() - 2
-    if transposed:
-        # A transposed conv is the adjoint of the conv with its weight: <go, conv_T(x, w)> =
-        # <conv(go, w), x>, so its weight gradient is that conv's, with go as the input and
-        # x as the output gradient (when conv(go) gives back x's size: _patches_fit).
-        if not _forward_input_grad_fits(go, x, w, stride, padding, dilation, True,
-                                        output_padding, groups):  # fmt: skip
-            raise ValueError("this transposed conv's output padding reaches its stride")
-        return _patches(x, go, w, stride, padding, dilation, False, [0] * nd, groups)
-    x = torch.nn.functional.pad(x, [p for pad in reversed(padding) for p in (pad, pad)])
     for d in range(nd):  # (B, Cin, *positions, *kernel): windows along each spatial dim
         span = dilation[d] * (w.shape[2 + d] - 1) + 1
         x = x.unfold(2 + d, span, stride[d])
@@ -243,6 +232,23 @@ def _patches(go, x, w, stride, padding, dilation, transposed, output_padding, gr
     patches = x.permute(order).reshape(batch, -1, positions)
     go = go.reshape(batch, go.shape[1], positions)
     return torch.bmm(go, patches.transpose(1, 2)).view(batch, *w.shape)
+
+
+def _plain_operands(strategy, go, x, w, stride, padding, dilation, transposed, output_padding,
+                    groups):  # fmt: skip
+    """(go, x padded) of the ungrouped plain conv whose per-sample weight gradient this
+    layer's is, for the strategies that compute it themselves (patches, direct). A
+    transposed conv is the adjoint of the conv with its weight: <go, conv_T(x, w)> =
+    <conv(go, w), x>, so its weight gradient is that conv's with go as the input and x as
+    the output gradient (when conv(go) gives back x's size: ``_patches_fit``)."""
+    if groups != 1:
+        raise ValueError(f"the {strategy} strategy is for ungrouped convolutions (groups=1)")
+    if transposed:
+        if not _forward_input_grad_fits(go, x, w, stride, padding, dilation, True,
+                                        output_padding, groups):  # fmt: skip
+            raise ValueError("this transposed conv's output padding reaches its stride")
+        go, x = x, go
+    return go, torch.nn.functional.pad(x, [p for pad in reversed(padding) for p in (pad, pad)])
 
 
 # The patches hold at most this many floats per output position (Cin x kernel volume): a
@@ -267,15 +273,9 @@ def _direct(go, x, w, stride, padding, dilation, transposed, output_padding, gro
     transposed conv through its adjoint, as there. Measured at 48^3, B=2, 2 threads
     (AVX-512), against the batched non-private weight gradient: 2->2 3x3x3 1.1 ms (batched
     3.2, grouped 3.9-6.3, patches 4.6); 1->16 5.1 ms (batched 2.2, patches 5.6)."""
-    if groups != 1:
-        raise ValueError("the direct strategy is for ungrouped convolutions (groups=1)")
+    go, x = _plain_operands("direct", go, x, w, stride, padding, dilation, transposed,
+                            output_padding, groups)  # fmt: skip
     nd = x.dim() - 2
-    if transposed:
-        if not _forward_input_grad_fits(go, x, w, stride, padding, dilation, True,
-                                        output_padding, groups):  # fmt: skip
-            raise ValueError("this transposed conv's output padding reaches its stride")
-        return _direct(x, go, w, stride, padding, dilation, False, [0] * nd, groups)
-    x = torch.nn.functional.pad(x, [p for pad in reversed(padding) for p in (pad, pad)])
     lift = [1] * (3 - nd)  # 1-D and 2-D convs as 3-D ones with leading sizes of 1
     out = torch.ops.dpseg.conv_weight_grad_per_sample(
         go.reshape(go.shape[0], go.shape[1], *lift, *go.shape[2:]),
@@ -291,16 +291,25 @@ def _ext_has(op: str) -> bool:
     return _ext.has_op(op)
 
 
-def _direct_usable(go, x, w, geometry) -> bool:
-    """The kernel is built, the tensors are CPU floats, the layer is one ``patches`` would
-    take, and the last two strides are 1 (a plane is then one run; strided rows are
-    correct but slower than ``patches``, so auto does not time them)."""
+def _direct_runs(x) -> bool:
+    """The kernel is built and takes these tensors (CPU, float32 or float64)."""
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and _ext_has("conv_weight_grad_per_sample")
+    )
+
+
+def _direct_usable(go, x, w, geometry) -> bool:
+    """Worth timing: the kernel runs, the layer is one ``patches`` would take, and each
+    output plane is one run (unit stride in the last two dims, no dilation in the last;
+    the row-by-row path is exact but slower than ``patches``)."""
+    stride, dilation = geometry[0], geometry[2]
+    return (
+        _direct_runs(x)
         and _patches_fit(go, x, w, *geometry)
-        and all(s == 1 for s in geometry[0][-2:])
+        and all(s == 1 for s in stride[-2:])
+        and dilation[-1] == 1
     )
 
 
@@ -383,10 +392,7 @@ def choose_strategy(
             # position, gigabytes at 128^3); the direct kernel would be slow there: the loop
             # is as exact
             return "loop"
-        if forced == "direct" and not (
-            x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and _ext_has("conv_weight_grad_per_sample")
-        ):  # fmt: skip
+        if forced == "direct" and not _direct_runs(x):
             return "loop"  # the kernel is CPU only, float32/64, and may not be built
         return "grouped" if forced == "fused" and not need_input_grad else forced
     if x.shape[0] <= 1 and x.device.type != "cuda":
