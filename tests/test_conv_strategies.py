@@ -24,6 +24,9 @@ CASES = [
     (3, 2, 1, 4, 3, 2, 2, 2, 1, False, (9, 8, 7)),  # Cin = 1, stride 2, dilation 2
     (2, 3, 2, 5, (2, 3), 1, 1, 1, 1, False, (6, 7)),  # a non-square kernel
     (2, 2, 1, 3, (3, 2), (1, 2), (0, 2), (2, 1), 1, False, (9, 8)),  # per-dim geometry
+    (3, 2, 80, 3, 1, 1, 0, 1, 1, False, (4, 5, 3)),  # a wide 1x1x1 head: patches are x
+    (3, 3, 5, 70, 1, 1, 0, 1, 1, True, (3, 4, 5)),  # a wide transposed 1x1x1
+    (2, 2, 70, 4, 1, 2, 0, 1, 1, False, (7, 6)),  # 1x1, stride 2: patches subsample x
 ]
 
 
@@ -92,6 +95,29 @@ def test_patches_refuse_a_transposed_or_grouped_conv_and_auto_times_them_on_cin_
         cwg._choice_cache.clear()
     direct = {"direct"} if _ext.has_op("conv_weight_grad_per_sample") else set()
     assert set(timed) == {"loop", "grouped", "patches"} | direct
+
+
+def test_a_wide_pointwise_conv_times_patches_but_not_the_direct_kernel():
+    """A 1x1x1 conv's patches are its input (no copy at any width), so auto times them; the
+    direct kernel would do a matmul's work as dot products, so it is not timed there."""
+    from dpseg.privacy.rules import conv_weight_grad as cwg
+
+    x, w = torch.randn(2, 96, 24, 24, 24), torch.randn(16, 96, 1, 1, 1)
+    geometry = ([1] * 3, [0] * 3, [1] * 3, False, [0] * 3, 1)
+    go = torch.randn(2, 16, 24, 24, 24)
+    assert cwg._patches_fit(go, x, w, *geometry) and not cwg._direct_usable(go, x, w, geometry)
+    operands = cwg._plain_operands("patches", go, x, w, *geometry)
+    assert operands[1].data_ptr() == x.data_ptr()  # no padding: x itself, not a copy
+    timed = {}
+    real = cwg._fastest
+    cwg._choice_cache.clear()
+    try:
+        cwg._fastest = lambda candidates, device: timed.update(candidates) or "patches"
+        assert cwg.choose_strategy(go, x, w, *geometry) == "patches"
+    finally:
+        cwg._fastest = real
+        cwg._choice_cache.clear()
+    assert set(timed) == {"loop", "grouped", "patches"}
 
 
 def test_empty_batch():
@@ -179,6 +205,10 @@ def test_input_grad_forced_by_the_environment(monkeypatch):
     for name in ("forward", "backward"):
         monkeypatch.setenv("DPSEG_CONV_INPUT_GRAD", name)
         assert cwg.choose_input_grad(go, x, w, *geometry) == name
+    monkeypatch.setenv("DPSEG_CONV_INPUT_GRAD", "forward")  # where it does not apply
+    assert cwg.choose_input_grad(go[..., ::2, ::2, ::2], x, w, [2] * 3, *geometry[1:]) == (
+        "backward"
+    )
     monkeypatch.setenv("DPSEG_CONV_INPUT_GRAD", "sideways")
     with pytest.raises(ValueError, match="DPSEG_CONV_INPUT_GRAD='sideways'"):
         cwg.choose_input_grad(go, x, w, *geometry)

@@ -38,6 +38,7 @@ the timing and take ``grouped``.
              1->16 3x3x3 layer at 48^3, B=2, 2 threads (AVX-512): loop 7.2 ms, grouped
              8.4 ms, patches 5.0 ms, the batched non-private weight gradient 2.5 ms.
              A transposed conv's through its adjoint (the conv of go with the same weight).
+             A 1x1x1 conv of any width too: its patches are the input itself, a view.
 ``direct``   dpseg's C++ kernel for the same layers (CPU): each output row against the
              shifted input rows, per (sample, output channel), nothing materialised. MONAI
              UNet's last 2->2 conv at 48^3: 1.1 ms (grouped 3.9, batched 3.2).
@@ -48,6 +49,7 @@ of a transposed conv, the conv itself). oneDNN's backward-data has a ~20 ms floo
 few-channel layers at 48^3 that its forward kernel does not (2->2: 20 against 2.7 ms).
 Ordinary autograd pays that floor; so the DP step can be faster than the non-private one on
 such a layer (MONAI's UNet: its last conv 22.5 ms non-private, 4.7 ms in the DP step).
+``bench/conv_input_grad.py`` times both on such layers.
 ``triton``   dpseg.kernels.conv_weight_grad: an implicit GEMM split over voxels, one launch
              for the whole batch. ``auto`` times it beside the other two on CUDA tensors; on
              CPU tensors (TRITON_INTERPRET=1) it runs only when forced -- by
@@ -173,31 +175,37 @@ def _forward_input_grad_fits(go, x, w, stride, padding, dilation, transposed, ou
 
 
 _input_grad_cache: dict[tuple, str] = {}
-_INPUT_GRADS = {"backward": _input_grad, "forward": _input_grad_by_forward}
+# name -> (the input gradient, whether it applies to a layer; backward-data always does)
+_INPUT_GRADS = {
+    "backward": (_input_grad, lambda *args: True),
+    "forward": (_input_grad_by_forward, _forward_input_grad_fits),
+}
 
 
 def choose_input_grad(go, x, w, *geometry) -> str:
     """How this layer shape's input gradient is computed: "backward" (ATen's backward-data)
     or "forward" (``_input_grad_by_forward``), timed once per shape and batch bucket as the
-    weight strategies are, unless DPSEG_CONV_INPUT_GRAD names one (where forward applies)."""
-    forced = os.environ.get("DPSEG_CONV_INPUT_GRAD")  # to measure one against the other
+    weight strategies are, unless DPSEG_CONV_INPUT_GRAD names one (where it applies;
+    backward-data where it does not)."""
+    fitting = [name for name, (_, fits) in _INPUT_GRADS.items() if fits(go, x, w, *geometry)]
+    forced = os.environ.get("DPSEG_CONV_INPUT_GRAD")  # to measure one against another
     if forced:
         if forced not in _INPUT_GRADS:
             raise ValueError(f"DPSEG_CONV_INPUT_GRAD={forced!r}; use one of {sorted(_INPUT_GRADS)}")
-        return forced if _forward_input_grad_fits(go, x, w, *geometry) else "backward"
+        return forced if forced in fitting else "backward"
     key = (
         x.shape[0].bit_length(), tuple(x.shape[1:]), tuple(go.shape[1:]), tuple(w.shape),
         x.dtype, x.device.type, *map(str, geometry),
     )  # fmt: skip
     choice = _input_grad_cache.get(key)
     if choice is None:
-        if not _forward_input_grad_fits(go, x, w, *geometry) or go.numel() < _TIMING_THRESHOLD:
+        if len(fitting) == 1 or go.numel() < _TIMING_THRESHOLD:
             choice = "backward"
         else:
             choice = _fastest(
                 {
-                    name: (lambda fn=fn: fn(go, x, w, *geometry))
-                    for name, fn in _INPUT_GRADS.items()
+                    name: (lambda fn=_INPUT_GRADS[name][0]: fn(go, x, w, *geometry))
+                    for name in fitting
                 },
                 x.device,
             )
@@ -206,8 +214,8 @@ def choose_input_grad(go, x, w, *geometry) -> str:
 
 
 def conv_input_grad(go, x, w, *geometry) -> torch.Tensor:
-    """The conv's input gradient by the faster of backward-data and a forward conv."""
-    return _INPUT_GRADS[choose_input_grad(go, x, w, *geometry)](go, x, w, *geometry)
+    """The conv's input gradient by the fastest method that applies (``choose_input_grad``)."""
+    return _INPUT_GRADS[choose_input_grad(go, x, w, *geometry)][0](go, x, w, *geometry)
 
 
 def _patches(go, x, w, stride, padding, dilation, transposed, output_padding, groups):
@@ -248,18 +256,22 @@ def _plain_operands(strategy, go, x, w, stride, padding, dilation, transposed, o
                                         output_padding, groups):  # fmt: skip
             raise ValueError("this transposed conv's output padding reaches its stride")
         go, x = x, go
+    if not any(padding):
+        return go, x  # (a pad of zeros would still copy x)
     return go, torch.nn.functional.pad(x, [p for pad in reversed(padding) for p in (pad, pad)])
 
 
 # The patches hold at most this many floats per output position (Cin x kernel volume): a
-# 1-channel 3x3x3 conv's 27, never a hidden layer's (16 channels x 27 = 432).
+# 1-channel 3x3x3 conv's 27, never a hidden layer's (16 channels x 27 = 432). A 1x1x1
+# kernel's patches are the input itself (a view, or a strided subsample): any width fits.
 _PATCH_FLOATS = 64
 
 
 def _patches_fit(go, x, w, stride, padding, dilation, transposed, output_padding, groups):
     """At most _PATCH_FLOATS floats a position (w[0] is Cin x kernel of a conv, Cout x
-    kernel of a transposed one), ungrouped, and a transposed conv's adjoint fits x."""
-    if groups != 1 or w[0].numel() > _PATCH_FLOATS:
+    kernel of a transposed one) or a 1x1x1 kernel, ungrouped, and a transposed conv's
+    adjoint fits x."""
+    if groups != 1 or (w[0].numel() > _PATCH_FLOATS and w[0, 0].numel() > 1):
         return False
     return not transposed or _forward_input_grad_fits(
         go, x, w, stride, padding, dilation, transposed, output_padding, groups
@@ -308,6 +320,7 @@ def _direct_usable(go, x, w, geometry) -> bool:
     return (
         _direct_runs(x)
         and _patches_fit(go, x, w, *geometry)
+        and w[0].numel() <= _PATCH_FLOATS  # not a wide 1x1x1 conv: a matmul's work
         and all(s == 1 for s in stride[-2:])
         and dilation[-1] == 1
     )
