@@ -299,3 +299,27 @@ def test_direct_kernel_edges_no_positions_and_an_unused_infinite_input():
     got = cwg._direct(go, x, w, *geometry)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, cwg._loop(go, x, w, *geometry), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "grouped", "fused", "patches", "auto"])
+@pytest.mark.parametrize("transposed", [True, False])
+def test_a_channels_last_input_of_one_position_is_read_as_contiguous(strategy, transposed):
+    """A channels-last (B, C, 1, 1) tensor passes PyTorch's contiguity test with its strides
+    kept; folded into one batch of groups, oneDNN read it as channels-last and refused
+    ("grad_weight needs to be contiguous": SwinUNETR 2-D at a 1x1 bottleneck)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 8, 1, 1, generator=g, dtype=torch.float64)
+    x = x.to(memory_format=torch.channels_last)
+    assert x.is_contiguous() and x.stride() != (8, 1, 1, 1)
+    if transposed:
+        w = torch.randn(8, 4, 2, 2, generator=g, dtype=torch.float64)
+        geometry = ([2, 2], [0, 0], [1, 1], True, [0, 0], 1)
+    else:
+        w = torch.randn(4, 8, 1, 1, generator=g, dtype=torch.float64)
+        geometry = ([1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    go = torch.randn(torch.ops.aten.convolution(x, w, None, *geometry).shape, generator=g,
+                     dtype=torch.float64).to(memory_format=torch.channels_last)  # fmt: skip
+    gi, gw = conv_backward_per_sample(go, x, w, geometry, True, strategy=strategy)
+    per_sample = [_aten(go[b : b + 1], x[b : b + 1], w, geometry, False)[1] for b in range(3)]
+    torch.testing.assert_close(gw, torch.stack(per_sample), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gi, _aten(go, x, w, geometry, True)[0], rtol=1e-10, atol=1e-10)

@@ -176,6 +176,38 @@ def test_linear_norm_prelu_and_fallback_rules(layer, shape):
         assert_grad_samples(model, torch.randn(*shape, dtype=torch.float64))
 
 
+class _Split(nn.Module):
+    """A leaf with no rule whose output is structured: ({"scaled": x s, "parts": [x s^2]},
+    and, when told to, something that is not a per-sample tensor)."""
+
+    def __init__(self, extra=None):
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=torch.float64))
+        self.extra = extra
+
+    def forward(self, x):
+        s = self.s.view(1, -1, 1)
+        out = {"scaled": x * s, "parts": [x * s**2]}
+        return (out, self.extra(x)) if self.extra else out
+
+
+def test_a_fallback_with_a_structured_output_and_what_it_refuses():
+    """The torch.func fallback takes an output of tuples, lists and dicts of per-sample
+    tensors, and gives each its gradient; an output leaf that is not a floating-point
+    tensor led by the batch is refused, saying what to return instead."""
+    x = torch.randn(3, 3, 4, dtype=torch.float64)
+
+    def loss(out, _y):
+        return (out["scaled"].tanh() ** 2).sum() + out["parts"][0].sin().sum()
+
+    with pytest.warns(UserWarning, match="no per-sample rule"):
+        assert_grad_samples(_Split(), x, loss_fn=loss)
+    for extra, got in ((lambda x: x.shape[0], "int"), (lambda x: x.flatten(), "(36,)")):
+        with pytest.warns(UserWarning), pytest.raises(TypeError) as refused:
+            assert_grad_samples(_Split(extra), x, loss_fn=lambda out, _y: loss(out[0], _y))
+        assert got in str(refused.value) and "leading dimension is the batch" in str(refused.value)
+
+
 class _nullcontext:
     def __enter__(self):
         return self

@@ -156,3 +156,54 @@ def test_monai_networks_with_batchnorm_are_refused_with_the_fix_named():
             module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
         )  # fmt: skip
+
+
+def test_a_vit_with_a_class_token_returns_its_tuple_through_torch_func():
+    """MONAI's classification ViT owns its class token beside its submodules, so the whole
+    ViT is one torch.func unit, and it returns (logits, hidden states): a structured
+    output, its gradients handed back in the same structure. A loss of the logits alone
+    (the hidden states' gradients are zeros), and one of both."""
+    torch.manual_seed(0)
+    vit = nets.ViT(1, (16, 16, 16), 4, hidden_size=24, mlp_dim=48, num_layers=2, num_heads=2,
+                   classification=True, num_classes=3, qkv_bias=True).double()  # fmt: skip
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(3, 1, 16, 16, 16, dtype=torch.float64)
+
+    def logits_only(out, _y):
+        return (out[0] ** 2).sum()
+
+    def both(out, _y):
+        return (out[0] ** 2).sum() + sum((h.sin() ** 2).sum() for h in out[1])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for loss in (logits_only, both):
+            vit.zero_grad(set_to_none=True)
+            assert_grad_samples(vit, x, loss_fn=loss, rtol=1e-10)
+            for p in vit.parameters():
+                p.grad_sample = None
+
+
+def test_swin_unetr_2d_down_to_a_one_by_one_bottleneck():
+    """SwinUNETR 2-D at 32x32 reaches a 1x1 map in channels-last strides, which PyTorch
+    calls contiguous; the grouped per-sample conv backward read it as channels-last and
+    failed ("grad_weight needs to be contiguous") before dpseg gave such tensors plain
+    strides."""
+    torch.manual_seed(0)
+    model = nets.SwinUNETR(1, 2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                           norm_name=("group", {"num_groups": 3}), spatial_dims=2)  # fmt: skip
+    model = model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(3, 1, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 2, (3, 32, 32))
+
+    def loss(pred, y):
+        return torch.nn.functional.cross_entropy(pred, y, reduction="none").mean(dim=(1, 2)).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_grad_samples(model, x, loss_fn=loss, y=y, rtol=1e-8)

@@ -23,6 +23,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dpseg.privacy.grad_sample import accumulate_per_sample
 from dpseg.privacy.ranges import profiled
@@ -108,32 +109,41 @@ class ForwardPasses:
 
 
 class _PerSampleFunction(torch.autograd.Function):
+    """A captured call. A rule's output is one tensor, or (a torch.func unit's) any nesting
+    of tuples, lists and dicts of tensors (a ViT's (x, hidden states)): a Function returns
+    tensors only, so those go out flattened, the structure in ``out_spec`` for the caller to
+    rebuild, and their gradients come back to the rule in the same structure."""
+
     @staticmethod
-    def forward(ctx, layer, state, names, pass_info, x, *params):
+    def forward(ctx, layer, state, names, pass_info, out_spec, x, *params):
         out, saved = layer.rule.forward(layer.module, x, state)
         ctx.layer, ctx.state, ctx.names, ctx.params = layer, state, names, params
         ctx.pass_info = pass_info  # (pass number, the pass's RowUnits, this call's RowUnits)
         ctx.save_for_backward(*saved)
-        return out
+        if isinstance(out, torch.Tensor):
+            ctx.spec = None
+            return out
+        leaves, ctx.spec = tree_flatten(out)
+        out_spec.append(ctx.spec)
+        return tuple(leaves)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, *grad_outs):
         layer = ctx.layer
-        need_input_grad = ctx.needs_input_grad[4]
+        need_input_grad = ctx.needs_input_grad[5]
+        if ctx.spec is None:
+            grad_out = grad_outs[0].contiguous()
+        else:  # an output the loss never reached comes back as zeros (materialised)
+            grad_out = tree_unflatten([g.contiguous() for g in grad_outs], ctx.spec)
         strategy = force_strategy(layer.conv_strategy) if layer.conv_strategy else nullcontext()
         with strategy, profiled(f"dpseg::backward[{type(layer.module).__name__}]"):
             grad_input, grads = layer.rule.backward(
-                layer.module,
-                ctx.saved_tensors,
-                ctx.state,
-                grad_out.contiguous(),
-                need_input_grad,
-                ctx.names,
+                layer.module, ctx.saved_tensors, ctx.state, grad_out, need_input_grad, ctx.names
             )
         for param, name, g in zip(ctx.params, ctx.names, grads, strict=True):
             where = f"{layer.name}.{name}" if layer.name else name
             accumulate_per_sample(param, g, where, ctx.pass_info)
-        return (None, None, None, None, grad_input, *([None] * len(ctx.params)))
+        return (None, None, None, None, None, grad_input, *([None] * len(ctx.params)))
 
 
 class CapturedLayer:
@@ -212,7 +222,11 @@ class CapturedLayer:
             x, state = self.rule.prepare(module, x, **kwargs)
         names = tuple(n for n, _ in params)
         pass_info = self.passes.pass_info(call_units)
-        return _PerSampleFunction.apply(self, state, names, pass_info, x, *(p for _, p in params))
+        out_spec: list = []  # filled by a structured output's forward
+        out = _PerSampleFunction.apply(
+            self, state, names, pass_info, out_spec, x, *(p for _, p in params)
+        )
+        return tree_unflatten(list(out), out_spec[0]) if out_spec else out
 
 
 class ForwardOverride:

@@ -7,7 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpseg.privacy.rules import Rule, autocast_dtype, register_rule
-from dpseg.privacy.rules.conv_weight_grad import conv_backward_per_sample, conv_input_grad
+from dpseg.privacy.rules.conv_weight_grad import (
+    conv_backward_per_sample,
+    conv_input_grad,
+    dense,
+)
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -78,7 +82,7 @@ class ConvRule(Rule):
                 grad_out, x, w, geometry, need_input_grad, strategy=self.strategy
             )
         elif need_input_grad:  # a frozen weight: the input gradient alone
-            grad_input = conv_input_grad(grad_out.contiguous(), x.contiguous(), w, *geometry)
+            grad_input = conv_input_grad(dense(grad_out), dense(x), w, *geometry)
         grads = []
         for name in names:
             if name == "weight":

@@ -75,6 +75,21 @@ _choice_cache: dict[tuple, str] = {}
 _TIMING_THRESHOLD = 1 << 17
 
 
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides of a fresh contiguous tensor. ``contiguous()`` is not enough:
+    a channels-last tensor whose spatial sizes are all 1 is contiguous by PyTorch's test but
+    keeps its strides, a batch-folded reshape of it carries them on, and oneDNN then reads
+    the grouped call as channels-last and refuses it ("grad_weight needs to be contiguous":
+    SwinUNETR 2-D at its 1x1 bottleneck)."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= size
+    if t.stride() == tuple(reversed(expected)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _weight_grad(go, x, w, stride, padding, dilation, transposed, output_padding, groups):
     return _aten_conv_backward(
         go,
@@ -451,7 +466,7 @@ def conv_backward_per_sample(
     if x.shape[0] == 0:
         gi = torch.zeros_like(x) if need_input_grad else None
         return gi, weight.new_zeros((0, *weight.shape))
-    x, grad_out = x.contiguous(), grad_out.contiguous()
+    x, grad_out = dense(x), dense(grad_out)
     geometry = [list(g) if isinstance(g, list | tuple) else g for g in geometry]
     if strategy == "auto":
         strategy = choose_strategy(grad_out, x, weight, *geometry, need_input_grad=need_input_grad)
@@ -483,7 +498,7 @@ def per_sample_conv_weight_grad(
     """
     if x.shape[0] == 0:
         return weight.new_zeros((0, *weight.shape))
-    x, grad_out = x.contiguous(), grad_out.contiguous()
+    x, grad_out = dense(x), dense(grad_out)
     geometry = (
         list(stride),
         list(padding),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_map
 
 from dpseg.privacy.rules import Rule
 
@@ -30,12 +31,21 @@ class FuncFallbackRule(Rule):
     def forward(self, module, x, state):
         args, kwargs = state if state is not None else ((), {})
         out = type(module).forward(module, x, *args, **kwargs)
-        if not isinstance(out, torch.Tensor) or out.shape[:1] != x.shape[:1]:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        leaves = tree_flatten(out)[0]
+        bad = [
+            tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            for v in leaves
+            if not isinstance(v, torch.Tensor)
+            or not v.is_floating_point()
+            or v.shape[:1] != x.shape[:1]
+        ]
+        if bad or not leaves:
             raise TypeError(
-                f"{self.layer.name!r} ({type(module).__name__}) returned {got} for an input "
-                f"of batch {x.shape[0]}; dpseg's torch.func path needs one tensor whose "
-                "leading dimension is the batch"
+                f"{self.layer.name!r} ({type(module).__name__}) returned {bad or 'nothing'} "
+                f"for an input of batch {x.shape[0]}; dpseg's torch.func path takes an output "
+                "of floating-point tensors (one, or tuples, lists and dicts of them) whose "
+                "leading dimension is the batch. Return per-sample tensors, or wrap the "
+                "module to drop what is not."
             )
         return out, (x,)
 
@@ -51,13 +61,16 @@ class FuncFallbackRule(Rule):
         def replay(p, xb):
             return functional_call(module, p, (xb.unsqueeze(0), *args), kwargs)
 
+        def cotangent(out, gb):  # gb: one sample's output gradient, as structured as out
+            return tree_map(lambda o, g: g.unsqueeze(0).to(o.dtype), out, gb)
+
         def both(p, xb, gb):  # parameters and input from one product
             out, pullback = vjp(replay, p, xb)
-            return pullback(gb.unsqueeze(0).to(out.dtype))
+            return pullback(cotangent(out, gb))
 
         def params_only(p, xb, gb):
             out, pullback = vjp(lambda p_: replay(p_, xb), p)
-            return pullback(gb.unsqueeze(0).to(out.dtype))[0]
+            return pullback(cotangent(out, gb))[0]
 
         self.layer.bypass = True  # functional_call calls the module; do not capture again
         try:
