@@ -42,7 +42,11 @@ def _make(engine=None, **kw):
         ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
         ({"max_grad_norm": -1.0}, "max_grad_norm must be > 0"),
         ({"noise_multiplier": -0.1}, "noise_multiplier must be >= 0"),
-        ({"noise_multiplier": float("nan")}, "noise_multiplier must be >= 0"),
+        ({"noise_multiplier": float("nan")}, "noise_multiplier must be finite"),
+        ({"noise_multiplier": float("inf")}, "noise_multiplier must be finite"),
+        ({"max_grad_norm": float("inf")}, "max_grad_norm must be finite"),
+        ({"noise_multiplier": None}, "noise_multiplier must be a number, got None"),
+        ({"max_grad_norm": "1.0"}, "max_grad_norm must be a number"),
         ({"loss_reduction": "none"}, "loss_reduction must be one of"),
         ({"backend": "fortran"}, "unknown backend"),
         ({"clipping": "per_layer"}, "flat clipping only"),
@@ -369,3 +373,67 @@ def test_dropout_inside_a_unit_is_refused_whenever_it_would_draw():
         pmodel(x)
     model.drop.p = 0.0  # no draw: runs
     pmodel(x).sum().backward()
+
+
+def _zero_gradient_run(engine, steps, load=None):
+    """``steps`` DP steps of a Linear whose loss has zero gradient (the update is the noise
+    alone), seeded noise and sampling: (the noise of each step, the rows of each batch)."""
+    x = torch.arange(40.0).view(40, 1).repeat(1, 3)  # row i holds i: batches are readable
+    linear = nn.Linear(3, 1)
+    nn.init.zeros_(linear.weight)  # its update is then the noise, to the bit
+    opt = torch.optim.SGD(linear.parameters(), lr=1.0)
+    if load is not None:
+        engine.load_state_dict(load)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, opt, loader = engine.make_private(
+            module=linear, optimizer=opt, data_loader=DataLoader(TensorDataset(x), batch_size=8),
+            noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, expected_batch_size=10,
+            noise_seed=1234,
+        )  # fmt: skip
+    noises, batches = [], []
+    for (xb,) in loader:
+        before = linear.weight.detach().clone()
+        opt.zero_grad()
+        (0.0 * model(xb).sum()).backward()
+        opt.step()
+        noises.append(linear.weight.detach() - before)
+        batches.append(xb[:, 0].tolist())
+        if len(noises) == steps:
+            break
+    return noises, batches, opt
+
+
+def test_a_resumed_ledger_moves_the_noise_counter_and_the_sampling_stream_on():
+    """Resuming by engine.load_state_dict and make_private with the run's seed: the step
+    counter starts at the ledger's steps, so the noise of a resumed step is not that of an
+    earlier one (equal noise would cancel between two released models), and the seeded
+    Poisson sampler does not replay the first run's batches."""
+    first = dpseg.PrivacyEngine()
+    noise_a, batches_a, _ = _zero_gradient_run(first, 3)
+    again, batches_again, _ = _zero_gradient_run(dpseg.PrivacyEngine(), 1)
+    torch.testing.assert_close(again[0], noise_a[0], rtol=0, atol=0)  # seeded: reproducible
+    assert batches_again[0] == batches_a[0]
+    ledger = first.state_dict()
+    resumed = dpseg.PrivacyEngine()
+    noise_b, batches_b, opt = _zero_gradient_run(resumed, 3, load=ledger)
+    assert opt.steps_taken == 6 and resumed.get_privacy_spent(1e-5)["steps"] == 6
+    for b in noise_b:
+        for a in noise_a:
+            assert not torch.equal(a, b)
+    assert batches_b != batches_a
+    # an optimizer state from an earlier step does not turn the counter back
+    older = {"dpseg": {"steps_taken": 1}, **opt.original_optimizer.state_dict()}
+    opt.load_state_dict(older)
+    assert opt.steps_taken == 6
+
+
+def test_no_noise_means_an_infinite_epsilon_said_up_front():
+    with pytest.warns(UserWarning, match="noise_multiplier=0: no noise"):
+        engine = dpseg.PrivacyEngine()
+        model, opt, loader = _make(engine, noise_multiplier=0.0)
+    x, y = next(iter(loader))
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert engine.get_epsilon(1e-5) == float("inf")

@@ -17,7 +17,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpseg
-from dpseg.privacy import CoupledLossError, EscapedGradientError, RowUnits, check_loss
+from dpseg.privacy import (
+    CoupledLossError,
+    EscapedGradientError,
+    ReductionMismatchError,
+    RowUnits,
+    check_loss,
+)
 from dpseg.privacy.accountants import ReplaceOneAccountant, ShuffledAccountant
 from dpseg.privacy.sampling_plan import plan_sampling
 from dpseg.train.losses import DiceCELoss
@@ -181,31 +187,108 @@ def test_coupling_inside_one_patient_is_allowed_across_patients_refused():
         check_loss(per_patient_pool, out, target, RowUnits((2, 2, 2), "patient"))
 
 
-def test_make_private_checks_the_criterion_on_the_first_batch():
-    monai = pytest.importorskip("monai")
-    x = torch.randn(8, 1, 4, 4, 2, dtype=torch.float64)
-    y = torch.randint(0, 2, (8, 1, 4, 4, 2))
-    model = nn.Sequential(nn.Conv3d(1, 2, 1)).double()
-    args = dict(
+class ForegroundNormalisedCE(nn.Module):
+    """Cross-entropy over foreground voxels, divided by the batch's foreground count: each
+    sample's weight depends on the others' labels. No attribute gives it away."""
+
+    def forward(self, out, target):
+        fg = (target > 0).to(out.dtype)
+        return (F.cross_entropy(out, target, reduction="none") * fg).sum() / fg.sum().clamp_min(1)
+
+
+def _criterion_args(model):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 4, 4, 2, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 2, (8, 4, 4, 2), generator=g)
+    return dict(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1),
         data_loader=DataLoader(TensorDataset(x, y), batch_size=4), noise_multiplier=1.0,
         max_grad_norm=1.0, sample_rate=1.0, expected_batch_size=8,
     )  # fmt: skip
+
+
+def test_make_private_checks_the_criterion_on_the_first_batch():
+    monai = pytest.importorskip("monai")
+    model = nn.Sequential(nn.Conv3d(1, 2, 1)).double()
+    args = _criterion_args(model)
     with pytest.raises(CoupledLossError, match="batch=True"):
         _quiet(
             dpseg.PrivacyEngine(),
             criterion=monai.losses.DiceLoss(to_onehot_y=True, softmax=True, batch=True),
             **args,
         )
+    # class weights under a mean: refused by what the loss is, before any batch
     weighted = nn.CrossEntropyLoss(weight=torch.tensor([0.1, 5.0], dtype=torch.float64))
+    with pytest.raises(CoupledLossError, match="class weights"):
+        _quiet(dpseg.PrivacyEngine(), criterion=weighted, **args)
     pmodel, opt, crit, loader = _quiet(
-        dpseg.PrivacyEngine(), criterion=weighted, grad_sample_mode="ghost", **args
-    )
+        dpseg.PrivacyEngine(), criterion=ForegroundNormalisedCE(), grad_sample_mode="ghost",
+        **_criterion_args(model),
+    )  # fmt: skip
     xb, yb = next(iter(loader))
     with pytest.raises(CoupledLossError, match="couples"):
-        crit(pmodel(xb), yb[:, 0])
+        crit(pmodel(xb), yb)
     with pytest.warns(UserWarning, match="dpseg cannot see your loss"):
-        dpseg.PrivacyEngine().make_private(**args)
+        dpseg.PrivacyEngine().make_private(**_criterion_args(model))
+
+
+def test_plain_mode_checks_the_users_own_loss_object_where_the_loop_calls_it():
+    """Plain mode returns no criterion: the loop calls the user's loss object itself. Its
+    first call on a training batch is checked (a hook on it), then the hook goes away; a
+    function passed as criterion cannot be watched, and the warning says so."""
+    model = nn.Sequential(nn.Conv3d(1, 2, 1)).double()
+    loss_fn = ForegroundNormalisedCE()
+    pmodel, opt, loader = _quiet(dpseg.PrivacyEngine(), criterion=loss_fn, **_criterion_args(model))
+    xb, yb = next(iter(loader))
+    with torch.no_grad():  # a validation call is not a training batch: not checked
+        loss_fn(pmodel(xb), yb)
+    with pytest.raises(CoupledLossError, match="couples"):
+        loss_fn(pmodel(xb), yb)
+    # a per-sample loss passes its check and runs on, unhooked
+    ce = nn.CrossEntropyLoss()
+    pmodel, opt, loader = _quiet(dpseg.PrivacyEngine(), criterion=ce, **_criterion_args(model))
+    for xb, yb in loader:
+        opt.zero_grad()
+        ce(pmodel(xb), yb).backward()
+        opt.step()
+    assert not ce._forward_hooks
+    with pytest.warns(UserWarning, match="is a function, whose calls in your loop"):
+        dpseg.PrivacyEngine().make_private(criterion=F.cross_entropy, **_criterion_args(model))
+
+
+def test_check_loss_in_float64_low_precision_losses_and_the_reduction_it_was_told():
+    """A weighted loss's float32 weights are taken to float64 with the outputs; a loss that
+    computes in float32 whatever its input is held to float32's rounding, not float64's; a
+    per-sample loss reduced the other way than declared is told so, not called coupled."""
+    out, target = _seg_batch()
+    w = torch.tensor([0.2, 1.0, 3.0])  # float32
+    check_loss(nn.CrossEntropyLoss(weight=w, reduction="sum"), out.float(), target,
+               loss_reduction="sum")  # fmt: skip
+
+    def float32_ce(o, t):  # per sample, but computed in float32 (as MONAI's FocalLoss is)
+        return F.cross_entropy(o.float(), t)
+
+    for seed in range(5):
+        out, target = _seg_batch(seed=seed)
+        check_loss(float32_ce, out, target)
+    with pytest.raises(CoupledLossError, match="couples"):  # float32 work, still coupled
+        check_loss(lambda o, t: ForegroundNormalisedCE()(o.float(), t), out, target)
+    monai = pytest.importorskip("monai")
+    onehot = F.one_hot(target, 3).movedim(-1, 1).double()
+    for seed in range(5):  # both cast to float32 inside (DiceFocal's result is float64)
+        out, _ = _seg_batch(seed=seed)
+        check_loss(monai.losses.FocalLoss(), out, onehot)
+        check_loss(monai.losses.DiceFocalLoss(sigmoid=True), out, onehot)
+    with pytest.raises(ReductionMismatchError, match="reduces the batch by 'sum'"):
+        check_loss(nn.CrossEntropyLoss(reduction="sum"), out, target)
+    with pytest.raises(ReductionMismatchError, match="reduces the batch by 'mean'"):
+        check_loss(nn.CrossEntropyLoss(), out, target, loss_reduction="sum")
+    # still refused as coupled when it is: a batch-normalised loss matches neither constant
+    with pytest.raises(CoupledLossError, match="couples"):
+        check_loss(ForegroundNormalisedCE(), out, target)
+    ignoring = nn.CrossEntropyLoss(ignore_index=2)  # refused whatever this batch's labels
+    with pytest.raises(CoupledLossError, match="ignore_index=2"):
+        check_loss(ignoring, out, torch.zeros_like(target))
 
 
 # --- shuffled batches -------------------------------------------------------------------

@@ -6,7 +6,7 @@ from dpseg.privacy.capture import register_functional_block
 from dpseg.privacy.criterion import DPCriterion
 from dpseg.privacy.data_loader import DPDataLoader, PoissonBatchSampler
 from dpseg.privacy.engine import PrivacyEngine
-from dpseg.privacy.loss_check import CoupledLossError, check_loss
+from dpseg.privacy.loss_check import CoupledLossError, ReductionMismatchError, check_loss
 from dpseg.privacy.optimizer import DPOptimizer
 from dpseg.privacy.private_module import EscapedGradientError, PendingGradientsError, PrivateModule
 from dpseg.privacy.units import PatientIndex, RowUnits, UnitMapError
@@ -15,6 +15,7 @@ from dpseg.privacy.validate import PrivacyModelError, fix, validate
 __all__ = [
     "BatchMemoryManager",
     "CoupledLossError",
+    "ReductionMismatchError",
     "DPCriterion",
     "DPDataLoader",
     "DPOptimizer",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -48,6 +50,9 @@ class PrivacyEngine:
         self.accountant_name = accountant  # the user's choice, used under add/remove
         self.secure_mode = secure_mode
         self.sample_rate: float | None = None
+        # (generator, seed) of the seeded Poisson sampler make_private built, reseeded when a
+        # checkpoint moves the step counter on (load_checkpoint)
+        self._sampling_stream: tuple[torch.Generator, int] | None = None
         # What the epsilon is about (unit, adjacency, sampling, accountant): set by
         # make_private, recorded in every ledger (dpseg.privacy.accountants.Guarantee).
         self.guarantee: Guarantee | None = None
@@ -60,12 +65,25 @@ class PrivacyEngine:
             )
 
     def _check(self, noise_multiplier, max_grad_norm, loss_reduction, backend, noise_seed):
+        numbers = (("max_grad_norm", max_grad_norm), ("noise_multiplier", noise_multiplier))
+        for name, value in numbers:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
         if not max_grad_norm > 0:
             raise ValueError(
                 f"max_grad_norm must be > 0 (the clipping bound C), got {max_grad_norm}"
             )
         if not noise_multiplier >= 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if noise_multiplier == 0:
+            warnings.warn(
+                "noise_multiplier=0: no noise is added, so nothing is private (get_epsilon "
+                "returns inf); this runs the clipped, non-private step.",
+                UserWarning,
+                stacklevel=3,
+            )
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(
                 f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"
@@ -181,11 +199,17 @@ class PrivacyEngine:
                 "by rank, as a DistributedSampler would"
             )
         self._adopt(plan)
+        # A ledger loaded before (a resumed run): the noise counter and a seeded sampling
+        # stream go on from its steps, so no step draws the noise or the batch of an earlier
+        # one, whatever seed the resumed call is given.
+        start = steps_accounted(self.accountant)
         feed = UnitFeed(plan.unit)
+        self._sampling_stream = None
         if poisson_sampling:
             generator = None
             if noise_seed is not None:
-                generator = torch.Generator().manual_seed(noise_seed)
+                generator = torch.Generator().manual_seed(stream_seed(noise_seed, start))
+                self._sampling_stream = (generator, noise_seed)
             shard = (distributed.rank, distributed.world_size) if distributed else None
             data_loader = DPDataLoader.from_data_loader(
                 data_loader,
@@ -215,14 +239,18 @@ class PrivacyEngine:
             secure_mode=self.secure_mode,
             distributed=distributed,
         )
+        dp_optimizer.steps_taken = start
         q = plan.sample_rate
         dp_optimizer.step_hook = lambda opt: self.accountant.step(
             noise_multiplier=opt.noise_multiplier, sample_rate=q
         )
-        dp_criterion = None
+        dp_criterion, checked = None, False
         if criterion is not None:
             dp_criterion = DPCriterion(criterion, loss_reduction, feed)
-        _say_what_epsilon_means(plan, self.guarantee, criterion is not None)
+            # Plain mode hands nothing back: the loop calls the user's own loss object,
+            # checked there. Ghost mode's loop calls the wrapper, which checks.
+            checked = grad_sample_mode == "ghost" or dp_criterion.watch()
+        _say_what_epsilon_means(plan, self.guarantee, criterion, checked)
         if grad_sample_mode == "ghost":
             return private, dp_optimizer, dp_criterion, data_loader
         return private, dp_optimizer, data_loader
@@ -308,6 +336,8 @@ class PrivacyEngine:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         if len(self.accountant) == 0:
             return 0.0
+        if any(entry[0] == 0 for entry in self.accountant.history):
+            return math.inf  # a step without noise released its gradient as it was
         return float(self.accountant.get_epsilon(delta=delta))
 
     def get_privacy_spent(self, delta: float) -> dict:
@@ -422,7 +452,20 @@ class PrivacyEngine:
             optimizer.load_state_dict(optimizer_state)
         # A checkpoint from elsewhere may lack dpseg's counter: never behind the ledger.
         optimizer.steps_taken = max(optimizer.steps_taken, steps_accounted(self.accountant))
+        if self._sampling_stream is not None:  # the seeded sampler make_private built
+            generator, seed = self._sampling_stream
+            generator.manual_seed(stream_seed(seed, optimizer.steps_taken))
         return checkpoint
+
+
+def stream_seed(seed: int, steps: int) -> int:
+    """The seed of a sampling stream that starts after ``steps`` steps: ``seed`` itself for a
+    fresh run (its batches as before), a hash of both for a resumed one (not the fresh run's
+    first batches again)."""
+    if steps == 0:
+        return seed
+    digest = hashlib.sha256(f"dpseg-sampling:{seed}:{steps}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _check_optimizer(module: nn.Module, optimizer: Optimizer) -> None:
@@ -440,7 +483,7 @@ def _check_optimizer(module: nn.Module, optimizer: Optimizer) -> None:
         )
 
 
-def _say_what_epsilon_means(plan: SamplingPlan, guarantee: Guarantee, has_criterion: bool):
+def _say_what_epsilon_means(plan: SamplingPlan, guarantee: Guarantee, criterion, checked: bool):
     """One warning that names what the epsilon is about and what was changed or assumed."""
     notes = list(plan.notes)
     if plan.unit == "item":
@@ -466,12 +509,23 @@ def _say_what_epsilon_means(plan: SamplingPlan, guarantee: Guarantee, has_criter
             "per pass over the data (replace-one, sensitivity 2C). Poisson sampling gives a "
             "far smaller epsilon for the same noise."
         )
-    if not has_criterion:
+    coupled = (
+        "a loss that couples the samples of a batch (MONAI's DiceLoss(batch=True), class "
+        "weights or ignore_index under a 'mean' reduction, top-k) voids the clipping bound."
+    )
+    if criterion is None:
         notes.append(
-            "dpseg cannot see your loss: a loss that couples the samples of a batch (MONAI's "
-            "DiceLoss(batch=True), class weights or ignore_index under a 'mean' reduction, "
-            "top-k) voids the clipping bound. Pass criterion=your_loss to have it checked on "
-            "the first batch, or check it with dpseg.check_loss(loss_fn, output, target)."
+            f"dpseg cannot see your loss: {coupled} Pass criterion=your_loss to have it "
+            "checked on the first batch, or check it with dpseg.check_loss(loss_fn, output, "
+            "target)."
+        )
+    elif not checked:
+        notes.append(
+            f"criterion={getattr(criterion, '__name__', type(criterion).__name__)} is a "
+            f"function, whose calls in your loop dpseg cannot see, so it is not checked: "
+            f"{coupled} Pass it as an nn.Module (checked on its first call), use "
+            "grad_sample_mode='ghost' and the criterion it returns, or check it with "
+            "dpseg.check_loss(loss_fn, output, target)."
         )
     warnings.warn(
         f"make_private: epsilon is {guarantee.describe()}.\n- " + "\n- ".join(notes),

@@ -21,18 +21,55 @@ pool across the batch are refused by name (:func:`known_coupled`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from dpseg.privacy.units import RowUnits
 
 RTOL = 1e-7  # float64: a per-unit loss agrees to ~1e-15; a coupled one is off by percents
+# A loss that computes in a lower precision whatever its input (MONAI's FocalLoss casts to
+# float32) agrees to its own rounding only: this many of its epsilons (float32: 1.2e-4; a
+# coupled loss is off by percents).
+LOW_PRECISION_EPS = 1000
 
 
 class CoupledLossError(ValueError):
     """The loss makes one unit's gradient depend on another unit's data."""
+
+
+class ReductionMismatchError(CoupledLossError):
+    """The loss is per unit, but reduced by sum where "mean" was declared, or the reverse:
+    the clip factor would undo the wrong constant."""
+
+
+# The ignore_index PyTorch's losses take by default: no label of a real target equals it.
+_NO_IGNORE = -100
+
+
+def _mean_over_labels(m: nn.Module) -> str | None:
+    """Why a PyTorch CrossEntropyLoss / NLLLoss couples a batch by its attributes: under a
+    'mean' reduction it divides by the total class weight of the batch's labels, which
+    class weights or ignored labels make depend on every sample's target."""
+    if not isinstance(m, nn.CrossEntropyLoss | nn.NLLLoss) or m.reduction != "mean":
+        return None
+    name = type(m).__name__
+    if m.weight is not None:
+        what = "class weights"
+    elif m.ignore_index != _NO_IGNORE:
+        what = f"ignore_index={m.ignore_index}"
+    else:
+        return None
+    return (
+        f"{name} with {what} and reduction='mean' divides by the summed weight of the batch's "
+        "labels, so it couples the samples of a batch: one patient's gradient depends on the "
+        f"others' labels. Use reduction='sum' divided by a constant (the expected voxels a "
+        "batch), or make_private(loss_reduction='sum') with reduction='sum'."
+    )
 
 
 def known_coupled(loss_fn) -> str | None:
@@ -53,6 +90,9 @@ def known_coupled(loss_fn) -> str | None:
                 "Dice), so each patient's gradient depends on the others and clipping bounds "
                 f"nothing. Build it with batch=False: {name}(..., batch=False)."
             )
+        reason = _mean_over_labels(m) if isinstance(m, nn.Module) else None
+        if reason is not None:
+            return reason
     return None
 
 
@@ -76,13 +116,33 @@ def _as_float64(target):
     return target
 
 
-def _grad(loss_fn, output: torch.Tensor, target) -> torch.Tensor:
+class _LowestPrecision(TorchFunctionMode):
+    """Records the largest machine epsilon of the floating-point tensors the ops under it
+    produce: the precision a loss really computes in (MONAI's FocalLoss casts its input to
+    float32, and DiceFocalLoss adds that to a float64 Dice: a float64 result of float32
+    work)."""
+
+    def __init__(self):
+        super().__init__()
+        self.eps = torch.finfo(torch.float64).eps
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.eps = max(self.eps, torch.finfo(t.dtype).eps)
+        return out
+
+
+def _grad(loss_fn, output: torch.Tensor, target) -> tuple[torch.Tensor, float]:
+    """(d loss / d output, the machine epsilon of the lowest precision the loss used)."""
     out = output.detach().clone().requires_grad_(True)
-    loss = loss_fn(out, target)
+    with _LowestPrecision() as precision:
+        loss = loss_fn(out, target)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise ValueError("the loss must return a scalar (reduced over the batch)")
     (grad,) = torch.autograd.grad(loss, out, allow_unused=True)
-    return torch.zeros_like(out) if grad is None else grad
+    return (torch.zeros_like(out) if grad is None else grad), precision.eps
 
 
 def _permutation(units: RowUnits) -> list[int] | None:
@@ -102,29 +162,64 @@ def _permutation(units: RowUnits) -> list[int] | None:
 
 
 def _compare(loss_fn, output, target, units: RowUnits, loss_reduction: str, what: str):
-    batch_grad = _grad(loss_fn, output, target)
+    batch_grad, eps = _grad(loss_fn, output, target)
+    rtol = max(RTOL, LOW_PRECISION_EPS * eps)
     offsets = [0]
     for k in units.rows_per_unit:
         offsets.append(offsets[-1] + k)
+    pairs = []  # (the unit's own-loss gradient, the batch loss's gradient on its rows)
     for u in range(units.num_units):
         rows = torch.arange(offsets[u], offsets[u + 1])
-        alone = _grad(loss_fn, output[rows], _index(target, rows))
-        c = units.rows_per_unit[u] / units.rows if loss_reduction == "mean" else 1.0
-        expected, got = c * alone, batch_grad[rows]
-        scale = max(float(expected.abs().max()), float(got.abs().max()), 1e-300)
-        err = float((got - expected).abs().max())
-        if err > RTOL * scale:
-            raise CoupledLossError(
-                f"the loss couples the {units.unit}s of a batch ({what}): the gradient of "
-                f"the batch loss on {units.unit} {u}'s outputs differs from {c:.4g} times "
-                f"the gradient of its own loss alone by {err / scale:.2%} of its size, so "
-                f"its gradient depends on the other {units.unit}s' data and per-{units.unit} "
-                "clipping no longer bounds its influence. Use a loss that is a "
-                f"{'mean' if loss_reduction == 'mean' else 'sum'} of per-sample terms: no "
-                "batch Dice (batch=False), no class weights or ignore_index under a 'mean' "
-                "reduction (weight per voxel and divide by a constant instead), no "
-                "selection of voxels across the batch."
-            )
+        alone, alone_eps = _grad(loss_fn, output[rows], _index(target, rows))
+        rtol = max(rtol, LOW_PRECISION_EPS * alone_eps)
+        pairs.append((alone, batch_grad[rows]))
+
+    def first_mismatch(reduction: str):
+        """(unit, c, relative error) of the first unit off by more than rtol, or None."""
+        for u, (alone, got) in enumerate(pairs):
+            c = units.rows_per_unit[u] / units.rows if reduction == "mean" else 1.0
+            expected = c * alone
+            scale = max(float(expected.abs().max()), float(got.abs().max()), 1e-300)
+            err = float((got - expected).abs().max())
+            if err > rtol * scale:
+                return u, c, err / scale
+        return None
+
+    mismatch = first_mismatch(loss_reduction)
+    if mismatch is None:
+        return
+    other = "sum" if loss_reduction == "mean" else "mean"
+    if first_mismatch(other) is None:
+        raise ReductionMismatchError(
+            f"the loss is per {units.unit}, but it reduces the batch by {other!r} where "
+            f"loss_reduction={loss_reduction!r} was declared, so the clip factor would undo "
+            f"the wrong constant. Make the two agree: make_private(loss_reduction={other!r}) "
+            f"(check_loss(..., loss_reduction={other!r})), or build the loss with "
+            f"reduction={loss_reduction!r}."
+        )
+    u, c, err = mismatch
+    raise CoupledLossError(
+        f"the loss couples the {units.unit}s of a batch ({what}): the gradient of "
+        f"the batch loss on {units.unit} {u}'s outputs differs from {c:.4g} times "
+        f"the gradient of its own loss alone by {err:.2%} of its size, so "
+        f"its gradient depends on the other {units.unit}s' data and per-{units.unit} "
+        "clipping no longer bounds its influence. Use a loss that is a "
+        f"{'mean' if loss_reduction == 'mean' else 'sum'} of per-sample terms: no "
+        "batch Dice (batch=False), no class weights or ignore_index under a 'mean' "
+        "reduction (weight per voxel and divide by a constant instead), no "
+        "selection of voxels across the batch."
+    )
+
+
+def _in_float64(loss_fn):
+    """A float64 copy of a loss module (its class weights and other buffers), so that it
+    takes the float64 outputs the check hands it; a plain function as it is."""
+    if not isinstance(loss_fn, nn.Module):
+        return loss_fn
+    try:
+        return copy.deepcopy(loss_fn).double()
+    except Exception:  # a module that cannot be copied: checked as it is
+        return loss_fn
 
 
 def check_loss(
@@ -151,6 +246,7 @@ def check_loss(
         return None  # nothing to couple with
     output = output.detach().double()
     target = _as_float64(target)
+    loss_fn = _in_float64(loss_fn)
     _compare(loss_fn, output, target, units, loss_reduction, "as given")
     perm = _permutation(units)
     if perm is not None:

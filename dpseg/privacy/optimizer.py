@@ -296,6 +296,7 @@ class DPOptimizer(Optimizer):
         state_dict = dict(state_dict)
         dp = state_dict.pop("dpseg", {})
         self.original_optimizer.load_state_dict(state_dict)
-        self.steps_taken = int(dp.get("steps_taken", 0))
+        # Never back: a counter behind this one would draw its noise again.
+        self.steps_taken = max(self.steps_taken, int(dp.get("steps_taken", 0)))
         if "noise_seed" in dp and not self.secure_mode:
             self.noise_seed = int(dp["noise_seed"])
