@@ -45,8 +45,8 @@ def _make(engine=None, **kw):
         ({"noise_multiplier": float("nan")}, "noise_multiplier must be finite"),
         ({"noise_multiplier": float("inf")}, "noise_multiplier must be finite"),
         ({"max_grad_norm": float("inf")}, "max_grad_norm must be finite"),
-        ({"noise_multiplier": None}, "noise_multiplier must be a number, got None"),
-        ({"max_grad_norm": "1.0"}, "max_grad_norm must be a number"),
+        ({"noise_multiplier": None}, "noise_multiplier must be a real number, got None"),
+        ({"max_grad_norm": "1.0"}, "max_grad_norm must be a real number"),
         ({"loss_reduction": "none"}, "loss_reduction must be one of"),
         ({"backend": "fortran"}, "unknown backend"),
         ({"clipping": "per_layer"}, "flat clipping only"),
@@ -426,6 +426,14 @@ def test_a_resumed_ledger_moves_the_noise_counter_and_the_sampling_stream_on():
     older = {"dpseg": {"steps_taken": 1}, **opt.original_optimizer.state_dict()}
     opt.load_state_dict(older)
     assert opt.steps_taken == 6
+
+
+def test_numpy_and_tensor_scalars_are_numbers():
+    import numpy as np
+
+    for sigma, clip in ((np.float32(1.0), np.int64(1)), (torch.tensor(1.0), torch.tensor([2.0]))):
+        _, opt, _ = _make(noise_multiplier=sigma, max_grad_norm=clip)
+        assert isinstance(opt.noise_multiplier, float) and isinstance(opt.max_grad_norm, float)
 
 
 def test_no_noise_means_an_infinite_epsilon_said_up_front():

@@ -450,3 +450,81 @@ def test_a_federated_site_with_a_declared_rate_reads_nothing_of_its_size():
     assert (a.sample_rate, a.steps_per_epoch, a.optimizer.expected_batch_size) == (
         b.sample_rate, b.steps_per_epoch, b.optimizer.expected_batch_size,
     ) == (0.25, 4, 3)  # fmt: skip
+
+
+def test_the_precision_allowance_counts_the_gradient_path_only():
+    """A half-precision mask or an unused bfloat16 tensor inside a loss does not loosen the
+    check (they are off the output's gradient path); a loss whose gradient path is below
+    float32 is refused with that reason, since its rounding hides couplings."""
+    out, target = _seg_batch()
+
+    class HalfMask(nn.Module):
+        def forward(self, out, target):
+            fg = (target > 0).half().to(out.dtype)  # exact 0/1, made in half precision
+            unused = torch.zeros(1, dtype=torch.bfloat16)  # noqa: F841
+            ce = F.cross_entropy(out, target, reduction="none")
+            return (ce * fg).sum() / fg.sum().clamp_min(1)
+
+    with pytest.raises(CoupledLossError, match="couples"):
+        check_loss(HalfMask(), out, target)
+    with pytest.raises(CoupledLossError, match="below float32"):
+        check_loss(lambda o, t: ForegroundNormalisedCE()(o.bfloat16(), t).double(), out, target)
+
+
+class _Masked(nn.Module):
+    """A per-sample loss with a third argument: each sample's CE over its own mask."""
+
+    def forward(self, out, target, mask):
+        ce = (F.cross_entropy(out, target, reduction="none") * mask).flatten(1)
+        return (ce.sum(1) / mask.flatten(1).sum(1).clamp_min(1)).mean()
+
+
+def test_plain_mode_reads_the_call_however_it_is_made():
+    """The hook reads (output, target) from keyword calls and carries a loss's other
+    arguments into the check, cut by rows; a call it cannot read is warned about, not
+    passed in silence; a second make_private replaces the first one's hook."""
+    model = nn.Sequential(nn.Conv3d(1, 2, 1)).double()
+    coupled = ForegroundNormalisedCE()
+    pmodel, opt, loader = _quiet(dpseg.PrivacyEngine(), criterion=coupled, **_criterion_args(model))
+    xb, yb = next(iter(loader))
+    with pytest.raises(CoupledLossError, match="couples"):
+        coupled(out=pmodel(xb), target=yb)
+    masked = _Masked()
+    for _ in range(2):
+        pmodel, opt, loader = _quiet(
+            dpseg.PrivacyEngine(), criterion=masked, **_criterion_args(model)
+        )
+    assert len(masked._forward_hooks) == 1
+    for xb, yb in loader:
+        opt.zero_grad()
+        masked(pmodel(xb), yb, (yb > 0).double()).backward()  # per sample: passes, trains
+        opt.step()
+    assert not masked._forward_hooks
+
+    class Star(nn.Module):
+        def forward(self, *args):
+            return ForegroundNormalisedCE()(*args)
+
+    star = Star()
+    pmodel, opt, loader = _quiet(dpseg.PrivacyEngine(), criterion=star, **_criterion_args(model))
+    xb, yb = next(iter(loader))
+    with pytest.warns(UserWarning, match="could not read"):
+        star(pmodel(xb), yb)
+
+
+def test_a_loss_that_cannot_be_copied_is_checked_in_its_own_dtype():
+    import threading
+
+    class Locked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lock = threading.Lock()  # deepcopy fails on it
+            self.ce = nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0]), reduction="sum")
+
+        def forward(self, out, target):
+            return self.ce(out, target)
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(4, 2, 3, 3, 3, generator=g)
+    target = torch.randint(0, 2, (4, 3, 3, 3), generator=g)
+    check_loss(Locked(), out, target, loss_reduction="sum")

@@ -17,11 +17,31 @@ evaluations in float64, no pass of the model), and losses known to pool over the
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import torch
 from torch import nn
 
 from dpseg.privacy.loss_check import CoupledLossError, check_loss, known_coupled
 from dpseg.privacy.units import UnitFeed, UnitMapError
+
+
+class _SameCall(nn.Module):
+    """The user's call of their loss with (output, target) replaced: what the check runs
+    per unit, the call's other arguments carried in the target (cut by rows where they are
+    led by the batch). A module, so that the check's float64 copy reaches the loss's
+    buffers (class weights)."""
+
+    def __init__(self, criterion: nn.Module, signature: inspect.Signature, names: list[str]):
+        super().__init__()
+        self.criterion, self.signature, self.names = criterion, signature, names
+
+    def forward(self, output, packed):
+        target, rest = packed
+        arguments = {self.names[0]: output, self.names[1]: target, **rest}
+        call = inspect.BoundArguments(self.signature, arguments)
+        return self.criterion(*call.args, **call.kwargs)
 
 
 class DPCriterion(nn.Module):
@@ -51,27 +71,64 @@ class DPCriterion(nn.Module):
         self.checked = False  # whether a batch of two units or more has been checked
         self._checking = False  # the check calls the loss (or a copy with its hooks)
         self._watch = None
+        self._warned = False
 
     def watch(self) -> bool:
         """Checks the user's own criterion object where the user calls it (the training loop
         of plain mode, which never sees this wrapper): a forward hook on it runs the check on
-        its first call over two units or more, then goes away. False for a criterion that
-        is not an nn.Module (a function): its calls cannot be seen."""
-        if not isinstance(self.criterion, nn.Module):
+        its first training call over two units or more, then goes away (as does a hook an
+        earlier make_private left). False for a criterion that is not an nn.Module (a
+        function): its calls cannot be seen."""
+        criterion = self.criterion
+        if not isinstance(criterion, nn.Module):
             return False
+        earlier = getattr(criterion, "_dpseg_watch", None)
+        if earlier is not None:
+            earlier.remove()
+        signature = inspect.signature(criterion.forward)
 
-        def on_call(_module, args, loss):
-            if len(args) < 2 or not torch.is_grad_enabled():
-                return  # validation (no_grad) or another call: not a training batch
+        def on_call(_module, args, kwargs, loss):
+            if not torch.is_grad_enabled():
+                return  # validation: not a training batch
             try:
-                self._check_first(args[0], args[1], loss)
+                bound = signature.bind(*args, **kwargs)
+            except TypeError:
+                bound = None
+            names = list(bound.arguments) if bound is not None else []
+            plain = [
+                n for n in names[:2]
+                if signature.parameters[n].kind
+                in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            ]  # fmt: skip
+            if len(plain) < 2:
+                self._cannot_read(type(criterion).__name__)
+                return
+            output, target = bound.arguments[plain[0]], bound.arguments[plain[1]]
+            rest = {n: bound.arguments[n] for n in names[2:]}
+            call = _SameCall(criterion, signature, plain)
+            try:
+                self._check_first(output, (target, rest), loss, call)
             except UnitMapError:
                 return  # rows the loader did not yield (a hand-made batch): the next call
 
-        self._watch = self.criterion.register_forward_hook(on_call)
+        handle = criterion.register_forward_hook(on_call, with_kwargs=True)
+        criterion._dpseg_watch = handle
+        self._watch = handle
         return True
 
-    def _check_first(self, output, target, loss) -> None:
+    def _cannot_read(self, name: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"dpseg could not read (output, target) from this call of {name}: it checks "
+                "a loss called as loss(output, target, ...). This call was not checked for "
+                "coupling across samples; check it with dpseg.check_loss(loss_fn, output, "
+                "target).",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _check_first(self, output, target, loss, loss_fn=None) -> None:
         if self.checked or self._checking:
             return
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
@@ -87,13 +144,15 @@ class DPCriterion(nn.Module):
             return
         self._checking = True
         try:
-            check_loss(self.criterion, output, target, units, self.loss_reduction)
+            check_loss(loss_fn or self.criterion, output, target, units, self.loss_reduction)
         finally:
             self._checking = False
         self.checked = True
         if self._watch is not None:
             self._watch.remove()
             self._watch = None
+            if getattr(self.criterion, "_dpseg_watch", None) is not None:
+                del self.criterion._dpseg_watch
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.criterion(output, target)

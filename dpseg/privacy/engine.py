@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -65,10 +66,10 @@ class PrivacyEngine:
             )
 
     def _check(self, noise_multiplier, max_grad_norm, loss_reduction, backend, noise_seed):
-        numbers = (("max_grad_norm", max_grad_norm), ("noise_multiplier", noise_multiplier))
-        for name, value in numbers:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+        for name, value in (
+            ("max_grad_norm", max_grad_norm),
+            ("noise_multiplier", noise_multiplier),
+        ):
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
         if not max_grad_norm > 0:
@@ -167,6 +168,8 @@ class PrivacyEngine:
                     "noise_generator: give either it or noise_seed, and neither in secure_mode"
                 )
             noise_seed = int(torch.randint(0, 2**63 - 1, (1,), generator=noise_generator))
+        noise_multiplier = _real("noise_multiplier", noise_multiplier)
+        max_grad_norm = _real("max_grad_norm", max_grad_norm)
         self._check(noise_multiplier, max_grad_norm, loss_reduction, backend, noise_seed)
         self._check_mode(grad_sample_mode)
         if grad_sample_mode == "ghost" and criterion is None:
@@ -209,7 +212,6 @@ class PrivacyEngine:
             generator = None
             if noise_seed is not None:
                 generator = torch.Generator().manual_seed(stream_seed(noise_seed, start))
-                self._sampling_stream = (generator, noise_seed)
             shard = (distributed.rank, distributed.world_size) if distributed else None
             data_loader = DPDataLoader.from_data_loader(
                 data_loader,
@@ -220,6 +222,9 @@ class PrivacyEngine:
                 patients=plan.patients,
             )
             data_loader.unit_feed = feed
+            if generator is not None and _sampler_generator(data_loader) is generator:
+                # (a DPDataLoader the user built keeps the user's generator: not moved on)
+                self._sampling_stream = (generator, noise_seed)
         else:
             data_loader = track_units(data_loader, feed)
         # backend="triton" means Triton end to end: the per-sample conv kernel too.
@@ -456,6 +461,19 @@ class PrivacyEngine:
             generator, seed = self._sampling_stream
             generator.manual_seed(stream_seed(seed, optimizer.steps_taken))
         return checkpoint
+
+
+def _sampler_generator(loader) -> torch.Generator | None:
+    return getattr(getattr(loader, "batch_sampler", None), "generator", None)
+
+
+def _real(name: str, value) -> float:
+    """A real number as a float: Python's, NumPy's or a one-element tensor."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(value)
 
 
 def stream_seed(seed: int, steps: int) -> int:

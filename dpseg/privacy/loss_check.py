@@ -36,6 +36,7 @@ RTOL = 1e-7  # float64: a per-unit loss agrees to ~1e-15; a coupled one is off b
 # float32) agrees to its own rounding only: this many of its epsilons (float32: 1.2e-4; a
 # coupled loss is off by percents).
 LOW_PRECISION_EPS = 1000
+_FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
 class CoupledLossError(ValueError):
@@ -96,14 +97,16 @@ def known_coupled(loss_fn) -> str | None:
     return None
 
 
-def _index(target, rows: torch.Tensor):
+def _index(target, rows: torch.Tensor, batch: int):
+    """``target``'s rows ``rows``: every tensor led by the batch (``batch`` rows) is cut,
+    anything else (class weights passed per call, numbers) is a constant of the call."""
     if isinstance(target, torch.Tensor):
-        return target[rows]
+        return target[rows] if target.dim() and target.shape[0] == batch else target
     if isinstance(target, tuple | list):
-        return type(target)(_index(t, rows) for t in target)
+        return type(target)(_index(t, rows, batch) for t in target)
     if isinstance(target, dict):
-        return {k: _index(v, rows) for k, v in target.items()}
-    return target  # a constant of the call
+        return {k: _index(v, rows, batch) for k, v in target.items()}
+    return target
 
 
 def _as_float64(target):
@@ -117,10 +120,10 @@ def _as_float64(target):
 
 
 class _LowestPrecision(TorchFunctionMode):
-    """Records the largest machine epsilon of the floating-point tensors the ops under it
-    produce: the precision a loss really computes in (MONAI's FocalLoss casts its input to
-    float32, and DiceFocalLoss adds that to a float64 Dice: a float64 result of float32
-    work)."""
+    """Records the largest machine epsilon of the floating-point tensors on the output's
+    gradient path that the ops under it produce: the precision a loss really computes in
+    (MONAI's FocalLoss casts its input to float32, and DiceFocalLoss adds that to a float64
+    Dice: a float64 result of float32 work). Constants and masks do not count."""
 
     def __init__(self):
         super().__init__()
@@ -128,8 +131,8 @@ class _LowestPrecision(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
+        for t in tree_flatten(out)[0]:  # only what the output's gradient flows through
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad:
                 self.eps = max(self.eps, torch.finfo(t.dtype).eps)
         return out
 
@@ -163,16 +166,18 @@ def _permutation(units: RowUnits) -> list[int] | None:
 
 def _compare(loss_fn, output, target, units: RowUnits, loss_reduction: str, what: str):
     batch_grad, eps = _grad(loss_fn, output, target)
-    rtol = max(RTOL, LOW_PRECISION_EPS * eps)
+    lowest = eps
     offsets = [0]
     for k in units.rows_per_unit:
         offsets.append(offsets[-1] + k)
     pairs = []  # (the unit's own-loss gradient, the batch loss's gradient on its rows)
     for u in range(units.num_units):
         rows = torch.arange(offsets[u], offsets[u + 1])
-        alone, alone_eps = _grad(loss_fn, output[rows], _index(target, rows))
-        rtol = max(rtol, LOW_PRECISION_EPS * alone_eps)
+        alone, alone_eps = _grad(loss_fn, output[rows], _index(target, rows, units.rows))
+        lowest = max(lowest, alone_eps)
         pairs.append((alone, batch_grad[rows]))
+    # float32's rounding at most: below it the check could not tell rounding from coupling
+    rtol = max(RTOL, LOW_PRECISION_EPS * min(lowest, _FLOAT32_EPS))
 
     def first_mismatch(reduction: str):
         """(unit, c, relative error) of the first unit off by more than rtol, or None."""
@@ -198,6 +203,13 @@ def _compare(loss_fn, output, target, units: RowUnits, loss_reduction: str, what
             f"reduction={loss_reduction!r}."
         )
     u, c, err = mismatch
+    if lowest > _FLOAT32_EPS:
+        raise CoupledLossError(
+            f"the loss computes in a precision below float32 on its gradient's path, whose "
+            f"rounding ({err:.2%} on {units.unit} {u}) the check cannot tell from a coupling "
+            "of the batch's samples: compute the loss in float32 or float64 (outside "
+            "autocast) to have it checked."
+        )
     raise CoupledLossError(
         f"the loss couples the {units.unit}s of a batch ({what}): the gradient of "
         f"the batch loss on {units.unit} {u}'s outputs differs from {c:.4g} times "
@@ -212,14 +224,15 @@ def _compare(loss_fn, output, target, units: RowUnits, loss_reduction: str, what
 
 
 def _in_float64(loss_fn):
-    """A float64 copy of a loss module (its class weights and other buffers), so that it
-    takes the float64 outputs the check hands it; a plain function as it is."""
+    """(a float64 copy of a loss module (its class weights and other buffers), so that it
+    takes the float64 outputs the check hands it, True), a plain function as it is (True),
+    or a module that cannot be copied as it is (False: checked in the outputs' dtype)."""
     if not isinstance(loss_fn, nn.Module):
-        return loss_fn
+        return loss_fn, True
     try:
-        return copy.deepcopy(loss_fn).double()
-    except Exception:  # a module that cannot be copied: checked as it is
-        return loss_fn
+        return copy.deepcopy(loss_fn).double(), True
+    except Exception:
+        return loss_fn, False
 
 
 def check_loss(
@@ -244,9 +257,9 @@ def check_loss(
         raise ValueError(f"the unit map covers {units.rows} rows, the output has {output.shape[0]}")
     if units.num_units < 2:
         return None  # nothing to couple with
-    output = output.detach().double()
-    target = _as_float64(target)
-    loss_fn = _in_float64(loss_fn)
+    loss_fn, in_float64 = _in_float64(loss_fn)
+    output = output.detach().double() if in_float64 else output.detach()
+    target = _as_float64(target) if in_float64 else target
     _compare(loss_fn, output, target, units, loss_reduction, "as given")
     perm = _permutation(units)
     if perm is not None:
@@ -256,5 +269,8 @@ def check_loss(
         rows = torch.cat(
             [torch.arange(starts[v], starts[v] + units.rows_per_unit[v]) for v in perm]
         )
-        _compare(loss_fn, output, _index(target, rows), units, loss_reduction, "targets permuted")
+        _compare(
+            loss_fn, output, _index(target, rows, units.rows), units, loss_reduction,
+            "targets permuted",
+        )  # fmt: skip
     return None
