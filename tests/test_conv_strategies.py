@@ -68,6 +68,23 @@ def test_strategy_matches_aten_per_sample(case, strategy):
             assert gi is None
 
 
+def _timed_strategies(go, x, w, geometry) -> set[str]:
+    """The candidates auto times for this layer (the timing itself stubbed out: it picks
+    "patches"), with the choice cache emptied before and after."""
+    from dpseg.privacy.rules import conv_weight_grad as cwg
+
+    timed = {}
+    real = cwg._fastest
+    cwg._choice_cache.clear()
+    try:
+        cwg._fastest = lambda candidates, device: timed.update(candidates) or "patches"
+        assert cwg.choose_strategy(go, x, w, *geometry) == "patches"
+    finally:
+        cwg._fastest = real
+        cwg._choice_cache.clear()
+    return set(timed)
+
+
 def test_patches_refuse_a_transposed_or_grouped_conv_and_auto_times_them_on_cin_1():
     from dpseg.privacy.rules import conv_weight_grad as cwg
 
@@ -84,17 +101,8 @@ def test_patches_refuse_a_transposed_or_grouped_conv_and_auto_times_them_on_cin_
     go = torch.randn(2, 16, 48, 48, 48)
     assert cwg._patches_fit(go, x, w, *geometry)
     assert not cwg._patches_fit(go, x, torch.randn(16, 16, 3, 3, 3), *geometry)
-    timed = {}
-    real = cwg._fastest
-    cwg._choice_cache.clear()
-    try:
-        cwg._fastest = lambda candidates, device: timed.update(candidates) or "patches"
-        assert cwg.choose_strategy(go, x, w, *geometry) == "patches"
-    finally:
-        cwg._fastest = real
-        cwg._choice_cache.clear()
     direct = {"direct"} if _ext.has_op("conv_weight_grad_per_sample") else set()
-    assert set(timed) == {"loop", "grouped", "patches"} | direct
+    assert _timed_strategies(go, x, w, geometry) == {"loop", "grouped", "patches"} | direct
 
 
 def test_a_wide_pointwise_conv_times_patches_but_not_the_direct_kernel():
@@ -108,16 +116,7 @@ def test_a_wide_pointwise_conv_times_patches_but_not_the_direct_kernel():
     assert cwg._patches_fit(go, x, w, *geometry) and not cwg._direct_usable(go, x, w, geometry)
     operands = cwg._plain_operands("patches", go, x, w, *geometry)
     assert operands[1].data_ptr() == x.data_ptr()  # no padding: x itself, not a copy
-    timed = {}
-    real = cwg._fastest
-    cwg._choice_cache.clear()
-    try:
-        cwg._fastest = lambda candidates, device: timed.update(candidates) or "patches"
-        assert cwg.choose_strategy(go, x, w, *geometry) == "patches"
-    finally:
-        cwg._fastest = real
-        cwg._choice_cache.clear()
-    assert set(timed) == {"loop", "grouped", "patches"}
+    assert _timed_strategies(go, x, w, geometry) == {"loop", "grouped", "patches"}
 
 
 def test_empty_batch():

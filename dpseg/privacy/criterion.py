@@ -149,10 +149,10 @@ class DPCriterion(nn.Module):
             self._checking = False
         self.checked = True
         if self._watch is not None:
+            if getattr(self.criterion, "_dpseg_watch", None) is self._watch:
+                del self.criterion._dpseg_watch
             self._watch.remove()
             self._watch = None
-            if getattr(self.criterion, "_dpseg_watch", None) is not None:
-                del self.criterion._dpseg_watch
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.criterion(output, target)
