@@ -375,10 +375,12 @@ def test_dropout_inside_a_unit_is_refused_whenever_it_would_draw():
     pmodel(x).sum().backward()
 
 
-def _zero_gradient_run(engine, steps, load=None):
+_ROWS = TensorDataset(torch.arange(40.0).view(40, 1).repeat(1, 3))  # row i holds i
+
+
+def _zero_gradient_run(engine, steps, load=None, loader=None, noise_seed=1234):
     """``steps`` DP steps of a Linear whose loss has zero gradient (the update is the noise
     alone), seeded noise and sampling: (the noise of each step, the rows of each batch)."""
-    x = torch.arange(40.0).view(40, 1).repeat(1, 3)  # row i holds i: batches are readable
     linear = nn.Linear(3, 1)
     nn.init.zeros_(linear.weight)  # its update is then the noise, to the bit
     opt = torch.optim.SGD(linear.parameters(), lr=1.0)
@@ -387,9 +389,9 @@ def _zero_gradient_run(engine, steps, load=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, opt, loader = engine.make_private(
-            module=linear, optimizer=opt, data_loader=DataLoader(TensorDataset(x), batch_size=8),
+            module=linear, optimizer=opt, data_loader=loader or DataLoader(_ROWS, batch_size=8),
             noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, expected_batch_size=10,
-            noise_seed=1234,
+            noise_seed=noise_seed,
         )  # fmt: skip
     noises, batches = [], []
     for (xb,) in loader:
@@ -426,6 +428,72 @@ def test_a_resumed_ledger_moves_the_noise_counter_and_the_sampling_stream_on():
     older = {"dpseg": {"steps_taken": 1}, **opt.original_optimizer.state_dict()}
     opt.load_state_dict(older)
     assert opt.steps_taken == 6
+
+
+def _seeded_generator():
+    return torch.Generator().manual_seed(7)
+
+
+def _seeded_globally():
+    torch.manual_seed(7)  # a script's first line
+    return DataLoader(_ROWS, batch_size=8)
+
+
+# A script run twice the same way, without noise_seed: sampling seeded by the user's own
+# generator, by torch.manual_seed on the global one, by a DPDataLoader the user built, or by
+# a generator never seeded (torch.Generator() starts from a constant).
+SEEDED_SAMPLING = {
+    "loader generator": lambda: DataLoader(_ROWS, batch_size=8, generator=_seeded_generator()),
+    "global generator": _seeded_globally,
+    "user DPDataLoader": lambda: DPDataLoader(_ROWS, 0.25, generator=_seeded_generator()),
+    "unseeded generator": lambda: DataLoader(_ROWS, batch_size=8, generator=torch.Generator()),
+}
+
+
+@pytest.mark.parametrize("how", SEEDED_SAMPLING)
+def test_a_resumed_run_does_not_replay_sampling_seeded_by_the_user(how):
+    """Seeded the user's way (no noise_seed), a resumed run's step k + j drew step j's batch:
+    correlated batches, where the accounting assumes independent ones. Resumed by ledger or
+    by checkpoint, it now draws a stream of its own, still reproducible."""
+    first = dpseg.PrivacyEngine()
+    _, batches_a, _ = _zero_gradient_run(first, 6, loader=SEEDED_SAMPLING[how](), noise_seed=None)
+    _, again, _ = _zero_gradient_run(
+        dpseg.PrivacyEngine(), 6, loader=SEEDED_SAMPLING[how](), noise_seed=None
+    )
+    assert again == batches_a  # the script's sampling is seeded: the premise of the bug
+    ledger = dpseg.PrivacyEngine()
+    _zero_gradient_run(ledger, 3, loader=SEEDED_SAMPLING[how](), noise_seed=None)
+    resumed = []
+    for _ in range(2):
+        _, batches_b, opt = _zero_gradient_run(
+            dpseg.PrivacyEngine(), 3, load=ledger.state_dict(), loader=SEEDED_SAMPLING[how](),
+            noise_seed=None,
+        )  # fmt: skip
+        assert opt.steps_taken == 6
+        assert all(b != a for a, b in zip(batches_a, batches_b, strict=False)), how
+        resumed.append(batches_b)
+    assert resumed[0] == resumed[1]  # reproducible
+
+
+def test_load_checkpoint_moves_a_user_seeded_sampler_on(tmp_path):
+    engine = dpseg.PrivacyEngine()
+    _, batches_a, opt = _zero_gradient_run(
+        engine, 4, loader=SEEDED_SAMPLING["loader generator"](), noise_seed=None
+    )
+    engine.save_checkpoint(path=tmp_path / "c.pt", module=nn.Linear(3, 1), optimizer=opt)
+    resumed = dpseg.PrivacyEngine()
+    x = _ROWS.tensors[0]
+    linear = nn.Linear(3, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, opt, loader = resumed.make_private(
+            module=linear, optimizer=torch.optim.SGD(linear.parameters(), lr=1.0),
+            data_loader=DataLoader(TensorDataset(x), batch_size=8, generator=_seeded_generator()),
+            noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, expected_batch_size=10,
+        )  # fmt: skip
+    resumed.load_checkpoint(path=tmp_path / "c.pt", module=linear, optimizer=opt)
+    batches_b = [xb[:, 0].tolist() for (xb,), _ in zip(loader, range(4), strict=False)]
+    assert all(b != a for a, b in zip(batches_a, batches_b, strict=True))
 
 
 def test_numpy_and_tensor_scalars_are_numbers():

@@ -51,9 +51,9 @@ class PrivacyEngine:
         self.accountant_name = accountant  # the user's choice, used under add/remove
         self.secure_mode = secure_mode
         self.sample_rate: float | None = None
-        # (generator, seed) of the seeded Poisson sampler make_private built, reseeded when a
-        # checkpoint moves the step counter on (load_checkpoint)
-        self._sampling_stream: tuple[torch.Generator, int] | None = None
+        # The Poisson sampler's source of uniforms, moved on when a checkpoint moves the step
+        # counter on (load_checkpoint)
+        self._sampling_stream: SamplingStream | None = None
         # What the epsilon is about (unit, adjacency, sampling, accountant): set by
         # make_private, recorded in every ledger (dpseg.privacy.accountants.Guarantee).
         self.guarantee: Guarantee | None = None
@@ -222,9 +222,10 @@ class PrivacyEngine:
                 patients=plan.patients,
             )
             data_loader.unit_feed = feed
-            if generator is not None and _sampler_generator(data_loader) is generator:
-                # (a DPDataLoader the user built keeps the user's generator: not moved on)
-                self._sampling_stream = (generator, noise_seed)
+            stream = SamplingStream.of(data_loader.batch_sampler, generator, noise_seed)
+            if stream is not None and stream.owned is None:
+                stream.move_to(start)  # (the generator built from noise_seed starts there)
+            self._sampling_stream = stream
         else:
             data_loader = track_units(data_loader, feed)
         # backend="triton" means Triton end to end: the per-sample conv kernel too.
@@ -457,14 +458,9 @@ class PrivacyEngine:
             optimizer.load_state_dict(optimizer_state)
         # A checkpoint from elsewhere may lack dpseg's counter: never behind the ledger.
         optimizer.steps_taken = max(optimizer.steps_taken, steps_accounted(self.accountant))
-        if self._sampling_stream is not None:  # the seeded sampler make_private built
-            generator, seed = self._sampling_stream
-            generator.manual_seed(stream_seed(seed, optimizer.steps_taken))
+        if self._sampling_stream is not None:
+            self._sampling_stream.move_to(optimizer.steps_taken)
         return checkpoint
-
-
-def _sampler_generator(loader) -> torch.Generator | None:
-    return getattr(getattr(loader, "batch_sampler", None), "generator", None)
 
 
 def _real(name: str, value) -> float:
@@ -474,6 +470,44 @@ def _real(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     return float(value)
+
+
+class SamplingStream:
+    """Where a Poisson sampler's uniforms come from, so that a resumed run does not draw an
+    earlier run's batches again.
+
+    A run resumed at step k that replays the first run's sampling stream gives its step k + j
+    the batch of step j: the two steps' batches are then not independent, which the
+    subsampled Gaussian's accounting assumes. Seeded scripts do exactly that (``noise_seed``,
+    a user's ``torch.Generator().manual_seed(0)``, or ``torch.manual_seed(0)`` at the top with
+    the sampler on the global generator; an unseeded ``torch.Generator()`` even starts from a
+    constant). So the stream is named by a base seed (``noise_seed``; else the sampler's
+    generator's seed; else the global generator's) and, from a resumed step k > 0, the
+    sampler draws from ``stream_seed(base, k)``: reproducible, and not the first run's.
+    A fresh run (k = 0) samples as it always did. Secure mode's sampler reads OS entropy."""
+
+    def __init__(self, sampler, base: int, owned: torch.Generator | None):
+        self.sampler, self.base, self.owned = sampler, base, owned
+
+    @classmethod
+    def of(cls, sampler, built: torch.Generator | None, noise_seed: int | None):
+        """The stream of ``sampler`` (None where it is not seeded: secure mode, or not a
+        Poisson sampler); ``built`` is the generator make_private made from ``noise_seed``."""
+        if getattr(sampler, "secure", True):
+            return None
+        generator = sampler.generator
+        if built is not None and generator is built:
+            return cls(sampler, noise_seed, built)
+        base = generator.initial_seed() if generator is not None else torch.initial_seed()
+        return cls(sampler, base, None)
+
+    def move_to(self, steps: int) -> None:
+        """Draws the batches of steps ``steps``, ``steps`` + 1, ... from now on."""
+        seed = stream_seed(self.base, steps)
+        if self.owned is not None:  # also the loader's generator (workers' base seeds)
+            self.owned.manual_seed(seed)
+        elif steps > 0:  # a new generator: the user's own one is left as it is
+            self.sampler.generator = torch.Generator().manual_seed(seed)
 
 
 def stream_seed(seed: int, steps: int) -> int:
