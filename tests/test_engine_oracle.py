@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dpseg
 from dpseg.privacy.capture import ForwardPasses, capture_layers, release_layers
+from dpseg.privacy.private_module import PrivateModule
 from tests.oracle import dp_sum, per_sample_grads
 
 RTOL = 1e-9  # float64 throughout
@@ -202,6 +203,14 @@ def test_a_fallback_with_a_structured_output_and_what_it_refuses():
 
     with pytest.warns(UserWarning, match="no per-sample rule"):
         assert_grad_samples(_Split(), x, loss_fn=loss)
+
+    # None beside the tensors (a block that keeps no attention map) passes through as None
+    def loss_of_first(out, _y):
+        assert out[1] is None
+        return loss(out[0], _y)
+
+    with pytest.warns(UserWarning, match="no per-sample rule"):
+        assert_grad_samples(_Split(lambda x: None), x, loss_fn=loss_of_first)
     for extra, got in ((lambda x: x.shape[0], "int"), (lambda x: x.flatten(), "(36,)")):
         with pytest.warns(UserWarning), pytest.raises(TypeError) as refused:
             assert_grad_samples(_Split(extra), x, loss_fn=lambda out, _y: loss(out[0], _y))
@@ -423,3 +432,15 @@ def test_empty_batch_through_every_rule():
         release_layers(layers)
     for name, p in model.named_parameters():
         assert p.grad_sample.shape == (0, *p.shape), name
+
+
+def test_an_input_of_another_dtype_than_the_weights_is_refused_saying_to_cast():
+    """An int16 NIfTI handed on uncast: plain PyTorch says the types differ; the rule's own
+    aten call said only "expected scalar type Long but found Float"."""
+    for layer, x in (
+        (nn.Conv3d(1, 2, 3), torch.randint(0, 9, (2, 1, 5, 5, 5))),
+        (nn.Linear(3, 2), torch.randn(2, 3, dtype=torch.float64)),
+    ):
+        model = PrivateModule(nn.Sequential(layer))
+        with pytest.raises(TypeError, match=r"Convert the batch \(images.to\(torch.float32\)\)"):
+            model(x)

@@ -110,9 +110,10 @@ class ForwardPasses:
 
 class _PerSampleFunction(torch.autograd.Function):
     """A captured call. A rule's output is one tensor, or (a torch.func unit's) any nesting
-    of tuples, lists and dicts of tensors (a ViT's (x, hidden states)): a Function returns
-    tensors only, so those go out flattened, the structure in ``out_spec`` for the caller to
-    rebuild, and their gradients come back to the rule in the same structure."""
+    of tuples, lists and dicts of tensors and None (a ViT's (x, hidden states), a block's
+    (x, None) when it keeps no attention map): those go out flattened, the structure in
+    ``out_spec`` for the caller to rebuild, and their gradients come back to the rule in the
+    same structure (None for a None)."""
 
     @staticmethod
     def forward(ctx, layer, state, names, pass_info, out_spec, x, *params):
@@ -133,8 +134,10 @@ class _PerSampleFunction(torch.autograd.Function):
         need_input_grad = ctx.needs_input_grad[5]
         if ctx.spec is None:
             grad_out = grad_outs[0].contiguous()
-        else:  # an output the loss never reached comes back as zeros (materialised)
-            grad_out = tree_unflatten([g.contiguous() for g in grad_outs], ctx.spec)
+        else:  # an output the loss never reached comes back as zeros (materialised), a
+            # None output as None
+            grads = [g.contiguous() if g is not None else None for g in grad_outs]
+            grad_out = tree_unflatten(grads, ctx.spec)
         strategy = force_strategy(layer.conv_strategy) if layer.conv_strategy else nullcontext()
         with strategy, profiled(f"dpseg::backward[{type(layer.module).__name__}]"):
             grad_input, grads = layer.rule.backward(

@@ -93,6 +93,19 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def check_input_dtype(module, x: torch.Tensor, w: torch.Tensor) -> None:
+    """The input in the weight's dtype, as ATen's conv and linear need (outside autocast):
+    said here, since the rule's own aten call would only say "expected scalar type Long but
+    found Float"."""
+    if x.dtype != w.dtype:
+        raise TypeError(
+            f"{type(module).__name__} was given a {x.dtype} input but its weight is {w.dtype}. "
+            f"Convert the batch (images.to({w.dtype})) or the model (model.to(images.dtype)) "
+            "before the forward; an integer image (a NIfTI stored as int16, say) needs a cast "
+            "to float."
+        )
+
+
 def registered_types() -> list[type]:
     return list(_RULES)
 

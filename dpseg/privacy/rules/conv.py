@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpseg.privacy.rules import Rule, autocast_dtype, register_rule
+from dpseg.privacy.rules import Rule, autocast_dtype, check_input_dtype, register_rule
 from dpseg.privacy.rules.conv_weight_grad import (
     conv_backward_per_sample,
     conv_input_grad,
@@ -70,6 +70,8 @@ class ConvRule(Rule):
         if dtype is not None:
             x, w = x.to(dtype), w.to(dtype)
             b = b.to(dtype) if b is not None else None
+        else:
+            check_input_dtype(module, x, w)
         out = torch.ops.aten.convolution(x, w, b, *geometry)
         return out, (x,)
 

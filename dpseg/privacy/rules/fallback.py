@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch.func import functional_call, vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from dpseg.privacy.rules import Rule
 
@@ -35,17 +35,20 @@ class FuncFallbackRule(Rule):
         bad = [
             tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             for v in leaves
-            if not isinstance(v, torch.Tensor)
-            or not v.is_floating_point()
-            or v.shape[:1] != x.shape[:1]
+            if v is not None
+            and (
+                not isinstance(v, torch.Tensor)
+                or not v.is_floating_point()
+                or v.shape[:1] != x.shape[:1]
+            )
         ]
-        if bad or not leaves:
+        if bad or not any(v is not None for v in leaves):
             raise TypeError(
                 f"{self.layer.name!r} ({type(module).__name__}) returned {bad or 'nothing'} "
                 f"for an input of batch {x.shape[0]}; dpseg's torch.func path takes an output "
-                "of floating-point tensors (one, or tuples, lists and dicts of them) whose "
-                "leading dimension is the batch. Return per-sample tensors, or wrap the "
-                "module to drop what is not."
+                "of floating-point tensors (one, or tuples, lists and dicts of them, None "
+                "allowed) whose leading dimension is the batch. Return per-sample tensors, "
+                "or wrap the module to drop what is not."
             )
         return out, (x,)
 
@@ -58,11 +61,15 @@ class FuncFallbackRule(Rule):
             grads = [params[n].new_zeros((0, *params[n].shape)) for n in names]
             return (torch.zeros_like(x) if need_input_grad else None), grads
 
-        def replay(p, xb):
-            return functional_call(module, p, (xb.unsqueeze(0), *args), kwargs)
+        def replay(p, xb):  # the output's tensors, flat (vjp takes no None leaf)
+            out = functional_call(module, p, (xb.unsqueeze(0), *args), kwargs)
+            return tuple(t for t in tree_flatten(out)[0] if t is not None)
 
-        def cotangent(out, gb):  # gb: one sample's output gradient, as structured as out
-            return tree_map(lambda o, g: g.unsqueeze(0).to(o.dtype), out, gb)
+        def cotangent(out, gb):  # gb: one sample's output gradients, flat like out
+            return tuple(g.unsqueeze(0).to(o.dtype) for o, g in zip(out, gb, strict=True))
+
+        # The gradients of the output's tensors, in flattening order (None leaves: no gradient)
+        grad_out = tuple(g for g in tree_flatten(grad_out)[0] if g is not None)
 
         def both(p, xb, gb):  # parameters and input from one product
             out, pullback = vjp(replay, p, xb)

@@ -7,7 +7,7 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
-from dpseg.privacy.rules import Rule, autocast_dtype, register_rule
+from dpseg.privacy.rules import Rule, autocast_dtype, check_input_dtype, register_rule
 
 
 @register_rule(nn.Linear)
@@ -18,6 +18,8 @@ class LinearRule(Rule):
         if dtype is not None:
             x, w = x.to(dtype), w.to(dtype)
             b = b.to(dtype) if b is not None else None
+        else:
+            check_input_dtype(module, x, w)
         return F.linear(x, w, b), (x,)
 
     def backward(self, module, saved, state, grad_out, need_input_grad, names):
