@@ -363,6 +363,32 @@ def test_items_per_patient_needs_patients_and_patients_need_poisson():
         dpseg.PrivacyEngine().make_private(**args, patient_ids=[0, 1, 1])
 
 
+def test_patients_at_an_item_counted_rate_are_told_the_rate_that_fills_a_batch():
+    """Without sample_rate, q = 1 / len(loader) counts batches of items: 5 patients of 8
+    slices under batch_size 4 give q = 0.1, so a batch holds 0.5 patients on average, 0.5
+    slices when each brings one (said, with the rate that fills the batch) and 4 when each
+    brings 8 (not said; nor under a declared rate)."""
+    x, y = _rows(40)
+    ids = [i // 8 for i in range(40)]
+    model = SmallSegNet().double()
+
+    def said(**kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dpseg.PrivacyEngine().make_private(
+                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1),
+                data_loader=DataLoader(TensorDataset(x, y), batch_size=4), noise_multiplier=1.0,
+                max_grad_norm=1.0, patient_ids=ids, **kwargs,
+            )  # fmt: skip
+        return " ".join(str(w.message) for w in caught)
+
+    text = said()
+    assert "gives batches of 0.5 patients, 0.5 items on average" in text
+    assert "declare sample_rate=0.8 and expected_batch_size=4" in text
+    assert "gives batches of" not in said(items_per_patient=8)
+    assert "gives batches of" not in said(sample_rate=0.8, expected_batch_size=4)
+
+
 def test_a_dataset_declaring_its_patients_is_sampled_by_patient():
     x, y = _rows(6)
 

@@ -105,6 +105,24 @@ def _replaced_sampler(loader: DataLoader) -> str | None:
     return None
 
 
+def _patients_per_batch_note(q: float, patients: PatientIndex, batch_size: int | None) -> list:
+    """Opacus's q = 1 / len(loader) counts the loader's batches of items; sampling patients
+    at that rate gives batches of about B / (items per patient) items, not B."""
+    P, k = len(patients), patients.items_per_patient
+    rows = q * P * k
+    if batch_size is None or rows >= 0.5 * batch_size:
+        return []
+    return [
+        f"without sample_rate, q = 1 / len(loader) = {q:.4g} counts the loader's batches of "
+        f"items, and Poisson sampling at q over {P} patients (each bringing {k} item"
+        f"{'s' if k > 1 else ''}) gives batches of {q * P:.3g} patients, {rows:.3g} items "
+        f"on average, not the loader's {batch_size}. For about {batch_size} items a step, "
+        f"declare sample_rate={min(1.0, batch_size / (P * k)):.4g} and "
+        f"expected_batch_size={batch_size / k:.4g} (patients a batch): then nothing released "
+        "depends on the dataset's size either"
+    ]
+
+
 def plan_sampling(
     loader: DataLoader,
     *,
@@ -178,6 +196,8 @@ def plan_sampling(
         q, steps = loader.sample_rate, len(loader)  # a Poisson loader's own, declared rate
     else:
         q, steps, rate_declared = 1 / len(loader), len(loader), False
+        if patients is not None:
+            notes += _patients_per_batch_note(q, patients, loader.batch_size)
     if expected_batch_size is not None:
         expected, normaliser_declared = _check_expected(expected_batch_size), True
     else:
