@@ -378,13 +378,15 @@ def test_dropout_inside_a_unit_is_refused_whenever_it_would_draw():
 _ROWS = TensorDataset(torch.arange(40.0).view(40, 1).repeat(1, 3))  # row i holds i
 
 
-def _zero_gradient_run(engine, steps, load=None, loader=None, noise_seed=1234):
+def _zero_gradient_run(engine, steps, load=None, loader=None, noise_seed=1234, order="first"):
     """``steps`` DP steps of a Linear whose loss has zero gradient (the update is the noise
-    alone), seeded noise and sampling: (the noise of each step, the rows of each batch)."""
+    alone), seeded noise and sampling: (the noise of each step, the rows of each batch).
+    ``load``: a ledger loaded before make_private (order "first") or after it ("after",
+    Opacus's order)."""
     linear = nn.Linear(3, 1)
     nn.init.zeros_(linear.weight)  # its update is then the noise, to the bit
     opt = torch.optim.SGD(linear.parameters(), lr=1.0)
-    if load is not None:
+    if load is not None and order == "first":
         engine.load_state_dict(load)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -393,6 +395,8 @@ def _zero_gradient_run(engine, steps, load=None, loader=None, noise_seed=1234):
             noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, expected_batch_size=10,
             noise_seed=noise_seed,
         )  # fmt: skip
+    if load is not None and order == "after":
+        engine.load_state_dict(load)
     noises, batches = [], []
     for (xb,) in loader:
         before = linear.weight.detach().clone()
@@ -406,11 +410,12 @@ def _zero_gradient_run(engine, steps, load=None, loader=None, noise_seed=1234):
     return noises, batches, opt
 
 
-def test_a_resumed_ledger_moves_the_noise_counter_and_the_sampling_stream_on():
-    """Resuming by engine.load_state_dict and make_private with the run's seed: the step
-    counter starts at the ledger's steps, so the noise of a resumed step is not that of an
-    earlier one (equal noise would cancel between two released models), and the seeded
-    Poisson sampler does not replay the first run's batches."""
+@pytest.mark.parametrize("order", ["first", "after"])
+def test_a_resumed_ledger_moves_the_noise_counter_and_the_sampling_stream_on(order):
+    """Resuming by engine.load_state_dict, before make_private or after it, with the run's
+    seed: the step counter starts at the ledger's steps, so the noise of a resumed step is
+    not that of an earlier one (equal noise would cancel between two released models), and
+    the seeded Poisson sampler does not replay the first run's batches."""
     first = dpseg.PrivacyEngine()
     noise_a, batches_a, _ = _zero_gradient_run(first, 3)
     again, batches_again, _ = _zero_gradient_run(dpseg.PrivacyEngine(), 1)
@@ -418,7 +423,7 @@ def test_a_resumed_ledger_moves_the_noise_counter_and_the_sampling_stream_on():
     assert batches_again[0] == batches_a[0]
     ledger = first.state_dict()
     resumed = dpseg.PrivacyEngine()
-    noise_b, batches_b, opt = _zero_gradient_run(resumed, 3, load=ledger)
+    noise_b, batches_b, opt = _zero_gradient_run(resumed, 3, load=ledger, order=order)
     assert opt.steps_taken == 6 and resumed.get_privacy_spent(1e-5)["steps"] == 6
     for b in noise_b:
         for a in noise_a:
@@ -450,13 +455,22 @@ SEEDED_SAMPLING = {
 }
 
 
+def _batches(loader, steps):
+    return [xb[:, 0].tolist() for (xb,), _ in zip(loader, range(steps), strict=False)]
+
+
+@pytest.mark.parametrize("order", ["first", "after"])
 @pytest.mark.parametrize("how", SEEDED_SAMPLING)
-def test_a_resumed_run_does_not_replay_sampling_seeded_by_the_user(how):
+def test_a_resumed_run_does_not_replay_sampling_seeded_by_the_user(how, order):
     """Seeded the user's way (no noise_seed), a resumed run's step k + j drew step j's batch:
-    correlated batches, where the accounting assumes independent ones. Resumed by ledger or
-    by checkpoint, it now draws a stream of its own, still reproducible."""
+    correlated batches, where the accounting assumes independent ones. Resumed with the
+    ledger loaded before make_private or after it, it now draws a stream of its own, still
+    reproducible; a fresh run samples as the user's loader always did."""
     first = dpseg.PrivacyEngine()
     _, batches_a, _ = _zero_gradient_run(first, 6, loader=SEEDED_SAMPLING[how](), noise_seed=None)
+    if how in ("loader generator", "user DPDataLoader"):  # fresh: the user's own stream
+        plain = DPDataLoader(_ROWS, 0.25, generator=_seeded_generator())
+        assert batches_a == _batches(plain, 6)
     _, again, _ = _zero_gradient_run(
         dpseg.PrivacyEngine(), 6, loader=SEEDED_SAMPLING[how](), noise_seed=None
     )
@@ -465,12 +479,15 @@ def test_a_resumed_run_does_not_replay_sampling_seeded_by_the_user(how):
     _zero_gradient_run(ledger, 3, loader=SEEDED_SAMPLING[how](), noise_seed=None)
     resumed = []
     for _ in range(2):
+        engine = dpseg.PrivacyEngine()
         _, batches_b, opt = _zero_gradient_run(
-            dpseg.PrivacyEngine(), 3, load=ledger.state_dict(), loader=SEEDED_SAMPLING[how](),
-            noise_seed=None,
+            engine, 3, load=ledger.state_dict(), loader=SEEDED_SAMPLING[how](),
+            noise_seed=None, order=order,
         )  # fmt: skip
         assert opt.steps_taken == 6
         assert all(b != a for a, b in zip(batches_a, batches_b, strict=False)), how
+        stream = engine._sampling_stream.loader
+        assert stream.generator is stream.batch_sampler.generator  # workers' seeds move too
         resumed.append(batches_b)
     assert resumed[0] == resumed[1]  # reproducible
 
@@ -481,19 +498,40 @@ def test_load_checkpoint_moves_a_user_seeded_sampler_on(tmp_path):
         engine, 4, loader=SEEDED_SAMPLING["loader generator"](), noise_seed=None
     )
     engine.save_checkpoint(path=tmp_path / "c.pt", module=nn.Linear(3, 1), optimizer=opt)
-    resumed = dpseg.PrivacyEngine()
-    x = _ROWS.tensors[0]
+    resumed = []
+    for _ in range(2):
+        engine = dpseg.PrivacyEngine()
+        linear = nn.Linear(3, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, opt, loader = engine.make_private(
+                module=linear, optimizer=torch.optim.SGD(linear.parameters(), lr=1.0),
+                data_loader=SEEDED_SAMPLING["loader generator"](), noise_multiplier=1.0,
+                max_grad_norm=1.0, sample_rate=0.25, expected_batch_size=10,
+            )  # fmt: skip
+        engine.load_checkpoint(path=tmp_path / "c.pt", module=linear, optimizer=opt)
+        assert opt.steps_taken == 4
+        batches_b = _batches(loader, 4)
+        assert all(b != a for a, b in zip(batches_a, batches_b, strict=True))
+        resumed.append(batches_b)
+    assert resumed[0] == resumed[1]
+
+
+def test_secure_mode_samples_a_users_dpdataloader_from_os_entropy():
+    """A DPDataLoader built with a seeded generator, handed to a secure engine, was kept
+    as it was: its batches replayable from the seed."""
+    engine = dpseg.PrivacyEngine(secure_mode=True)
     linear = nn.Linear(3, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, opt, loader = resumed.make_private(
+        _, _, loader = engine.make_private(
             module=linear, optimizer=torch.optim.SGD(linear.parameters(), lr=1.0),
-            data_loader=DataLoader(TensorDataset(x), batch_size=8, generator=_seeded_generator()),
-            noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, expected_batch_size=10,
+            data_loader=SEEDED_SAMPLING["user DPDataLoader"](), noise_multiplier=1.0,
+            max_grad_norm=1.0,
         )  # fmt: skip
-    resumed.load_checkpoint(path=tmp_path / "c.pt", module=linear, optimizer=opt)
-    batches_b = [xb[:, 0].tolist() for (xb,), _ in zip(loader, range(4), strict=False)]
-    assert all(b != a for a, b in zip(batches_a, batches_b, strict=True))
+    assert loader.batch_sampler.secure and engine._sampling_stream is None
+    plain = DPDataLoader(_ROWS, 0.25, generator=_seeded_generator())
+    assert _batches(loader, 6) != _batches(plain, 6)
 
 
 def test_numpy_and_tensor_scalars_are_numbers():

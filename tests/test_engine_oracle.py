@@ -179,7 +179,7 @@ def test_linear_norm_prelu_and_fallback_rules(layer, shape):
 
 class _Split(nn.Module):
     """A leaf with no rule whose output is structured: ({"scaled": x s, "parts": [x s^2]},
-    and, when told to, something that is not a per-sample tensor)."""
+    and, when told to, extra(x s) beside it)."""
 
     def __init__(self, extra=None):
         super().__init__()
@@ -189,7 +189,7 @@ class _Split(nn.Module):
     def forward(self, x):
         s = self.s.view(1, -1, 1)
         out = {"scaled": x * s, "parts": [x * s**2]}
-        return (out, self.extra(x)) if self.extra else out
+        return (out, self.extra(x * s)) if self.extra else out
 
 
 def test_a_fallback_with_a_structured_output_and_what_it_refuses():
@@ -211,6 +211,16 @@ def test_a_fallback_with_a_structured_output_and_what_it_refuses():
 
     with pytest.warns(UserWarning, match="no per-sample rule"):
         assert_grad_samples(_Split(lambda x: None), x, loss_fn=loss_of_first)
+
+    # ... anywhere: between tensors of a list, inside a dict, the loss reaching only one
+    def loss_through_nones(out, _y):
+        first, rest = out
+        assert rest["none"] is None and rest["list"][1] is None
+        return (rest["list"][2] ** 2).sum()
+
+    extra = _Split(lambda x: {"none": None, "list": [x.sin(), None, x.cos() * 2.0]})
+    with pytest.warns(UserWarning, match="no per-sample rule"):
+        assert_grad_samples(extra, x, loss_fn=loss_through_nones)
     for extra, got in ((lambda x: x.shape[0], "int"), (lambda x: x.flatten(), "(36,)")):
         with pytest.warns(UserWarning), pytest.raises(TypeError) as refused:
             assert_grad_samples(_Split(extra), x, loss_fn=lambda out, _y: loss(out[0], _y))

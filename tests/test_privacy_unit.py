@@ -372,20 +372,29 @@ def test_patients_at_an_item_counted_rate_are_told_the_rate_that_fills_a_batch()
     ids = [i // 8 for i in range(40)]
     model = SmallSegNet().double()
 
-    def said(**kwargs):
+    def said(patient_ids=ids, batch_size=4, **kwargs):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             dpseg.PrivacyEngine().make_private(
                 module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1),
-                data_loader=DataLoader(TensorDataset(x, y), batch_size=4), noise_multiplier=1.0,
-                max_grad_norm=1.0, patient_ids=ids, **kwargs,
+                data_loader=DataLoader(TensorDataset(x, y), batch_size=batch_size),
+                noise_multiplier=1.0, max_grad_norm=1.0, patient_ids=patient_ids, **kwargs,
             )  # fmt: skip
         return " ".join(str(w.message) for w in caught)
 
     text = said()
     assert "gives batches of 0.5 patients, 0.5 items on average" in text
-    assert "declare sample_rate=0.8 and expected_batch_size=4" in text
+    assert "sample_rate=0.8 and expected_batch_size=4 would fill a batch" in text
+    # k = 3: 1.5 items a batch; 4 / (5 * 3) fills it with 1.333 patients
+    text = said(items_per_patient=3)
+    assert "0.5 patients, 1.5 items on average" in text
+    assert "sample_rate=0.2667 and expected_batch_size=1.333 would fill a batch" in text
     assert "gives batches of" not in said(items_per_patient=8)
+    # 2 patients of 20 under batch_size 16: q = 1/3, 0.667 items a batch; the rate that
+    # would fill it is capped at 1, and the normaliser at the 2 patients there are
+    text = said(patient_ids=[i // 20 for i in range(40)], batch_size=16)
+    assert "sample_rate=1 and expected_batch_size=2 would fill a batch" in text
+    assert "no amplification" in text
     assert "gives batches of" not in said(sample_rate=0.8, expected_batch_size=4)
 
 

@@ -265,6 +265,9 @@ class DPDataLoader(UnitTrackingLoader):
                     "under DistributedDataParallel pass an ordinary DataLoader over the whole "
                     "dataset (dpseg splits each Poisson draw by rank), not a DPDataLoader"
                 )
+            if secure and not sampler.secure:
+                # secure mode samples from OS entropy, whatever generator the loader was given
+                sampler.secure = True
             if patients is None or patients is loader.patients:
                 return loader
             sample_rate, steps = loader.sample_rate, len(loader)  # now over the patients

@@ -54,6 +54,8 @@ class PrivacyEngine:
         # The Poisson sampler's source of uniforms, moved on when a checkpoint moves the step
         # counter on (load_checkpoint)
         self._sampling_stream: SamplingStream | None = None
+        # The DPOptimizer make_private made last: a ledger loaded after it moves its counter
+        self._optimizer: DPOptimizer | None = None
         # What the epsilon is about (unit, adjacency, sampling, accountant): set by
         # make_private, recorded in every ledger (dpseg.privacy.accountants.Guarantee).
         self.guarantee: Guarantee | None = None
@@ -222,7 +224,7 @@ class PrivacyEngine:
                 patients=plan.patients,
             )
             data_loader.unit_feed = feed
-            stream = SamplingStream.of(data_loader.batch_sampler, generator, noise_seed)
+            stream = SamplingStream.of(data_loader, generator, noise_seed)
             if stream is not None and stream.owned is None:
                 stream.move_to(start)  # (the generator built from noise_seed starts there)
             self._sampling_stream = stream
@@ -246,6 +248,7 @@ class PrivacyEngine:
             distributed=distributed,
         )
         dp_optimizer.steps_taken = start
+        self._optimizer = dp_optimizer
         q = plan.sample_rate
         dp_optimizer.step_hook = lambda opt: self.accountant.step(
             noise_multiplier=opt.noise_multiplier, sample_rate=q
@@ -403,6 +406,19 @@ class PrivacyEngine:
                         f"{getattr(self.guarantee, key)!r}; resume with the same settings"
                     )
         self.accountant.history = [tuple(h) for h in state["history"]]
+        self._move_on(steps_accounted(self.accountant))
+
+    def _move_on(self, steps: int) -> None:
+        """A ledger of ``steps`` loaded after make_private (Opacus's order: make_private, then
+        the checkpoint): the noise counter and the sampling stream go on from its steps, as
+        make_private starts them after a ledger loaded first. Left alone when the counter is
+        already there (a ledger reloaded mid-run)."""
+        opt = self._optimizer
+        if opt is None or steps <= opt.steps_taken:
+            return
+        opt.steps_taken = steps
+        if self._sampling_stream is not None:
+            self._sampling_stream.move_to(steps)
 
     # --- Opacus's checkpoint calls ---------------------------------------------------------
     def save_checkpoint(
@@ -486,28 +502,32 @@ class SamplingStream:
     sampler draws from ``stream_seed(base, k)``: reproducible, and not the first run's.
     A fresh run (k = 0) samples as it always did. Secure mode's sampler reads OS entropy."""
 
-    def __init__(self, sampler, base: int, owned: torch.Generator | None):
-        self.sampler, self.base, self.owned = sampler, base, owned
+    def __init__(self, loader: DPDataLoader, base: int, owned: torch.Generator | None):
+        self.loader, self.base, self.owned = loader, base, owned
 
     @classmethod
-    def of(cls, sampler, built: torch.Generator | None, noise_seed: int | None):
-        """The stream of ``sampler`` (None where it is not seeded: secure mode, or not a
-        Poisson sampler); ``built`` is the generator make_private made from ``noise_seed``."""
+    def of(cls, loader: DPDataLoader, built: torch.Generator | None, noise_seed: int | None):
+        """The stream of ``loader``'s sampler (None where it reads OS entropy); ``built`` is
+        the generator make_private made from ``noise_seed``."""
+        sampler = loader.batch_sampler
         if getattr(sampler, "secure", True):
             return None
         generator = sampler.generator
         if built is not None and generator is built:
-            return cls(sampler, noise_seed, built)
+            return cls(loader, noise_seed, built)
         base = generator.initial_seed() if generator is not None else torch.initial_seed()
-        return cls(sampler, base, None)
+        return cls(loader, base, None)
 
     def move_to(self, steps: int) -> None:
-        """Draws the batches of steps ``steps``, ``steps`` + 1, ... from now on."""
+        """Draws the batches of steps ``steps``, ``steps`` + 1, ... from now on (and the
+        workers' base seeds: one generator serves both, as before)."""
         seed = stream_seed(self.base, steps)
-        if self.owned is not None:  # also the loader's generator (workers' base seeds)
+        if self.owned is not None:
             self.owned.manual_seed(seed)
         elif steps > 0:  # a new generator: the user's own one is left as it is
-            self.sampler.generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            self.loader.batch_sampler.generator = generator
+            self.loader.generator = generator
 
 
 def stream_seed(seed: int, steps: int) -> int:

@@ -112,14 +112,15 @@ def _patients_per_batch_note(q: float, patients: PatientIndex, batch_size: int |
     rows = q * P * k
     if batch_size is None or rows >= 0.5 * batch_size:
         return []
+    fill = min(1.0, batch_size / (P * k))
     return [
         f"without sample_rate, q = 1 / len(loader) = {q:.4g} counts the loader's batches of "
         f"items, and Poisson sampling at q over {P} patients (each bringing {k} item"
         f"{'s' if k > 1 else ''}) gives batches of {q * P:.3g} patients, {rows:.3g} items "
-        f"on average, not the loader's {batch_size}. For about {batch_size} items a step, "
-        f"declare sample_rate={min(1.0, batch_size / (P * k)):.4g} and "
-        f"expected_batch_size={batch_size / k:.4g} (patients a batch): then nothing released "
-        "depends on the dataset's size either"
+        f"on average, not the loader's {batch_size}. Declare sample_rate and "
+        "expected_batch_size (patients a batch), constants chosen in advance; here "
+        f"sample_rate={fill:.4g} and expected_batch_size={fill * P:.4g} would fill a batch"
+        + (" (at rate 1 every patient is in every batch: no amplification)" if fill == 1 else "")
     ]
 
 

@@ -79,6 +79,9 @@ def rule_for(module: nn.Module) -> Rule | None:
     return None
 
 
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The lower-precision dtype when autocast is on for x's device, else None.
 
@@ -88,6 +91,8 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     stay fp32/fp64 regardless (the capture casts each grad_sample to the parameter dtype).
     """
     device_type = x.device.type
+    if x.dtype not in _AUTOCAST_CASTS:  # float64 and integer tensors: autocast leaves them
+        return None
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
