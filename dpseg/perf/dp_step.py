@@ -389,12 +389,6 @@ def format_table(report: StepBenchReport) -> str:
                 f"IQR {q[0]:.3f}-{q[2]:.3f}x over {len(by[engine].samples_s)} rounds"
                 + (f" of {k} steps" if (k := cfg.get("steps_per_round", 1)) > 1 else "")
             )
-    hp = report.environment.get("huge_pages") or ""
-    if "madvise" in hp and "unset" in hp:
-        lines.append(
-            "(tensors on 4 KiB pages: THP_MEM_ALLOC_ENABLE=1 in the environment puts them on "
-            "2 MiB pages, for every engine; a DP step on CPU gains more than a plain one)"
-        )
     return "\n".join(lines)
 
 

@@ -6,10 +6,10 @@
 # twice as wide). Then the two limits (clip-and-sum pass against a copy, noise against randn).
 #   bash docs/results/floor26/run.sh [OUT]  (about 20 minutes on 2 idle cores)
 set -euo pipefail
-# PyTorch's CPU tensors on 2 MiB pages, for both engines (the kernel's THP mode here is
-# "madvise": only this asks for them). Without, SegResNet's DP step ran 1.13-1.26x in three
-# processes, with them 1.04-1.08x (spread9/README.md). THP_MEM_ALLOC_ENABLE=0 for 4 KiB pages.
-export THP_MEM_ALLOC_ENABLE=${THP_MEM_ALLOC_ENABLE:-1}
+# Page size: PyTorch's CPU tensors sit on 4 KiB pages under this kernel's "madvise" THP
+# mode; THP_MEM_ALLOC_ENABLE=1 in the caller's environment puts them on 2 MiB pages, for both
+# engines (steadier CNN steps, jittery transformer steps here: spread9/README.md). Every
+# report records which (environment.huge_pages).
 cd "$(dirname "$0")/../../.."
 B="${DPSEG:-.venv/bin/dpseg} bench --engines none,dpseg --repeats 15 --round-seconds 1"
 O=${1:-docs/results/floor26}  # the output folder (the committed one by default)
