@@ -180,8 +180,9 @@ def environment(device="cpu") -> dict:
 def huge_pages() -> str:
     """Whether PyTorch's CPU tensors sit on 2 MiB pages: the kernel's transparent huge page
     mode, and PyTorch's THP_MEM_ALLOC_ENABLE (under "madvise", the kernel's usual default,
-    only that variable asks for them). On the 2-core development VM, SegResNet's step at
-    48^3 took 8% less time with them, dpseg's DP step 12% less (docs/results/floor26)."""
+    only that variable asks for them). On the 2-core development VM they made CNN steps
+    steadier and faster (SegResNet at 48^3: 4-7% non-private, 15-20% DP) and transformer
+    steps jittery (docs/results/floor26/spread9): results are not comparable across modes."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             mode = f.read().split("[", 1)[1].split("]", 1)[0]
