@@ -20,6 +20,7 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 from dpseg.perf.dp_step import StepBenchConfig, build_workload, make_step
+from dpseg.perf.harness import huge_pages
 
 
 def _range_times_ms(prof, steps: int) -> dict[str, float]:
@@ -86,6 +87,8 @@ def _profile(model, x, y, cfg, loss_fn, out, steps: int, nvtx: bool, config: dic
     device = torch.device(cfg.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     result = {"config": config, "engines": {}}
+    if device.type == "cpu":
+        result["huge_pages"] = huge_pages()
     for engine in ("none", "dpseg"):
         step = make_step(engine, model, x, y, cfg, loss_fn)
         for _ in range(2):  # warm-up: oneDNN primitives, conv strategy choice, cuDNN autotune
@@ -129,6 +132,8 @@ def format_profile(result: dict) -> str:
     for name in sorted(ranges, key=ranges.get, reverse=True):
         if name.startswith("dpseg::"):
             lines.append(f"    {name:<46}{ranges[name]:9.1f} ms")
+    if result.get("huge_pages"):  # moves CPU steps (docs/results/floor26/spread9)
+        lines.append(f"  huge pages: {result['huge_pages']}")
     lines.append("  traces (open in chrome://tracing or ui.perfetto.dev):")
     lines += [f"    {e['trace']}" for e in result["engines"].values()]
     return "\n".join(lines)
