@@ -378,23 +378,31 @@ def test_dropout_inside_a_unit_is_refused_whenever_it_would_draw():
 _ROWS = TensorDataset(torch.arange(40.0).view(40, 1).repeat(1, 3))  # row i holds i
 
 
+def _private_linear(engine, loader, **kwargs):
+    """(the Linear(3, 1), its private module, optimizer and loader), at q = 0.25 and a
+    normaliser of 10 unless told otherwise."""
+    linear = nn.Linear(3, 1)
+    kwargs = {"sample_rate": 0.25, "expected_batch_size": 10, **kwargs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, opt, loader = engine.make_private(
+            module=linear, optimizer=torch.optim.SGD(linear.parameters(), lr=1.0),
+            data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, **kwargs,
+        )  # fmt: skip
+    return linear, model, opt, loader
+
+
 def _zero_gradient_run(engine, steps, load=None, loader=None, noise_seed=1234, order="first"):
     """``steps`` DP steps of a Linear whose loss has zero gradient (the update is the noise
     alone), seeded noise and sampling: (the noise of each step, the rows of each batch).
     ``load``: a ledger loaded before make_private (order "first") or after it ("after",
     Opacus's order)."""
-    linear = nn.Linear(3, 1)
-    nn.init.zeros_(linear.weight)  # its update is then the noise, to the bit
-    opt = torch.optim.SGD(linear.parameters(), lr=1.0)
     if load is not None and order == "first":
         engine.load_state_dict(load)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, opt, loader = engine.make_private(
-            module=linear, optimizer=opt, data_loader=loader or DataLoader(_ROWS, batch_size=8),
-            noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25, expected_batch_size=10,
-            noise_seed=noise_seed,
-        )  # fmt: skip
+    linear, model, opt, loader = _private_linear(
+        engine, loader or DataLoader(_ROWS, batch_size=8), noise_seed=noise_seed
+    )
+    nn.init.zeros_(linear.weight)  # its update is then the noise, to the bit
     if load is not None and order == "after":
         engine.load_state_dict(load)
     noises, batches = [], []
@@ -501,14 +509,7 @@ def test_load_checkpoint_moves_a_user_seeded_sampler_on(tmp_path):
     resumed = []
     for _ in range(2):
         engine = dpseg.PrivacyEngine()
-        linear = nn.Linear(3, 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model, opt, loader = engine.make_private(
-                module=linear, optimizer=torch.optim.SGD(linear.parameters(), lr=1.0),
-                data_loader=SEEDED_SAMPLING["loader generator"](), noise_multiplier=1.0,
-                max_grad_norm=1.0, sample_rate=0.25, expected_batch_size=10,
-            )  # fmt: skip
+        linear, _, opt, loader = _private_linear(engine, SEEDED_SAMPLING["loader generator"]())
         engine.load_checkpoint(path=tmp_path / "c.pt", module=linear, optimizer=opt)
         assert opt.steps_taken == 4
         batches_b = _batches(loader, 4)
@@ -521,14 +522,9 @@ def test_secure_mode_samples_a_users_dpdataloader_from_os_entropy():
     """A DPDataLoader built with a seeded generator, handed to a secure engine, was kept
     as it was: its batches replayable from the seed."""
     engine = dpseg.PrivacyEngine(secure_mode=True)
-    linear = nn.Linear(3, 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, _, loader = engine.make_private(
-            module=linear, optimizer=torch.optim.SGD(linear.parameters(), lr=1.0),
-            data_loader=SEEDED_SAMPLING["user DPDataLoader"](), noise_multiplier=1.0,
-            max_grad_norm=1.0,
-        )  # fmt: skip
+    loader = _private_linear(
+        engine, SEEDED_SAMPLING["user DPDataLoader"](), sample_rate=None, expected_batch_size=None
+    )[3]
     assert loader.batch_sampler.secure and engine._sampling_stream is None
     plain = DPDataLoader(_ROWS, 0.25, generator=_seeded_generator())
     assert _batches(loader, 6) != _batches(plain, 6)

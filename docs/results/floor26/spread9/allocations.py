@@ -12,25 +12,14 @@ from __future__ import annotations
 import json
 import tempfile
 
-import torch
 from torch.profiler import ProfilerActivity, profile
+from workload import warm_steps
 
-from dpseg.perf.dp_step import StepBenchConfig, make_step
-from dpseg.perf.user_model import example_batch, load_model
-
-KWARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_filters": 16}
 MiB = 2**20
 
 
 def main(steps: int = 2) -> None:
-    torch.manual_seed(0)
-    model = load_model("monai.networks.nets:SegResNet", KWARGS)
-    x, y = example_batch(model, batch=2, size=48)
-    cfg = StepBenchConfig(batch=2, size=48)
-    for engine in ("none", "dpseg"):
-        step = make_step(engine, model, x, y, cfg)
-        for _ in range(3):
-            step()
+    for engine, step in warm_steps().items():
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             for _ in range(steps):
                 step()

@@ -9,16 +9,11 @@ subnormal parameters of each engine's model. Output: ftz_and_huge_pages.txt.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import torch
+from workload import interleaved_medians, warm_steps
 
-from dpseg.perf.dp_step import StepBenchConfig, make_step
-from dpseg.perf.user_model import example_batch, load_model
-
-KWARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_filters": 16}
 SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 
 
@@ -33,22 +28,8 @@ def subnormal_parameters(step) -> int:
 def main(mode: str, rounds: int = 12) -> None:
     if mode == "ftz":
         torch.set_flush_denormal(True)
-    torch.manual_seed(0)
-    model = load_model("monai.networks.nets:SegResNet", KWARGS)
-    x, y = example_batch(model, batch=2, size=48)
-    cfg = StepBenchConfig(batch=2, size=48)
-    steps = {e: make_step(e, model, x, y, cfg) for e in ("none", "dpseg")}
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    times = {e: [] for e in steps}
-    for _ in range(rounds):
-        for e, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            step()
-            times[e].append((time.perf_counter() - t0) / 2)
-    median = {e: round(1e3 * statistics.median(t), 1) for e, t in times.items()}
+    steps = warm_steps()
+    median = {e: round(ms, 1) for e, ms in interleaved_medians(steps, rounds).items()}
     with open("/proc/self/smaps_rollup") as f:
         huge = [line.split()[1] for line in f if line.startswith("AnonHugePages")]
     with torch.no_grad():

@@ -18,24 +18,12 @@ import statistics
 import sys
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile, record_function
-
-from dpseg.perf.dp_step import StepBenchConfig, make_step
-from dpseg.perf.user_model import example_batch, load_model
-
-KWARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_filters": 16}
+from workload import warm_steps
 
 
 def main(out: str, rounds: int = 12) -> None:
-    torch.manual_seed(0)
-    model = load_model("monai.networks.nets:SegResNet", KWARGS)
-    x, y = example_batch(model, batch=2, size=48)
-    cfg = StepBenchConfig(batch=2, size=48)
-    steps = {e: make_step(e, model, x, y, cfg) for e in ("none", "dpseg")}
-    for step in steps.values():
-        for _ in range(3):
-            step()
+    steps = warm_steps()
     wall = {e: [] for e in steps}
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(rounds):

@@ -11,36 +11,15 @@ CPU time, so that a slow process and a fast one can be compared op by op.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
-
-from dpseg.perf.dp_step import StepBenchConfig, make_step
-from dpseg.perf.user_model import example_batch, load_model
-
-KWARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_filters": 16}
+from workload import interleaved_medians, warm_steps
 
 
 def main(out: str, rounds: int = 15, profiled: int = 4) -> None:
-    torch.manual_seed(0)
-    model = load_model("monai.networks.nets:SegResNet", KWARGS)
-    x, y = example_batch(model, batch=2, size=48)
-    cfg = StepBenchConfig(batch=2, size=48)
-    steps = {e: make_step(e, model, x, y, cfg) for e in ("none", "dpseg")}
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    times = {e: [] for e in steps}
-    for _ in range(rounds):
-        for e, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            step()
-            times[e].append((time.perf_counter() - t0) / 2)
-    result = {"median_ms": {e: 1e3 * statistics.median(t) for e, t in times.items()}}
+    steps = warm_steps()
+    result = {"median_ms": interleaved_medians(steps, rounds)}
     result["ratio"] = result["median_ms"]["dpseg"] / result["median_ms"]["none"]
     for e, step in steps.items():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
