@@ -15,7 +15,7 @@ import tomllib
 
 from dpseg.attack.cli import add_attack_parser
 from dpseg.audit.cli import add_audit_parser
-from dpseg.cli_types import UsageError, csv_list
+from dpseg.cli_types import UsageError, add_freed_memory_option, csv_list
 from dpseg.federated.cli import add_demo_parser, add_federate_parser
 from dpseg.nnunet.cli import add_nnunet_parser
 from dpseg.train.cli import add_phantoms_parser, add_predict_parser, add_train_parser
@@ -144,6 +144,7 @@ def _add_bench(sub):
         "ratios for short steps on a shared CPU (default 0: one step a round)",
     )
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    add_freed_memory_option(p)
     p.set_defaults(func=_run_bench)
 
 
@@ -255,6 +256,7 @@ def _add_profile(sub):
     p.add_argument("--backend", default="auto")
     p.add_argument("--nvtx", action="store_true", help="also emit NVTX ranges (for nsys)")
     p.add_argument("--out", type=Path, default=Path("runs/profile"))
+    add_freed_memory_option(p)
     p.set_defaults(func=_run_profile)
 
 
@@ -363,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        if getattr(args, "freed_memory", None) == "keep":
+            from dpseg.perf.allocator import keep_freed_memory
+
+            keep_freed_memory()
         return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"dpseg: error: {exc}", file=sys.stderr)

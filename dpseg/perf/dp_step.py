@@ -366,7 +366,8 @@ def format_table(report: StepBenchReport) -> str:
         f"DP step, {what}, batch {cfg['batch']}"
         + (f" in physical batches of {cfg['physical_batch']}" if cfg.get("physical_batch") else "")
         + f", {cfg['device']} ({report.environment['device']}), amp={cfg['amp']}"
-        + (f", huge pages: {hp}" if (hp := report.environment.get("huge_pages")) else ""),
+        + (f", huge pages: {hp}" if (hp := report.environment.get("huge_pages")) else "")
+        + (f", freed memory: {fm}" if (fm := report.environment.get("freed_memory")) else ""),
         f"{'engine':<18}{'median ms':>11}{'p20-p80 ms':>16}"
         f"{'peak MiB':>10}{'time x':>8}{'mem x':>7}",
     ]

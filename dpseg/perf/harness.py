@@ -8,17 +8,17 @@ Peak memory of one call, measured the same way for every workload in the process
   allocated before the call.
 - CPU: torch keeps no CPU allocator statistics, so the Linux high-water mark of resident
   memory is used (VmHWM, reset through /proc/self/clear_refs), minus the resident memory
-  before the call. For that phase only, glibc is told to serve every allocation over 128 KiB
-  by mmap, so a freed tensor leaves the resident set at once and the next workload starts
-  from a clean baseline. Timing runs before it, with glibc's default: served by mmap, every
-  step's tensors are fresh pages that fault in (a MONAI UNet step at 48^3 on 2 threads went
-  from 186 to 311 ms that way, both engines alike), which inflates absolute times and
-  compresses the DP/none ratio.
+  before the call. For that phase only, every allocation over 128 KiB is its own mapping
+  (dpseg.perf.allocator.released_on_free), so a freed tensor leaves the resident set at once
+  and the next workload starts from a clean baseline. Timing runs outside it, under the
+  process's policy for freed memory (dpseg.perf.allocator: kept by `dpseg bench`, else
+  glibc's default), which every report records: with memory returned to the kernel, every
+  step's tensors are fresh pages that fault in, which inflates absolute times and makes the
+  DP/none ratio depend on the heap's layout in that process.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from dpseg.perf.allocator import freed_memory_policy, released_on_free
 
 
 @dataclass
@@ -71,26 +73,6 @@ def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 2, devic
 
 
 # --- peak memory ------------------------------------------------------------------------
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MEASURE_MMAP = 128 * 1024
-# What glibc's dynamic thresholds settle at on a 64-bit machine (DEFAULT_MMAP_THRESHOLD_MAX,
-# and trimming at twice it), restored after a measurement so that timing done later in the
-# process runs as it would have without one.
-_RUN_MMAP, _RUN_TRIM = 32 * 1024 * 1024, 64 * 1024 * 1024
-_libc = None
-
-
-def _glibc():
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL("libc.so.6")
-            _libc.mallopt  # noqa: B018 - glibc, not another libc
-        except (OSError, AttributeError):
-            _libc = False
-    return _libc
-
-
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -115,20 +97,12 @@ def peak_memory_call(fn: Callable[[], object], device="cpu") -> int | None:
         return torch.cuda.max_memory_allocated(device) - base
     if not cpu_peak_supported():
         return None
-    libc = _glibc()
-    if libc:
-        libc.mallopt(_M_MMAP_THRESHOLD, _MEASURE_MMAP)
-        libc.malloc_trim(0)
-    try:
+    with released_on_free():
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
         base = _status_kib("VmRSS")
         fn()
         return (_status_kib("VmHWM") - base) * 1024
-    finally:
-        if libc:
-            libc.mallopt(_M_MMAP_THRESHOLD, _RUN_MMAP)
-            libc.mallopt(_M_TRIM_THRESHOLD, _RUN_TRIM)
 
 
 # --- where a figure came from -----------------------------------------------------------
@@ -174,6 +148,7 @@ def environment(device="cpu") -> dict:
         except (OSError, StopIteration):
             pass
         env["huge_pages"] = huge_pages()
+        env["freed_memory"] = freed_memory_policy()
     return env
 
 

@@ -19,6 +19,7 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
+from dpseg.perf.allocator import freed_memory_policy
 from dpseg.perf.dp_step import StepBenchConfig, build_workload, make_step
 from dpseg.perf.harness import huge_pages
 
@@ -89,6 +90,7 @@ def _profile(model, x, y, cfg, loss_fn, out, steps: int, nvtx: bool, config: dic
     result = {"config": config, "engines": {}}
     if device.type == "cpu":
         result["huge_pages"] = huge_pages()
+        result["freed_memory"] = freed_memory_policy()
     for engine in ("none", "dpseg"):
         step = make_step(engine, model, x, y, cfg, loss_fn)
         for _ in range(2):  # warm-up: oneDNN primitives, conv strategy choice, cuDNN autotune
@@ -134,6 +136,8 @@ def format_profile(result: dict) -> str:
             lines.append(f"    {name:<46}{ranges[name]:9.1f} ms")
     if result.get("huge_pages"):  # moves CPU steps (docs/results/floor26/spread9)
         lines.append(f"  huge pages: {result['huge_pages']}")
+    if result.get("freed_memory"):  # so does glibc's trimming (dpseg.perf.allocator)
+        lines.append(f"  freed memory: {result['freed_memory']}")
     lines.append("  traces (open in chrome://tracing or ui.perfetto.dev):")
     lines += [f"    {e['trace']}" for e in result["engines"].values()]
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpseg.cli_types import UsageError, csv_list
+from dpseg.cli_types import UsageError, add_freed_memory_option, csv_list
 from dpseg.train.config import LR_SCHEDULES, NORMALIZE
 
 __all__ = ["add_train_parser", "add_predict_parser", "add_phantoms_parser"]
@@ -172,6 +172,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--epsilon-every", type=int, default=None, help="epsilon curve resolution (10)")
     p.add_argument("--resume", action="store_true", help="continue RUN/checkpoint.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_freed_memory_option(p)
     p.set_defaults(func=_usage_errors(_run_train))
 
 
@@ -181,7 +182,7 @@ def _run_train(args) -> int:
 
     if args.out is None:
         raise UsageError("--out is required: the run folder for checkpoint.pt and the report")
-    skip = {"command", "func", "config", "resume", "quiet", "out", "data"}
+    skip = {"command", "func", "config", "resume", "quiet", "out", "data", "freed_memory"}
     given = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     if "spacing" in given and len(given["spacing"]) != 3:
         raise UsageError(f"--spacing needs 3 values in mm, e.g. 3,3,3; got {given['spacing']}")
