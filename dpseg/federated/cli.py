@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dpseg.cli_types import UsageError, csv_list
+from dpseg.cli_types import UsageError, add_freed_memory_option, csv_list
 from dpseg.federated.demo import DEMO
 from dpseg.federated.partition import PARTITIONS
 from dpseg.federated.site import ENGINES
@@ -303,6 +303,7 @@ def add_federate_parser(sub) -> argparse.ArgumentParser:
         help="simulator: all sites in this process; flower: a local Flower deployment (a "
         "SuperLink and one SuperNode per site on 127.0.0.1; needs pip install 'dpseg[flower]')",
     )
+    add_freed_memory_option(p)
     p.set_defaults(func=run_federate)
     return p
 
@@ -426,6 +427,7 @@ def add_demo_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--compare", type=_engines, default=DEMO["engines"], metavar="E1,E2,...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--single-site", action="store_true", help="the one-site DP demo (dpseg.demo)")
+    add_freed_memory_option(p)
     p.set_defaults(func=run_demo)
     return p
 

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from dpseg.cli_types import UsageError
+from dpseg.cli_types import UsageError, add_freed_memory_option
 
 
 def _positive_int(text: str) -> int:
@@ -89,6 +89,7 @@ def add_nnunet_parser(sub) -> None:
     t.add_argument("--no-final-validation", action="store_true")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    add_freed_memory_option(t)
     t.set_defaults(func=_train)
 
     pr = nsub.add_parser(

@@ -1,5 +1,7 @@
-"""One benchmark harness for `dpseg bench`, bench/ and tests."""
+"""One benchmark harness for `dpseg bench`, bench/ and tests, and the CPU memory policy its
+commands run under (keep_freed_memory)."""
 
+from dpseg.perf.allocator import freed_memory_policy, keep_freed_memory
 from dpseg.perf.dp_step import (
     StepBenchConfig,
     bench_step,
@@ -20,6 +22,8 @@ __all__ = [
     "make_step",
     "environment",
     "format_table",
+    "freed_memory_policy",
+    "keep_freed_memory",
     "peak_memory_call",
     "run_step_benchmark",
     "time_call",

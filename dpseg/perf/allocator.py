@@ -9,18 +9,20 @@ asks for the same again in the next step, so the kernel faults in and zeroes tha
 again, 4 KiB at a time, every step.
 
 Measured on the 2-core development VM (docs/results/floor26/malloc10): SegResNet at 48^3,
-batch 2, faulted in 22k-83k pages a step (90-330 MB) and spent 60-110 ms of a 600-680 ms
-step in the kernel; how much depended on the heap's layout in that process, so the DP step
-against the non-private one ranged from 1.07x to 1.26x between processes. With the heap kept,
-neither step faults, both are 6-10% faster, and the ratio is 1.05-1.07x in every process.
+batch 2, faulted in 24k-34k pages a step (a median; up to 50k) and spent 52-116 ms of a
+590-740 ms step in the kernel, in proportions that changed with the heap's layout in each
+process, so the DP step against the non-private one ranged 1.10-1.20x between processes.
+With the heap kept, neither step faults, both are faster (the non-private SegResNet step by
+5-10%, UNETR's at 64^3 by half) and the ratio was 1.06-1.07x in every process.
 
 ``keep_freed_memory()`` keeps it for the rest of the process: freed blocks stay in the heap
 for the next step, as PyTorch's CUDA caching allocator keeps GPU memory. The price is that
 the process's resident memory stays at its peak between steps, which a training loop reaches
-again every step anyway. ``dpseg train``, ``dpseg bench`` and ``dpseg profile`` call it
-unless given ``--freed-memory return``; code that calls ``make_private`` itself may call it
-(or set ``GLIBC_TUNABLES``, which glibc reads at start-up). dpseg's engine never changes the
-allocator by itself.
+again every step anyway. ``dpseg train``, ``bench``, ``profile``, ``federate``, ``demo`` and
+``nnunet train`` call it unless given ``--freed-memory return`` (dpseg.cli_types); code that
+calls ``make_private`` itself may call it, or set ``GLIBC_TUNABLES=glibc.malloc.trim_threshold
+=2147483647:glibc.malloc.mmap_max=0``, which glibc reads at start-up. dpseg's engine never
+changes the allocator by itself.
 """
 
 from __future__ import annotations

@@ -48,7 +48,9 @@ def main(out: str, rounds: int = 12) -> None:
             self_us[spans[i][2]][ev.name] += ev.self_cpu_time_total
     result = {
         "median_ms": {e: 1e3 * statistics.median(w) for e, w in wall.items()},
-        "self_ms": {e: {k: v / 1e3 / rounds for k, v in c.most_common()} for e, c in self_us.items()},
+        "self_ms": {
+            e: {k: v / 1e3 / rounds for k, v in c.most_common()} for e, c in self_us.items()
+        },
     }
     result["ratio"] = result["median_ms"]["dpseg"] / result["median_ms"]["none"]
     with open(out, "w") as f:
