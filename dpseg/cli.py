@@ -339,6 +339,13 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]):
         raise UsageError(
             f"--config {args.config}: unknown key(s) {unknown} for 'dpseg {args.command}'"
         )
+    for action in sub._actions:  # a TOML value outside an option's choices
+        if action.choices is not None and action.dest in values:
+            if values[action.dest] not in action.choices:
+                raise UsageError(
+                    f"--config {args.config}: {action.dest} must be one of "
+                    f"{', '.join(map(str, action.choices))}, got {values[action.dest]!r}"
+                )
     for action in sub._actions:  # TOML lists for comma-separated options
         if action.dest in values and isinstance(values[action.dest], list):
             values[action.dest] = ",".join(map(str, values[action.dest]))
@@ -350,6 +357,25 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]):
             values[action.dest] = action.type(values[action.dest])
     sub.set_defaults(**values)
     return parser.parse_args(argv)
+
+
+def _apply_freed_memory(args) -> None:
+    """--freed-memory, for a run whose steps are on the CPU: on a GPU the heap holds little
+    of the step, and keeping it would only cost memory."""
+    policy = getattr(args, "freed_memory", None)
+    if policy is None:
+        return
+    if policy not in ("keep", "keep-all", "return"):
+        raise UsageError(f"--freed-memory must be keep, keep-all or return, got {policy!r}")
+    device = getattr(args, "device", None)
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cpu"):
+        from dpseg.perf.allocator import apply_policy
+
+        apply_policy(policy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,10 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        if getattr(args, "freed_memory", None) == "keep":
-            from dpseg.perf.allocator import keep_freed_memory
-
-            keep_freed_memory()
+        _apply_freed_memory(args)
         return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"dpseg: error: {exc}", file=sys.stderr)

@@ -9,6 +9,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 # Real volumes live beside the project (../shared/data), never inside it.
 SHARED_DATA = Path(os.environ.get("DPSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# The commands' CLI tests run in this process: leave its allocator as glibc has it
+# (dpseg.perf.allocator; tests/test_perf_allocator.py runs the policies in fresh processes).
+os.environ["DPSEG_FREED_MEMORY"] = "return"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -287,7 +287,16 @@ def run_flower_deployment(
     # Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by
     # name: put this interpreter's scripts first on PATH, also when it was not activated.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, **(env or {}), "PATH": path, "PYTHONUNBUFFERED": "1"}
+    # The sites run this process's policy for freed CPU memory (--freed-memory).
+    from dpseg.perf.allocator import child_environment
+
+    env = {
+        **os.environ,
+        **child_environment(),
+        **(env or {}),
+        "PATH": path,
+        "PYTHONUNBUFFERED": "1",
+    }
     deployment = Deployment(base, env, link_port, names, node_ports, tls=tls)
     try:
         _start_link(deployment, fleet_port, control_port)

@@ -1,7 +1,7 @@
 """Page faults, system time and step time of SegResNet's two steps (48^3, batch 2), engines
 interleaved in one process, under one policy for freed memory (dpseg.perf.allocator):
 
-    .venv/bin/python docs/results/floor26/malloc10/faults_by_policy.py return|keep [ROUNDS]
+    .venv/bin/python docs/results/floor26/malloc10/faults_by_policy.py return|keep|keep-all [ROUNDS]
 
 A round runs each engine's step twice; the figures are per step.
 """
@@ -18,12 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spread9"))
 
 from workload import warm_steps  # noqa: E402
 
-from dpseg.perf.allocator import freed_memory_policy, keep_freed_memory  # noqa: E402
+from dpseg.perf.allocator import apply_policy, freed_memory_policy  # noqa: E402
 
 
 def main(policy: str, rounds: int = 12) -> None:
-    if policy == "keep":
-        keep_freed_memory()
+    apply_policy(policy)
     steps = warm_steps()
     rows = {e: [] for e in steps}
     for _ in range(rounds):
