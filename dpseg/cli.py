@@ -15,7 +15,7 @@ import tomllib
 
 from dpseg.attack.cli import add_attack_parser
 from dpseg.audit.cli import add_audit_parser
-from dpseg.cli_types import UsageError, add_freed_memory_option, csv_list
+from dpseg.cli_types import FREED_MEMORY_POLICIES, UsageError, add_freed_memory_option, csv_list
 from dpseg.federated.cli import add_demo_parser, add_federate_parser
 from dpseg.nnunet.cli import add_nnunet_parser
 from dpseg.train.cli import add_phantoms_parser, add_predict_parser, add_train_parser
@@ -365,8 +365,11 @@ def _apply_freed_memory(args) -> None:
     policy = getattr(args, "freed_memory", None)
     if policy is None:
         return
-    if policy not in ("keep", "keep-all", "return"):
-        raise UsageError(f"--freed-memory must be keep, keep-all or return, got {policy!r}")
+    if policy not in FREED_MEMORY_POLICIES:  # a DPSEG_FREED_MEMORY default skips argparse
+        raise UsageError(
+            f"--freed-memory (or DPSEG_FREED_MEMORY) must be one of "
+            f"{', '.join(FREED_MEMORY_POLICIES)}, got {policy!r}"
+        )
     device = getattr(args, "device", None)
     if device is None:
         import torch

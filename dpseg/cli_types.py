@@ -34,13 +34,18 @@ def csv_list(kind: Callable[[str], Any]) -> Callable[[Any], tuple]:
     return parse
 
 
+# dpseg.perf.allocator.POLICIES, spelled here so that building the parser imports no torch
+# (tests/test_perf_allocator.py holds the two equal).
+FREED_MEMORY_POLICIES = ("keep", "keep-all", "return")
+
+
 def add_freed_memory_option(p: argparse.ArgumentParser) -> None:
     """``--freed-memory keep|keep-all|return``, for the commands that run training steps;
     dpseg.cli.main applies it before a CPU run (dpseg.perf.allocator). The default is
     DPSEG_FREED_MEMORY's value, else keep."""
     p.add_argument(
         "--freed-memory",
-        choices=("keep", "keep-all", "return"),
+        choices=FREED_MEMORY_POLICIES,
         default=os.environ.get("DPSEG_FREED_MEMORY", "keep"),
         help="CPU runs: keep (default): glibc never trims its heap, so blocks under 32 MiB that "
         "a step frees serve the next step instead of being faulted in again (steadier, 5-10%% "
